@@ -1,0 +1,99 @@
+"""Host-side page allocation: a free list of physical pages and per-sequence page tables.
+
+Plain Python and numpy; only the finished page tables cross into jit. A request reserves every
+page it can ever need (prompt + max new tokens) when it is admitted, so the jitted decode loop
+never allocates. Streaming heads reserve only sink + ring pages (their table aliases the ring).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from lserve_jax.config import ModelConfig, SparsityConfig
+from lserve_jax.cache.paged import TRASH_PAGE
+
+
+class PoolExhausted(RuntimeError):
+    """The page pool cannot hold a request; the request is refused and nothing else changes."""
+
+
+def pages_per_head(n_tokens: int, streaming: np.ndarray, sparsity: SparsityConfig) -> np.ndarray:
+    """[L, K] physical pages each (layer, KV head) needs to hold `n_tokens` tokens."""
+    dense = math.ceil(n_tokens / sparsity.page_size)
+    return np.where(streaming, min(dense, sparsity.stream_pages), dense).astype(np.int64)
+
+
+def kv_bytes_per_sequence(n_tokens: int, streaming: np.ndarray, model: ModelConfig,
+                          sparsity: SparsityConfig) -> int:
+    """Bytes of K, V and page statistics one sequence of `n_tokens` occupies in the pool."""
+    stat_rows = sparsity.page_size // sparsity.logical_page_size
+    page_bytes = 2 * (sparsity.page_size + stat_rows) * model.head_dim * model.itemsize
+    return int(pages_per_head(n_tokens, streaming, sparsity).sum()) * page_bytes
+
+
+def logical_to_slot(max_pages: int, streaming: bool, sparsity: SparsityConfig) -> np.ndarray:
+    """[M] for each logical page, the index of the reserved physical page that holds it."""
+    j = np.arange(max_pages)
+    if not streaming:
+        return j
+    sink = sparsity.sink_pages
+    return np.where(j < sink, j, sink + (j - sink) % sparsity.ring_pages)
+
+
+class PageAllocator:
+    """Free list over physical pages 1..num_pages-1 (page 0 is the trash page)."""
+
+    def __init__(self, num_pages: int):
+        if num_pages < 2:
+            raise ValueError(f"num_pages={num_pages} is too small: the pool needs the trash page "
+                             "plus at least one page")
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, TRASH_PAGE, -1))
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise PoolExhausted(f"the page pool has {len(self._free)} free pages of "
+                                f"{self.num_pages - 1}, the request needs {n}: raise "
+                                "CacheConfig.num_pages or max_seq_len, or send fewer/shorter requests")
+        pages, self._free = self._free[-n:], self._free[:-n]
+        return pages
+
+    def release(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+
+class SequencePages:
+    """Reserves and releases the pages of sequences, and builds their page-table rows."""
+
+    def __init__(self, allocator: PageAllocator, streaming: np.ndarray, sparsity: SparsityConfig,
+                 max_pages: int):
+        self.allocator = allocator
+        self.streaming = np.asarray(streaming, bool)  # [L, K]
+        self.sparsity = sparsity
+        self.max_pages = max_pages
+
+    def reserve(self, n_tokens: int) -> tuple[np.ndarray, list[int]]:
+        """(page-table row [L, K, M] int32, pages to release later). Raises PoolExhausted."""
+        needed = math.ceil(n_tokens / self.sparsity.page_size)
+        if needed > self.max_pages:
+            raise ValueError(f"a sequence of {n_tokens} tokens needs {needed} pages but the page "
+                             f"table holds {self.max_pages}: raise CacheConfig.max_seq_len")
+        counts = pages_per_head(n_tokens, self.streaming, self.sparsity)
+        pages = self.allocator.allocate(int(counts.sum()))
+        row = np.full(self.streaming.shape + (self.max_pages,), TRASH_PAGE, np.int32)
+        cursor = 0
+        for (layer, head), count in np.ndenumerate(counts):
+            own = np.asarray(pages[cursor:cursor + count], np.int32)
+            cursor += count
+            slots = logical_to_slot(needed, bool(self.streaming[layer, head]), self.sparsity)
+            row[layer, head, :needed] = own[slots]
+        return row, pages
+
+    def release(self, pages: list[int]) -> None:
+        self.allocator.release(pages)

@@ -1,0 +1,83 @@
+"""The paged KV cache pytree and its plain-jnp writes.
+
+One pool of physical pages holds the keys and values of every (layer, KV head); a page holds
+`page_size` tokens of one head. Each sequence has a page table per (layer, KV head) that maps
+logical page j (tokens j*N_P .. j*N_P + N_P - 1) to a physical page. A streaming head keeps only
+its sink pages and a ring of local pages: its table aliases logical page j to the ring slot
+`sink_pages + (j - sink_pages) % ring_pages`, so memory stays constant as the sequence grows.
+Physical page 0 is the trash page: writes that must not land (padding, inactive sequences,
+streaming-head tokens that the ring would overwrite anyway) go there, and nothing reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lserve_jax.config import ModelConfig, SparsityConfig
+
+TRASH_PAGE = 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Paged KV cache plus the decode-time page-selection state (all arrays; no static fields)."""
+
+    k: jax.Array  # [P, Np, H] kv dtype: key pages of every (layer, KV head); page 0 is trash
+    v: jax.Array  # [P, Np, H] kv dtype: value pages
+    kmin: jax.Array  # [P, Np/Nl, H] kv dtype: channel-wise min of post-RoPE keys, per logical page
+    kmax: jax.Array  # [P, Np/Nl, H] kv dtype: channel-wise max
+    page_table: jax.Array  # [B, L, K, M] int32: logical page -> physical page (0 = unallocated)
+    lengths: jax.Array  # [B] int32: tokens held per sequence
+    selected: jax.Array  # [L, B, K, Gs, Ks] int32: reusable page selection (logical ids, -1 pad)
+
+    @property
+    def page_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def logical_page_size(self) -> int:
+        return self.k.shape[1] // self.kmin.shape[1]
+
+    @property
+    def max_pages(self) -> int:
+        return self.page_table.shape[-1]
+
+
+def selection_shape(model: ModelConfig, sparsity: SparsityConfig, batch: int,
+                    max_pages: int) -> tuple:
+    """[L, B, K, Gs, Ks]: Gs = G per query head or 1 per KV head; Ks = K - 1 pages besides the
+    current one (0 when the policy selects nothing)."""
+    per_query = sparsity.dynamic and sparsity.selection_granularity == "query_head"
+    groups = model.group_size if per_query else 1
+    others = min(sparsity.budget_pages - 1, max_pages) if sparsity.dynamic else 0
+    return (model.n_layers, batch, model.n_kv_heads, groups, others)
+
+
+def empty_cache(model: ModelConfig, sparsity: SparsityConfig, *, num_pages: int, batch: int,
+                max_pages: int, fill: float = 0.0) -> KVCache:
+    """A cache of `num_pages` physical pages, every value `fill` (tests poison with NaN)."""
+    dtype = jnp.dtype(model.dtype)
+    n_p, n_l, h = sparsity.page_size, sparsity.logical_page_size, model.head_dim
+    pool = jnp.full((num_pages, n_p, h), fill, dtype)
+    stats = jnp.full((num_pages, n_p // n_l, h), fill, dtype)
+    return KVCache(
+        k=pool, v=pool.copy(), kmin=stats, kmax=stats.copy(),
+        page_table=jnp.zeros((batch, model.n_layers, model.n_kv_heads, max_pages), jnp.int32),
+        lengths=jnp.zeros((batch,), jnp.int32),
+        selected=jnp.full(selection_shape(model, sparsity, batch, max_pages), -1, jnp.int32))
+
+
+def gather_layer(cache: KVCache, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Contiguous [B, M*Np, K, H] keys and values of one layer (for dense reference/cuDNN paths)."""
+    table = cache.page_table[:, layer]  # [B, K, M]
+    b, kh, m = table.shape
+
+    def gather(pool):
+        pages = pool[table]  # [B, K, M, Np, H]
+        return pages.reshape(b, kh, m * pool.shape[1], -1).transpose(0, 2, 1, 3)
+
+    return gather(cache.k), gather(cache.v)

@@ -1,0 +1,277 @@
+"""Frozen, validated configuration: model shape, KV cache, sparsity policy, engine run.
+
+Every knob of the system is a field here, so an ablation is a config edit. Validation lives in
+`__post_init__` (one dataclass) and `check_compatible` (across dataclasses); errors name the
+field and say how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from typing import Literal
+
+DType = Literal["float32", "bfloat16"]
+Policy = Literal["dense", "streaming", "duo", "quest", "lserve"]
+Granularity = Literal["query_head", "kv_head"]
+Backend = Literal["reference", "cudnn", "pallas", "pallas_interpret"]
+
+POLICIES: tuple[str, ...] = ("dense", "streaming", "duo", "quest", "lserve")
+BACKENDS: tuple[str, ...] = ("reference", "cudnn", "pallas", "pallas_interpret")
+
+
+def _require(ok: bool, field: str, value, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"{field}={value!r} is invalid: {fix}")
+
+
+def _positive(obj, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(isinstance(value, int) and value > 0, f"{type(obj).__name__}.{name}", value,
+                 "must be a positive integer")
+
+
+def _one_of(obj, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    _require(value in allowed, f"{type(obj).__name__}.{name}", value, f"choose one of {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 ("llama3" rope_type) frequency scaling."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self):
+        _require(self.factor >= 1.0, "RopeScaling.factor", self.factor, "must be >= 1")
+        _require(self.high_freq_factor > self.low_freq_factor, "RopeScaling.high_freq_factor",
+                 self.high_freq_factor, "must exceed low_freq_factor")
+        _positive(self, "original_max_position")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Llama architecture. Presets: `ModelConfig.from_name('tiny' | 'llama3-8b' | 'llama2-7b')`."""
+
+    vocab_size: int = 512
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 16
+    ffn_dim: int = 128
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: DType = "float32"
+
+    def __post_init__(self):
+        _positive(self, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                  "ffn_dim")
+        _require(self.n_heads % self.n_kv_heads == 0, "ModelConfig.n_kv_heads", self.n_kv_heads,
+                 f"must divide n_heads={self.n_heads} (grouped-query attention)")
+        _require(self.head_dim % 2 == 0, "ModelConfig.head_dim", self.head_dim,
+                 "must be even (RoPE rotates pairs of channels)")
+        _require(self.rope_theta > 0, "ModelConfig.rope_theta", self.rope_theta, "must be > 0")
+        _one_of(self, "dtype", ("float32", "bfloat16"))
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def itemsize(self) -> int:
+        return {"float32": 4, "bfloat16": 2}[self.dtype]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Dense K+V bytes per token per sequence, all layers."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.itemsize
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> ModelConfig:
+        if name not in MODEL_PRESETS:
+            raise ValueError(f"model preset {name!r} is unknown: choose one of "
+                             f"{sorted(MODEL_PRESETS)} or pass an HF directory")
+        return dataclasses.replace(MODEL_PRESETS[name], **overrides)
+
+    @classmethod
+    def from_hf(cls, path: str | pathlib.Path, dtype: DType | None = None) -> ModelConfig:
+        """Reads an HF `config.json` (transformers 4 `rope_scaling` or 5 `rope_parameters`)."""
+        path = pathlib.Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.exists():
+            raise FileNotFoundError(f"{file} does not exist: pass an HF model directory "
+                                    "holding config.json")
+        hf = json.loads(file.read_text())
+        for flag in ("attention_bias", "mlp_bias"):
+            _require(not hf.get(flag, False), f"{file}: {flag}", hf.get(flag),
+                     "biases are not part of the Llama architecture supported here")
+        act = hf.get("hidden_act", "silu")
+        _require(act == "silu", f"{file}: hidden_act", act, "only SwiGLU (silu) MLPs are supported")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        _require(rope_type in ("default", "llama3"), f"{file}: rope_type", rope_type,
+                 "supported RoPE types are 'default' (plain theta) and 'llama3'")
+        scaling = None
+        if rope_type == "llama3":
+            scaling = RopeScaling(
+                factor=float(rope["factor"]),
+                low_freq_factor=float(rope["low_freq_factor"]),
+                high_freq_factor=float(rope["high_freq_factor"]),
+                original_max_position=int(rope["original_max_position_embeddings"]))
+        n_heads = hf["num_attention_heads"]
+        hf_dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        return cls(
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads", n_heads),
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            ffn_dim=hf["intermediate_size"],
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            dtype=dtype or ("bfloat16" if hf_dtype == "bfloat16" else "float32"))
+
+
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(),
+    "llama3-8b": ModelConfig(
+        vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
+        ffn_dim=14336, rope_theta=500000.0, rope_scaling=RopeScaling(), dtype="bfloat16"),
+    "llama2-7b": ModelConfig(
+        vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
+        ffn_dim=11008, rope_theta=10000.0, dtype="bfloat16"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+    """What attention each head computes. Defaults are LServe's (DESIGN section 1).
+
+    Policies: `dense`; `streaming` (every head sink + local); `duo` (static head split only);
+    `quest` (dynamic page selection only, flat pages: logical_page_size == page_size);
+    `lserve` (static + dynamic, hierarchical pages, reusable selector).
+    """
+
+    policy: Policy = "lserve"
+    page_size: int = 64  # N_P: tokens per physical page (the KV cache's unit of storage)
+    logical_page_size: int = 16  # N_L: tokens per page-statistics slot; divides page_size
+    token_budget: int = 4096  # B_tok: decode tokens a retrieval head attends to
+    reuse_interval: int = 4  # R: decode steps between page re-selections
+    prefill_sink: int = 128
+    prefill_local: int = 8192
+    decode_sink: int = 128
+    decode_local: int = 256
+    static_sparsity: float = 0.5  # fraction of (layer, KV head) pairs that stream
+    head_pattern: str | None = None  # directory of DuoAttention's full_attention_heads.tsv
+    keep_sink_page: bool = False  # always select the first page too
+    selection_granularity: Granularity = "query_head"
+    group_reduction: Literal["sum", "max"] = "sum"  # kv_head granularity: combine G heads' scores
+    dense_layers: int = 0  # the first layers run dense whatever the policy (Quest: 2)
+
+    def __post_init__(self):
+        _one_of(self, "policy", POLICIES)
+        _one_of(self, "selection_granularity", ("query_head", "kv_head"))
+        _one_of(self, "group_reduction", ("sum", "max"))
+        _positive(self, "page_size", "logical_page_size", "token_budget", "reuse_interval",
+                  "decode_local", "prefill_local")
+        for name in ("prefill_sink", "decode_sink", "dense_layers"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value >= 0, f"SparsityConfig.{name}", value,
+                     "must be an integer >= 0")
+        for name in ("page_size", "logical_page_size"):
+            value = getattr(self, name)
+            _require(value & (value - 1) == 0, f"SparsityConfig.{name}", value,
+                     "must be a power of two (GPU kernels tile by it)")
+        _require(self.page_size % self.logical_page_size == 0, "SparsityConfig.logical_page_size",
+                 self.logical_page_size, f"must divide page_size={self.page_size}")
+        _require(self.token_budget % self.page_size == 0, "SparsityConfig.token_budget",
+                 self.token_budget, f"must be a multiple of page_size={self.page_size}, e.g. "
+                 f"{max(1, round(self.token_budget / self.page_size)) * self.page_size}")
+        _require(0.0 <= self.static_sparsity <= 1.0, "SparsityConfig.static_sparsity",
+                 self.static_sparsity, "must lie in [0, 1]")
+        if self.policy == "quest":
+            _require(self.logical_page_size == self.page_size, "SparsityConfig.logical_page_size",
+                     self.logical_page_size, f"policy 'quest' uses flat pages: set it equal to "
+                     f"page_size={self.page_size} (Quest's default is 16 for both)")
+
+    @property
+    def static(self) -> bool:
+        """Heads are split into retrieval and streaming heads."""
+        return self.policy in ("duo", "lserve")
+
+    @property
+    def dynamic(self) -> bool:
+        """Retrieval heads attend to selected pages in decode."""
+        return self.policy in ("quest", "lserve")
+
+    @property
+    def budget_pages(self) -> int:
+        """K: physical pages a retrieval head attends to once the context exceeds the budget."""
+        return max(3, self.token_budget // self.page_size)
+
+    @property
+    def stream_pages(self) -> int:
+        """Physical pages a streaming head keeps in decode: sink pages + ring of local pages."""
+        return self.sink_pages + self.ring_pages
+
+    @property
+    def sink_pages(self) -> int:
+        return math.ceil(self.decode_sink / self.page_size)
+
+    @property
+    def ring_pages(self) -> int:
+        """The window [t - decode_local, t] touches at most ceil(local / N_P) + 1 pages."""
+        return math.ceil(self.decode_local / self.page_size) + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache. `num_pages` counts physical pages of one (layer, KV head); 0 sizes the pool
+    for `max_batch` sequences of `max_seq_len` tokens under the policy in force."""
+
+    max_seq_len: int = 2048  # prompt + generated tokens of one sequence
+    max_batch: int = 4
+    num_pages: int = 0
+
+    def __post_init__(self):
+        _positive(self, "max_seq_len", "max_batch")
+        _require(isinstance(self.num_pages, int) and self.num_pages >= 0, "CacheConfig.num_pages",
+                 self.num_pages, "must be >= 0 (0 sizes the pool automatically)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Engine settings for one generate call."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int = 0
+    stop_tokens: tuple[int, ...] = ()
+    backend: Backend = "reference"
+    prefill_bucket: int = 64  # prompts are padded to a multiple of this (fewer recompiles)
+
+    def __post_init__(self):
+        _positive(self, "max_new_tokens", "prefill_bucket")
+        _one_of(self, "backend", BACKENDS)
+        _require(self.temperature >= 0.0, "RunConfig.temperature", self.temperature, "must be >= 0")
+        _require(0.0 < self.top_p <= 1.0, "RunConfig.top_p", self.top_p, "must lie in (0, 1]")
+
+
+def check_compatible(model: ModelConfig, sparsity: SparsityConfig, cache: CacheConfig) -> None:
+    """Cross-config checks that no single dataclass can make."""
+    _require(sparsity.dense_layers <= model.n_layers, "SparsityConfig.dense_layers",
+             sparsity.dense_layers, f"must not exceed n_layers={model.n_layers}")

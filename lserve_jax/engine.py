@@ -1,0 +1,213 @@
+"""The serving engine: admission (host), batched ragged prefill, and a jitted decode loop.
+
+`Engine.generate(prompts, run)` returns one `Completion` per prompt. Requests are admitted in
+waves of at most `CacheConfig.max_batch`; each reserves its pages up front, so the decode loop
+(a `lax.while_loop` carrying the cache, donated) never allocates. A request the pool cannot hold
+even when empty is refused with its error; the others run unharmed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from lserve_jax.attention import AttentionMetadata
+from lserve_jax.cache.allocator import PageAllocator, PoolExhausted, SequencePages, pages_per_head
+from lserve_jax.cache.allocator import kv_bytes_per_sequence
+from lserve_jax.cache.paged import KVCache, empty_cache
+from lserve_jax.config import CacheConfig, ModelConfig, RunConfig, SparsityConfig
+from lserve_jax.config import check_compatible
+from lserve_jax.model.llama import Llama
+from lserve_jax.sampling import sample
+from lserve_jax.sparsity.policy import STREAM, head_modes
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    tokens: list[int]  # generated tokens (a stop token, when hit, is the last one)
+    finish_reason: str  # "stop" | "length" | "refused"
+    error: str | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Carry of the decode loop (besides the cache)."""
+
+    out: jax.Array  # [B, max_new] int32 generated tokens
+    count: jax.Array  # [B] int32 tokens generated per row
+    done: jax.Array  # [B] bool
+    key: jax.Array  # PRNG key
+
+
+class Engine:
+    """Holds the parameters, the page pool and the jitted steps for one model + policy."""
+
+    def __init__(self, model: ModelConfig, params, sparsity: SparsityConfig | None = None,
+                 cache: CacheConfig | None = None, gates: np.ndarray | None = None,
+                 pool_fill: float = 0.0):
+        self.model_cfg = model
+        self.sparsity = sparsity or SparsityConfig(policy="dense")
+        self.cache_cfg = cache or CacheConfig()
+        check_compatible(model, self.sparsity, self.cache_cfg)
+        self.params = params
+        self.modes = head_modes(model, self.sparsity, gates)  # [L, K] int8
+        self.max_pages = math.ceil(self.cache_cfg.max_seq_len / self.sparsity.page_size)
+        streaming = self.modes == STREAM
+        num_pages = self.cache_cfg.num_pages or 1 + self.cache_cfg.max_batch * int(
+            pages_per_head(self.cache_cfg.max_seq_len, streaming, self.sparsity).sum())
+        self.pages = SequencePages(PageAllocator(num_pages), streaming, self.sparsity,
+                                   self.max_pages)
+        self.cache = empty_cache(model, self.sparsity, num_pages=num_pages,
+                                 batch=self.cache_cfg.max_batch, max_pages=self.max_pages,
+                                 fill=pool_fill)
+
+    def kv_bytes_per_sequence(self, n_tokens: int) -> int:
+        return kv_bytes_per_sequence(n_tokens, self.modes == STREAM, self.model_cfg,
+                                     self.sparsity)
+
+    def generate(self, prompts: list[list[int]], run: RunConfig | None = None,
+                 progress: bool = False) -> list[Completion]:
+        run = run or RunConfig()
+        self._validate(prompts, run)
+        results: list[Completion | None] = [None] * len(prompts)
+        pending = list(range(len(prompts)))
+        key = jax.random.key(run.seed)
+        bar = tqdm(total=len(prompts), disable=not progress, desc="generate", unit="req")
+        while pending:
+            wave, reserved, pending = self._admit(prompts, run, pending, results)
+            if wave:
+                key, sub = jax.random.split(key)
+                for i, completion in zip(wave, self._run_wave(
+                        [prompts[i] for i in wave], reserved, run, sub)):
+                    results[i] = completion
+            for _, pages in reserved:
+                self.pages.release(pages)
+            bar.update(len(wave))
+        bar.close()
+        return results
+
+    def _validate(self, prompts, run: RunConfig) -> None:
+        vocab, limit = self.model_cfg.vocab_size, self.cache_cfg.max_seq_len
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompts[{i}] is empty: give at least one token")
+            bad = [t for t in prompt if not 0 <= int(t) < vocab]
+            if bad:
+                raise ValueError(f"prompts[{i}] holds token {bad[0]} outside the vocabulary "
+                                 f"[0, {vocab})")
+            if len(prompt) + run.max_new_tokens > limit:
+                raise ValueError(
+                    f"prompts[{i}] has {len(prompt)} tokens; with max_new_tokens="
+                    f"{run.max_new_tokens} it needs {len(prompt) + run.max_new_tokens} > "
+                    f"CacheConfig.max_seq_len={limit}: raise max_seq_len or shorten the prompt")
+
+    def _admit(self, prompts, run, pending, results):
+        """Takes requests in order while the pool and the batch have room."""
+        wave, reserved, later = [], [], []
+        for i in pending:
+            if len(wave) == self.cache_cfg.max_batch:
+                later.append(i)
+                continue
+            try:
+                reserved.append(self.pages.reserve(len(prompts[i]) + run.max_new_tokens))
+                wave.append(i)
+            except PoolExhausted as err:
+                if wave or later:
+                    later.append(i)  # may fit once the current wave has finished
+                else:
+                    results[i] = Completion([], "refused", str(err))
+        return wave, reserved, later
+
+    def _run_wave(self, prompts, reserved, run: RunConfig, key) -> list[Completion]:
+        b = self.cache_cfg.max_batch
+        table = np.zeros(self.cache.page_table.shape, np.int32)
+        for row, (rows, _) in enumerate(reserved):
+            table[row] = rows
+        lens = np.zeros(b, np.int32)
+        lens[: len(prompts)] = [len(p) for p in prompts]
+        t = -(-int(lens.max()) // run.prefill_bucket) * run.prefill_bucket
+        tokens = np.zeros((b, t), np.int32)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = prompt
+        cache = dataclasses.replace(
+            self.cache, page_table=jnp.asarray(table), lengths=jnp.zeros(b, jnp.int32),
+            selected=jnp.full_like(self.cache.selected, -1))
+        stops = jnp.asarray(run.stop_tokens or (-1,), jnp.int32)
+        modes, temp, top_p = jnp.asarray(self.modes), jnp.float32(run.temperature), jnp.float32(
+            run.top_p)
+        static = (self.model_cfg, self.sparsity, run.backend)
+        k_prefill, k_decode = jax.random.split(key)
+        first, cache = prefill(*static, self.params, cache, jnp.asarray(tokens),
+                               jnp.asarray(lens), modes, k_prefill, temp, top_p)
+        out, count, self.cache = decode(*static, run.max_new_tokens, self.params, cache, first,
+                                        jnp.asarray(lens > 0), modes, k_decode, temp, top_p,
+                                        stops)
+        out, count = np.asarray(out), np.asarray(count)
+        completions = []
+        for row in range(len(prompts)):
+            toks = out[row, : count[row]].tolist()
+            stopped = bool(toks) and toks[-1] in run.stop_tokens
+            completions.append(Completion(toks, "stop" if stopped else "length"))
+        return completions
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def prefill(model_cfg, sparsity, backend, params, cache: KVCache, tokens, lens, modes, key,
+            temperature, top_p):
+    """Writes the prompts (tokens [B, T], lens [B]) into the cache and samples the first token
+    of each row. Returns ([B] int32, cache)."""
+    model = Llama(model_cfg, sparsity, backend)
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    meta = AttentionMetadata(new_lens=lens, modes=modes, step=jnp.zeros((), jnp.int32),
+                             logits_at=jnp.maximum(lens - 1, 0), phase="prefill")
+    logits, cache = model.apply({"params": params}, tokens, positions, cache, meta)
+    return sample(logits[:, 0], key, temperature, top_p), cache
+
+
+def _decode_step(model: Llama, params, cache: KVCache, state: DecodeState, modes, stops,
+                 temperature, top_p):
+    b, max_new = state.out.shape
+    rows = jnp.arange(b)
+    last = state.out[rows, jnp.maximum(state.count - 1, 0)][:, None]
+    active = ~state.done
+    meta = AttentionMetadata(new_lens=active.astype(jnp.int32), modes=modes,
+                             step=jnp.max(state.count) - 1, phase="decode")
+    logits, cache = model.apply({"params": params}, last, cache.lengths[:, None], cache, meta)
+    key, sub = jax.random.split(state.key)
+    tok = sample(logits[:, 0], sub, temperature, top_p)
+    col = jnp.minimum(state.count, max_new - 1)
+    out = state.out.at[rows, col].set(jnp.where(active, tok, state.out[rows, col]))
+    count = state.count + active
+    done = state.done | (active & jnp.isin(tok, stops)) | (count >= max_new)
+    return cache, DecodeState(out=out, count=count, done=done, key=key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def decode(model_cfg, sparsity, backend, max_new, params, cache: KVCache, first, live, modes,
+           key, temperature, top_p, stops):
+    """Decodes after `prefill` until every row is done: it hit a stop token or has max_new
+    tokens (the first one included). Rows with live == False stay idle.
+    Returns (tokens [B, max_new], counts [B], cache)."""
+    model = Llama(model_cfg, sparsity, backend)
+    b = first.shape[0]
+    state = DecodeState(
+        out=jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first),
+        count=live.astype(jnp.int32),
+        done=~live | jnp.isin(first, stops) | (max_new == 1), key=key)
+
+    def cond(carry):
+        return ~jnp.all(carry[1].done)
+
+    def body(carry):
+        return _decode_step(model, params, *carry, modes, stops, temperature, top_p)
+
+    cache, state = jax.lax.while_loop(cond, body, (cache, state))
+    return state.out, state.count, cache

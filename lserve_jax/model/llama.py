@@ -1,0 +1,157 @@
+"""Functional Flax Llama: embedding, RMSNorm, RoPE (plain and Llama-3 scaled), GQA, SwiGLU.
+
+Call shape: `Llama(...).apply({"params": params}, tokens, positions, cache, meta)` returns
+`(logits, cache)`. Layers run under `nn.scan` with the cache in the carry and the layer index as
+the scanned input, so no layer's cache is ever sliced out or copied; attention goes through
+`lserve_jax.attention`, the one seam to the kernels. Axis legend in the README.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lserve_jax import attention
+from lserve_jax.cache.paged import KVCache
+from lserve_jax.config import Backend, ModelConfig, SparsityConfig
+
+_init = nn.initializers.normal(0.02)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """[H/2] inverse frequencies, with Llama-3 scaling when configured (as HF computes them)."""
+    inv = 1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv.astype(np.float32)
+    low_wavelen = sc.original_max_position / sc.low_freq_factor
+    high_wavelen = sc.original_max_position / sc.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / sc.factor, inv)
+    smooth = (sc.original_max_position / wavelen - sc.low_freq_factor) / (
+        sc.high_freq_factor - sc.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / sc.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x: [B, T, N, H]; positions: [B, T]. Rotates channel pairs (i, i + H/2), HF's convention."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
+    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return weight * normed.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    sparsity: SparsityConfig
+    backend: Backend
+
+    @nn.compact
+    def __call__(self, x, positions, cache: KVCache, meta: attention.AttentionMetadata, layer):
+        c = self.cfg
+        wq = self.param("q", _init, (c.dim, c.n_heads, c.head_dim), c.dtype)
+        wk = self.param("k", _init, (c.dim, c.n_kv_heads, c.head_dim), c.dtype)
+        wv = self.param("v", _init, (c.dim, c.n_kv_heads, c.head_dim), c.dtype)
+        wo = self.param("o", _init, (c.n_heads, c.head_dim, c.dim), c.dtype)
+        inv_freq = rope_inv_freq(c)
+        q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq), positions, inv_freq)
+        k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk), positions, inv_freq)
+        v = jnp.einsum("BTD,DKH->BTKH", x, wv)
+        out, cache = attention.attend(q, k, v, cache, layer, meta, self.sparsity, self.backend)
+        return jnp.einsum("BTNH,NHD->BTD", out, wo), cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        gate = self.param("gate", _init, (c.dim, c.ffn_dim), c.dtype)
+        up = self.param("up", _init, (c.dim, c.ffn_dim), c.dtype)
+        down = self.param("down", _init, (c.ffn_dim, c.dim), c.dtype)
+        h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, gate)) * jnp.einsum("BTD,DF->BTF", x, up)
+        return jnp.einsum("BTF,FD->BTD", h, down)
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    sparsity: SparsityConfig
+    backend: Backend
+
+    @nn.compact
+    def __call__(self, carry, layer, positions, meta):
+        x, cache = carry
+        c = self.cfg
+        with jax.named_scope("attention"):
+            h = RMSNorm(c.norm_eps, c.dtype, name="attn_norm")(x)
+            h, cache = Attention(c, self.sparsity, self.backend, name="attn")(
+                h, positions, cache, meta, layer)
+            x = x + h
+        with jax.named_scope("mlp"):
+            x = x + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.dtype, name="mlp_norm")(x))
+        return (x, cache), None
+
+
+class Llama(nn.Module):
+    cfg: ModelConfig
+    sparsity: SparsityConfig = SparsityConfig(policy="dense")
+    backend: Backend = "reference"
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+                 meta: attention.AttentionMetadata) -> tuple[jax.Array, KVCache]:
+        """tokens, positions: [B, T] int32. Returns logits [B, T, V] (f32) and the cache with
+        `lengths` advanced by `meta.new_lens`. With `meta.logits_at` ([B] int32) only those rows'
+        logits are computed ([B, 1, V])."""
+        c = self.cfg
+        embed = self.param("embed", _init, (c.vocab_size, c.dim), c.dtype)
+        x = jnp.take(embed, tokens, axis=0)
+        layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast, nn.broadcast), length=c.n_layers)
+        (x, cache), _ = layers(c, self.sparsity, self.backend, name="layers")(
+            (x, cache), jnp.arange(c.n_layers, dtype=jnp.int32), positions, meta)
+        if meta.logits_at is not None:
+            x = jnp.take_along_axis(x, meta.logits_at[:, None, None], axis=1)
+        x = RMSNorm(c.norm_eps, c.dtype, name="norm")(x)
+        if c.tie_embeddings:
+            logits = jnp.einsum("BTD,VD->BTV", x, embed, preferred_element_type=jnp.float32)
+        else:
+            head = self.param("lm_head", _init, (c.dim, c.vocab_size), c.dtype)
+            logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
+        return logits, attention.advance(cache, meta)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
+    """Random parameters (normal(0.02) weights, unit norms) without running the model."""
+    model = Llama(cfg)
+    shapes = jax.eval_shape(lambda: model.init(
+        key, *attention.example_inputs(cfg, model.sparsity)))["params"]
+    leaves, treedef = jax.tree.flatten_with_path(shapes)
+    keys = jax.random.split(key, len(leaves))
+
+    def make(path, leaf, k):
+        if "norm" in jax.tree_util.keystr(path):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return (0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype)
+
+    return jax.tree.unflatten(treedef, [make(p, l, k) for (p, l), k in zip(leaves, keys)])

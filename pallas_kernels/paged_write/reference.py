@@ -1,0 +1,59 @@
+"""Plain-jnp reference for writing tokens into the paged KV pool with page statistics.
+
+Layout (shared by every op): pools `[P, Np, H]` hold one (layer, KV head)'s `Np` tokens per
+physical page; statistics `[P, Np/Nl, H]` hold the channel-wise min/max of each logical page of
+`Nl` tokens; page 0 is the trash page, where writes that must not land are sent.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+TRASH_PAGE = 0
+
+
+def write_tokens_reference(
+    k_pool: jax.Array,  # [P, Np, H]
+    v_pool: jax.Array,  # [P, Np, H]
+    kmin: jax.Array,  # [P, Np/Nl, H]
+    kmax: jax.Array,  # [P, Np/Nl, H]
+    table: jax.Array,  # [B, K, M] int32: this layer's logical -> physical page map
+    lengths: jax.Array,  # [B] int32: tokens held before this write
+    k: jax.Array,  # [B, T, K, H]
+    v: jax.Array,  # [B, T, K, H]
+    new_lens: jax.Array,  # [B] int32: row b writes its first new_lens[b] tokens
+    streaming: jax.Array,  # [K] bool: heads whose table aliases a ring of pages
+    *,
+    sink_pages: int,
+    ring_pages: int,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Writes tokens at positions lengths[b] + t; returns the updated (k_pool, v_pool, kmin, kmax).
+
+    A streaming head's token lands only if its page is a sink page or one of the last
+    `ring_pages` pages of the sequence after this write (the ring would overwrite the rest).
+    Statistics are exact: a logical page restarts from +inf/-inf at its first token, then
+    takes the min/max of every key written to it. Values are cast to the pool dtype (the only
+    rounding); min/max of already-rounded keys are exact.
+    """
+    b, t, _, _ = k.shape
+    n_p = k_pool.shape[1]
+    n_l = n_p // kmin.shape[1]
+    positions = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    logical = positions // n_p
+    last_page = (lengths + new_lens - 1) // n_p  # [B]
+    valid = jnp.arange(t)[None, :] < new_lens[:, None]  # [B, T]
+    in_ring = (logical < sink_pages) | (logical > last_page[:, None] - ring_pages)
+    keep = valid[..., None] & (~streaming[None, None, :] | in_ring[..., None])  # [B, T, K]
+    logical = jnp.minimum(logical, table.shape[-1] - 1)
+    phys = jnp.take_along_axis(table[:, None], logical[:, :, None, None], axis=-1)[..., 0]
+    phys = jnp.where(keep, phys, TRASH_PAGE)  # [B, T, K]
+    slot = (positions % n_p)[..., None]  # [B, T, 1]
+    stat = slot // n_l
+    starts = jnp.where((slot % n_l == 0) & keep, phys, TRASH_PAGE)
+    k = k.astype(k_pool.dtype)
+    kmin = kmin.at[starts, stat].set(jnp.inf).at[phys, stat].min(k)
+    kmax = kmax.at[starts, stat].set(-jnp.inf).at[phys, stat].max(k)
+    k_pool = k_pool.at[phys, slot].set(k)
+    v_pool = v_pool.at[phys, slot].set(v.astype(v_pool.dtype))
+    return k_pool, v_pool, kmin, kmax
