@@ -11,6 +11,8 @@ import dataclasses
 import json
 import math
 import pathlib
+import tomllib
+import typing
 from typing import Literal
 
 DType = Literal["float32", "bfloat16"]
@@ -207,6 +209,13 @@ class SparsityConfig:
                      self.logical_page_size, f"policy 'quest' uses flat pages: set it equal to "
                      f"page_size={self.page_size} (Quest's default is 16 for both)")
 
+    def for_policy(self, policy: Policy) -> SparsityConfig:
+        """This config under another policy, with what defines that policy: Quest uses flat pages
+        of the logical page size (N_P = N_L); every other knob is kept."""
+        if policy == "quest":
+            return dataclasses.replace(self, policy=policy, page_size=self.logical_page_size)
+        return dataclasses.replace(self, policy=policy)
+
     @property
     def static(self) -> bool:
         """Heads are split into retrieval and streaming heads."""
@@ -275,3 +284,66 @@ def check_compatible(model: ModelConfig, sparsity: SparsityConfig, cache: CacheC
     """Cross-config checks that no single dataclass can make."""
     _require(sparsity.dense_layers <= model.n_layers, "SparsityConfig.dense_layers",
              sparsity.dense_layers, f"must not exceed n_layers={model.n_layers}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One `lserve run CONFIG` job: a model, a policy grid and what to measure.
+
+    task `generate`: decode random prompts under each policy and report agreement with dense,
+    attended tokens and KV bytes per sequence.
+    """
+
+    name: str = "quickstart"
+    task: Literal["generate"] = "generate"
+    model: str = "tiny"  # a preset name or a local HF directory
+    policies: tuple[Policy, ...] = ("dense", "streaming", "quest", "lserve")
+    prompt_lengths: tuple[int, ...] = (48, 200, 480)
+    head_gates_seed: int = 0  # random DuoAttention gates when sparsity.head_pattern is unset
+    output_dir: str = "experiments/results"
+    sparsity: SparsityConfig = SparsityConfig()
+    cache: CacheConfig = CacheConfig(max_seq_len=1024, max_batch=4)
+    run: RunConfig = RunConfig()
+
+    def __post_init__(self):
+        for policy in self.policies:
+            _require(policy in POLICIES, "ExperimentConfig.policies", policy,
+                     f"choose from {POLICIES}")
+        _require(len(self.prompt_lengths) > 0 and all(n > 0 for n in self.prompt_lengths),
+                 "ExperimentConfig.prompt_lengths", self.prompt_lengths,
+                 "give one or more positive lengths")
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Builds dataclass `cls` from nested dicts (a parsed TOML file); unknown keys are errors."""
+    where = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a table of fields, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{where} has no field {unknown[0]!r}: known fields are {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        nested = [t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)]
+        if nested and isinstance(value, dict):
+            value = from_dict(nested[0], value, f"{where}.{key}")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def load_experiment(path: str | pathlib.Path) -> ExperimentConfig:
+    """Reads a TOML experiment file (top-level fields plus [sparsity], [cache], [run] tables)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"experiment config {path} does not exist (see experiments/configs)")
+    with path.open("rb") as f:
+        data = tomllib.load(f)
+    try:
+        return from_dict(ExperimentConfig, data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None

@@ -172,8 +172,9 @@ def prefill(model_cfg, sparsity, backend, params, cache: KVCache, tokens, lens, 
     return sample(logits[:, 0], key, temperature, top_p), cache
 
 
-def _decode_step(model: Llama, params, cache: KVCache, state: DecodeState, modes, stops,
-                 temperature, top_p):
+def decode_step(model: Llama, params, cache: KVCache, state: DecodeState, modes, stops,
+                temperature, top_p) -> tuple[KVCache, DecodeState]:
+    """One decode step of every active row: the body of `decode`'s loop (benchmarks jit it)."""
     b, max_new = state.out.shape
     rows = jnp.arange(b)
     last = state.out[rows, jnp.maximum(state.count - 1, 0)][:, None]
@@ -207,7 +208,7 @@ def decode(model_cfg, sparsity, backend, max_new, params, cache: KVCache, first,
         return ~jnp.all(carry[1].done)
 
     def body(carry):
-        return _decode_step(model, params, *carry, modes, stops, temperature, top_p)
+        return decode_step(model, params, *carry, modes, stops, temperature, top_p)
 
     cache, state = jax.lax.while_loop(cond, body, (cache, state))
     return state.out, state.count, cache

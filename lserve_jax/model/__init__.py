@@ -1,0 +1,26 @@
+"""Llama model: Flax modules (llama.py), HF loading (hf.py), and `load_model` by name or path."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+
+from lserve_jax.config import MODEL_PRESETS, ModelConfig
+
+
+def load_model(name: str, seed: int = 0):
+    """(config, params, tokenizer or None) for a preset name (random weights from `seed`) or a
+    local HF directory."""
+    from lserve_jax.model.hf import load_hf_params, load_tokenizer
+    from lserve_jax.model.llama import init_params
+
+    if name in MODEL_PRESETS:
+        cfg = ModelConfig.from_name(name)
+        return cfg, jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(seed)), None
+    path = pathlib.Path(name)
+    if not path.is_dir():
+        raise ValueError(f"model={name!r} is neither a preset {sorted(MODEL_PRESETS)} nor a "
+                         "directory holding an HF checkpoint")
+    cfg, params = load_hf_params(path)
+    return cfg, params, load_tokenizer(path)

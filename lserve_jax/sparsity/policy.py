@@ -15,17 +15,17 @@ DENSE, SELECT, STREAM = 0, 1, 2
 
 
 def retrieval_heads(gates: np.ndarray, static_sparsity: float) -> np.ndarray:
-    """[L, K] bool: heads at or above one global quantile of the gates are retrieval heads.
+    """[L, K] bool: heads whose gate reaches one global quantile are retrieval heads.
 
-    Exactly round(static_sparsity * L * K) heads stream: those with the smallest gates, ties
-    broken by (layer, head) order, the earlier head streaming first (deterministic).
+    threshold = np.quantile(clip(gates, 0, 1), static_sparsity) (linear interpolation, as
+    DuoAttention computes it); a head streams iff its gate < threshold, so heads tied at the
+    threshold all stay retrieval heads (deterministic; DuoAttention breaks ties with random
+    noise instead). Sparsity 0 keeps every head dense; sparsity 1 streams every head.
     """
-    flat = np.clip(np.asarray(gates, np.float64), 0.0, 1.0).ravel()
-    n_stream = int(round(static_sparsity * flat.size))
-    order = np.lexsort((np.arange(flat.size), flat))  # ascending gate, then index
-    retrieval = np.ones(flat.size, bool)
-    retrieval[order[:n_stream]] = False
-    return retrieval.reshape(np.shape(gates))
+    clipped = np.clip(np.asarray(gates, np.float64), 0.0, 1.0)
+    if static_sparsity <= 0.0 or static_sparsity >= 1.0:
+        return np.full(clipped.shape, static_sparsity <= 0.0)
+    return clipped >= np.quantile(clipped, static_sparsity)
 
 
 def head_modes(model: ModelConfig, sparsity: SparsityConfig,
@@ -59,3 +59,15 @@ def list_width(sparsity: SparsityConfig, max_pages: int) -> int:
     select = sparsity.budget_pages if sparsity.dynamic else 0
     stream = sparsity.stream_pages if sparsity.policy in ("streaming", "lserve") else 0
     return min(max_pages, max(select, stream))
+
+
+def attended_tokens(modes: np.ndarray, n_tokens: int, sparsity: SparsityConfig) -> float:
+    """Mean keys one decode query attends to per (layer, KV head) at context `n_tokens`
+    (the current token included), as the page lists of `pages.decode_lists` give them."""
+    n_p = sparsity.page_size
+    n_pages = -(-n_tokens // n_p)
+    stream = min(n_tokens, sparsity.decode_sink + sparsity.decode_local + 1)
+    selected = n_tokens if n_pages <= sparsity.budget_pages else (
+        (sparsity.budget_pages - 1) * n_p + (n_tokens - (n_pages - 1) * n_p))
+    per_mode = {DENSE: n_tokens, SELECT: selected, STREAM: stream}
+    return float(np.mean([per_mode[int(m)] for m in np.ravel(modes)]))

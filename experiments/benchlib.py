@@ -1,0 +1,49 @@
+"""Shared benchmark plumbing: device facts, timing, result files. Benchmarks are scripts run on
+the H200 (see README, GPU path); nothing here is a test."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+
+HBM_BYTES_PER_S = 4.3e12  # measured device-to-device copy on our H200 (DESIGN section 3)
+BF16_FLOPS_PER_S = 750e12  # measured bf16 matmul rate on our H200
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def floor_ms(bytes_moved: float = 0.0, flops: float = 0.0) -> float:
+    """The physical floor: the larger of bytes / bandwidth and FLOPs / matmul rate."""
+    return 1e3 * max(bytes_moved / HBM_BYTES_PER_S, flops / BF16_FLOPS_PER_S)
+
+
+def time_calls(fn, *args, warmup: int = 3, iters: int = 20) -> float:
+    """Median wall time (ms) of `fn(*args)` with its outputs ready; fn must not donate."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(samples)
+
+
+def header() -> dict:
+    dev = jax.devices()[0]
+    return {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
+            "jax_version": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+
+
+def write_results(name: str, rows: list[dict], out_dir: pathlib.Path | None = None,
+                  **extra) -> pathlib.Path:
+    out_dir = pathlib.Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps({**header(), **extra, "rows": rows}, indent=1) + "\n")
+    return path

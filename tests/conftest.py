@@ -1,0 +1,22 @@
+"""Shared test settings: CPU only, tolerances keyed by dtype (with reasons), small shapes."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# max |a - b| / max(1, |ref|) between two computations of the same function.
+TOLERANCE = {
+    # f32 end to end: differences come from summation order only (XLA CPU dots, softmax).
+    "float32": 2e-5,
+    # bf16 activations/weights: one bf16 rounding (2^-8) amplified through a few matmuls.
+    "bfloat16": 3e-2,
+}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_defaults():
+    jax.config.update("jax_default_matmul_precision", "highest")
+    yield

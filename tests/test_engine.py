@@ -1,0 +1,100 @@
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lserve_jax.config import CacheConfig, ModelConfig, RunConfig, SparsityConfig
+from lserve_jax.engine import DecodeState, Engine, decode, decode_step
+from lserve_jax.model.llama import Llama, init_params
+
+CFG = ModelConfig()
+SP = SparsityConfig(policy="dense", page_size=16, logical_page_size=16)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.key(0))
+
+
+def _prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, CFG.vocab_size, n).tolist() for n in lengths]
+
+
+def test_batched_generation_equals_each_request_alone(params):
+    engine = Engine(CFG, params, SP, CacheConfig(max_seq_len=128, max_batch=3), pool_fill=np.nan)
+    prompts = _prompts([5, 40, 17, 9])  # 4 requests, 3 slots: two waves
+    run = RunConfig(max_new_tokens=6)
+    together = engine.generate(prompts, run)
+    for prompt, done in zip(prompts, together):
+        assert engine.generate([prompt], run)[0].tokens == done.tokens
+        assert len(done.tokens) == 6 and done.finish_reason == "length"
+
+
+def test_stop_tokens_end_a_request_early(params):
+    engine = Engine(CFG, params, SP, CacheConfig(max_seq_len=128, max_batch=2))
+    prompts = _prompts([12, 7], seed=1)
+    free = engine.generate(prompts, RunConfig(max_new_tokens=8))
+    stop = free[0].tokens[3]
+    out = engine.generate(prompts, RunConfig(max_new_tokens=8, stop_tokens=(stop,)))
+    first = free[0].tokens.index(stop)
+    assert out[0].tokens == free[0].tokens[: first + 1] and out[0].finish_reason == "stop"
+    other = free[1].tokens
+    expected = other[: other.index(stop) + 1] if stop in other else other
+    assert out[1].tokens == expected
+
+
+def test_sampling_is_seeded(params):
+    engine = Engine(CFG, params, SP, CacheConfig(max_seq_len=128, max_batch=2))
+    prompts = _prompts([10, 20], seed=2)
+    a = engine.generate(prompts, RunConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7))
+    b = engine.generate(prompts, RunConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=7))
+    c = engine.generate(prompts, RunConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=8))
+    assert [x.tokens for x in a] == [x.tokens for x in b] != [x.tokens for x in c]
+    greedy = engine.generate(prompts, RunConfig(max_new_tokens=12, temperature=0.0, seed=9))
+    assert greedy[0].tokens == engine.generate(prompts[:1], RunConfig(max_new_tokens=12))[0].tokens
+
+
+def test_exhausted_pool_refuses_one_request_and_serves_the_others(params):
+    # 2 layers x 2 KV heads: a 100-token request needs 4 x 7 = 28 pages; the pool has 40
+    engine = Engine(CFG, params, SP, CacheConfig(max_seq_len=1024, max_batch=4, num_pages=41))
+    prompts = _prompts([30, 1000, 20], seed=3)
+    run = RunConfig(max_new_tokens=4)
+    out = engine.generate(prompts, run)
+    assert out[1].finish_reason == "refused" and "num_pages" in out[1].error
+    assert out[1].tokens == []
+    for i in (0, 2):
+        assert out[i].tokens == engine.generate([prompts[i]], run)[0].tokens
+    assert engine.pages.allocator.free == 40  # everything released
+
+
+@pytest.mark.parametrize("prompts, match", [
+    ([[]], "empty"), ([[1, 2, 600]], "vocabulary"), ([[1] * 120], "max_seq_len")])
+def test_bad_requests_raise_with_the_field(params, prompts, match):
+    engine = Engine(CFG, params, SP, CacheConfig(max_seq_len=128, max_batch=1))
+    with pytest.raises(ValueError, match=match):
+        engine.generate(prompts, RunConfig(max_new_tokens=16))
+
+
+@pytest.mark.parametrize("policy", ["dense", "lserve"])
+def test_decode_does_not_copy_the_cache(params, policy):
+    sparsity = SparsityConfig(policy=policy, page_size=16, logical_page_size=16, token_budget=64)
+    engine = Engine(CFG, params, sparsity, CacheConfig(max_seq_len=1024, max_batch=2,
+                                                       num_pages=4096),
+                    gates=np.random.default_rng(0).random((2, 2)))
+    cache, modes = engine.cache, jnp.asarray(engine.modes)
+    cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
+    sampling = (jnp.float32(0), jnp.float32(1), jnp.asarray([-1]))
+    loop = decode.lower(CFG, sparsity, "reference", 8, params, cache, jnp.zeros(2, jnp.int32),
+                        jnp.ones(2, bool), modes, jax.random.key(0), *sampling).compile()
+    model = Llama(CFG, sparsity, "reference")
+    state = DecodeState(jnp.zeros((2, 8), jnp.int32), jnp.ones(2, jnp.int32),
+                        jnp.zeros(2, bool), jax.random.key(1))
+    step = jax.jit(functools.partial(decode_step, model), donate_argnums=(1,)).lower(
+        params, cache, state, modes, sampling[2], *sampling[:2]).compile()
+    for compiled in (loop, step):
+        memory = compiled.memory_analysis()
+        assert memory.alias_size_in_bytes >= cache_bytes  # the cache is updated in place
+        assert memory.temp_size_in_bytes < cache_bytes / 8  # and never copied
