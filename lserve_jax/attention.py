@@ -62,7 +62,7 @@ def _write(cache, layer, k, v, new_lens, streaming, sparsity, backend) -> KVCach
     k_pool, v_pool, kmin, kmax = write_tokens_reference(
         cache.k, cache.v, cache.kmin, cache.kmax, cache.page_table[:, layer], cache.lengths,
         k, v, new_lens, streaming, sink_pages=sparsity.sink_pages,
-        ring_pages=sparsity.ring_pages)
+        ring_pages=sparsity.ring_pages, stats=sparsity.dynamic)
     return dataclasses.replace(cache, k=k_pool, v=v_pool, kmin=kmin, kmax=kmax)
 
 
@@ -108,7 +108,7 @@ def _select(cache: KVCache, sparsity: SparsityConfig, k: int, q, table, n_pages)
 
 
 def _require_dense(sparsity: SparsityConfig, backend: str) -> None:
-    if sparsity.policy != "dense":
+    if not sparsity.is_dense:
         raise ValueError(f"backend={backend!r} computes dense attention only, but "
                          f"policy={sparsity.policy!r}: use backend 'reference' or 'pallas'")
 

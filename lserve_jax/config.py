@@ -217,6 +217,11 @@ class SparsityConfig:
         return dataclasses.replace(self, policy=policy)
 
     @property
+    def is_dense(self) -> bool:
+        """Every head attends to every key."""
+        return self.policy == "dense"
+
+    @property
     def static(self) -> bool:
         """Heads are split into retrieval and streaming heads."""
         return self.policy in ("duo", "lserve")

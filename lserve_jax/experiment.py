@@ -25,7 +25,9 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def _fmt(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+    return str(value)
 
 
 def experiment_gates(exp: ExperimentConfig, n_layers: int, n_kv_heads: int) -> np.ndarray:

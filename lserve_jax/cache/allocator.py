@@ -27,8 +27,9 @@ def pages_per_head(n_tokens: int, streaming: np.ndarray, sparsity: SparsityConfi
 
 def kv_bytes_per_sequence(n_tokens: int, streaming: np.ndarray, model: ModelConfig,
                           sparsity: SparsityConfig) -> int:
-    """Bytes of K, V and page statistics one sequence of `n_tokens` occupies in the pool."""
-    stat_rows = sparsity.page_size // sparsity.logical_page_size
+    """Bytes of K, V and (for policies that select pages) page statistics one sequence of
+    `n_tokens` occupies in the pool."""
+    stat_rows = sparsity.page_size // sparsity.logical_page_size if sparsity.dynamic else 0
     page_bytes = 2 * (sparsity.page_size + stat_rows) * model.head_dim * model.itemsize
     return int(pages_per_head(n_tokens, streaming, sparsity).sum()) * page_bytes
 

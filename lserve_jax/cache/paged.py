@@ -28,7 +28,8 @@ class KVCache:
 
     k: jax.Array  # [P, Np, H] kv dtype: key pages of every (layer, KV head); page 0 is trash
     v: jax.Array  # [P, Np, H] kv dtype: value pages
-    kmin: jax.Array  # [P, Np/Nl, H] kv dtype: channel-wise min of post-RoPE keys, per logical page
+    kmin: jax.Array  # [P, Np/Nl, H] kv dtype: channel-wise min of post-RoPE keys per logical
+    #                  page ([1, Np/Nl, H] and unused when the policy selects no pages)
     kmax: jax.Array  # [P, Np/Nl, H] kv dtype: channel-wise max
     page_table: jax.Array  # [B, L, K, M] int32: logical page -> physical page (0 = unallocated)
     lengths: jax.Array  # [B] int32: tokens held per sequence
@@ -63,7 +64,7 @@ def empty_cache(model: ModelConfig, sparsity: SparsityConfig, *, num_pages: int,
     dtype = jnp.dtype(model.dtype)
     n_p, n_l, h = sparsity.page_size, sparsity.logical_page_size, model.head_dim
     pool = jnp.full((num_pages, n_p, h), fill, dtype)
-    stats = jnp.full((num_pages, n_p // n_l, h), fill, dtype)
+    stats = jnp.full((num_pages if sparsity.dynamic else 1, n_p // n_l, h), fill, dtype)
     return KVCache(
         k=pool, v=pool.copy(), kmin=stats, kmax=stats.copy(),
         page_table=jnp.zeros((batch, model.n_layers, model.n_kv_heads, max_pages), jnp.int32),

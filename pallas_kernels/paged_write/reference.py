@@ -27,18 +27,19 @@ def write_tokens_reference(
     *,
     sink_pages: int,
     ring_pages: int,
+    stats: bool = True,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Writes tokens at positions lengths[b] + t; returns the updated (k_pool, v_pool, kmin, kmax).
 
     A streaming head's token lands only if its page is a sink page or one of the last
     `ring_pages` pages of the sequence after this write (the ring would overwrite the rest).
-    Statistics are exact: a logical page restarts from +inf/-inf at its first token, then
-    takes the min/max of every key written to it. Values are cast to the pool dtype (the only
+    Statistics (when `stats`) are exact: a logical page restarts from +inf/-inf at its first
+    token, then takes the min/max of every key written to it. Values are cast to the pool dtype (the only
     rounding); min/max of already-rounded keys are exact.
     """
     b, t, _, _ = k.shape
     n_p = k_pool.shape[1]
-    n_l = n_p // kmin.shape[1]
+    n_l = n_p // kmin.shape[1]  # kmin keeps its [*, Np/Nl, H] shape even when stats is off
     positions = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
     logical = positions // n_p
     last_page = (lengths + new_lens - 1) // n_p  # [B]
@@ -50,10 +51,11 @@ def write_tokens_reference(
     phys = jnp.where(keep, phys, TRASH_PAGE)  # [B, T, K]
     slot = (positions % n_p)[..., None]  # [B, T, 1]
     stat = slot // n_l
-    starts = jnp.where((slot % n_l == 0) & keep, phys, TRASH_PAGE)
     k = k.astype(k_pool.dtype)
-    kmin = kmin.at[starts, stat].set(jnp.inf).at[phys, stat].min(k)
-    kmax = kmax.at[starts, stat].set(-jnp.inf).at[phys, stat].max(k)
+    if stats:
+        starts = jnp.where((slot % n_l == 0) & keep, phys, TRASH_PAGE)
+        kmin = kmin.at[starts, stat].set(jnp.inf).at[phys, stat].min(k)
+        kmax = kmax.at[starts, stat].set(-jnp.inf).at[phys, stat].max(k)
     k_pool = k_pool.at[phys, slot].set(k)
     v_pool = v_pool.at[phys, slot].set(v.astype(v_pool.dtype))
     return k_pool, v_pool, kmin, kmax
