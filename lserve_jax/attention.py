@@ -17,9 +17,12 @@ import jax.numpy as jnp
 from lserve_jax.cache.paged import KVCache, empty_cache, gather_layer
 from lserve_jax.config import Backend, ModelConfig, SparsityConfig
 from lserve_jax.sparsity import pages as page_lists
-from lserve_jax.sparsity.policy import STREAM, head_modes, list_width
-from pallas_kernels.page_select.reference import page_scores_reference, select_pages_reference
+from lserve_jax.sparsity.policy import SELECT, STREAM, head_modes, list_width
+from pallas_kernels.page_select.api import page_scores, select_pages
+from pallas_kernels.page_select.reference import page_scores_reference
+from pallas_kernels.paged_write.api import write_tokens
 from pallas_kernels.paged_write.reference import write_tokens_reference
+from pallas_kernels.sparse_decode.api import sparse_decode
 from pallas_kernels.sparse_decode.reference import sparse_decode_reference
 from pallas_kernels.sparse_prefill.reference import sparse_prefill_reference
 
@@ -58,8 +61,20 @@ def advance(cache: KVCache, meta: AttentionMetadata) -> KVCache:
     return dataclasses.replace(cache, lengths=cache.lengths + meta.new_lens)
 
 
+def _kernels(backend: str):
+    """Which implementation of each op a backend uses: references, or Pallas kernels (compiled
+    for the GPU, or interpreted on the CPU)."""
+    if backend in ("pallas", "pallas_interpret"):
+        interpret = backend == "pallas_interpret"
+        return (functools.partial(write_tokens, interpret=interpret),
+                functools.partial(page_scores, interpret=interpret),
+                functools.partial(sparse_decode, interpret=interpret))
+    return write_tokens_reference, page_scores_reference, sparse_decode_reference
+
+
 def _write(cache, layer, k, v, new_lens, streaming, sparsity, backend) -> KVCache:
-    k_pool, v_pool, kmin, kmax = write_tokens_reference(
+    write = _kernels(backend)[0]
+    k_pool, v_pool, kmin, kmax = write(
         cache.k, cache.v, cache.kmin, cache.kmax, cache.page_table[:, layer], cache.lengths,
         k, v, new_lens, streaming, sink_pages=sparsity.sink_pages,
         ring_pages=sparsity.ring_pages, stats=sparsity.dynamic)
@@ -72,7 +87,6 @@ def _prefill(q, k, v, new_lens, streaming, sparsity, backend) -> jax.Array:
         return jax.nn.dot_product_attention(
             q, k, v, is_causal=True, query_seq_lengths=new_lens,
             key_value_seq_lengths=new_lens, implementation="cudnn")
-    _require_backend(backend)
     return sparse_prefill_reference(q, k, v, new_lens, new_lens, streaming,
                                     sink=sparsity.prefill_sink, local=sparsity.prefill_local)
 
@@ -86,7 +100,6 @@ def _decode(q, cache, layer, meta, streaming, sparsity, backend):
         out = jax.nn.dot_product_attention(q, keys, values, key_value_seq_lengths=lengths,
                                            implementation="cudnn")
         return out, cache
-    _require_backend(backend)
     kh = cache.page_table.shape[2]
     qg = q.reshape(b, kh, n // kh, h)
     table = cache.page_table[:, layer]
@@ -94,28 +107,26 @@ def _decode(q, cache, layer, meta, streaming, sparsity, backend):
     width = list_width(sparsity, cache.max_pages)
     pages, counts, selected = page_lists.decode_lists(
         qg, table, selected, meta.modes[layer], lengths, meta.step, sparsity, width,
-        functools.partial(_select, cache, sparsity, selected.shape[-1]))
-    out = sparse_decode_reference(qg, cache.k, cache.v, table, pages, counts, lengths, streaming,
-                                  sink=sparsity.decode_sink, local=sparsity.decode_local)
+        functools.partial(_select, cache, sparsity, backend, selected.shape[-1]))
+    attend_pages = _kernels(backend)[2]
+    out = attend_pages(qg, cache.k, cache.v, table, pages, counts, lengths, streaming,
+                       shared_lists=meta.modes[layer] != SELECT, sink=sparsity.decode_sink,
+                       local=sparsity.decode_local)
     cache = dataclasses.replace(cache, selected=cache.selected.at[layer].set(selected))
     return out.reshape(b, 1, n, h), cache
 
 
-def _select(cache: KVCache, sparsity: SparsityConfig, k: int, q, table, n_pages) -> jax.Array:
-    scores = page_scores_reference(q, cache.kmin, cache.kmax, table,
-                                   group_reduce=page_lists.group_reduce(sparsity))
-    return select_pages_reference(scores, n_pages, k=k, keep_sink_page=sparsity.keep_sink_page)
+def _select(cache: KVCache, sparsity: SparsityConfig, backend: str, k: int, q, table,
+            n_pages) -> jax.Array:
+    scores = _kernels(backend)[1](q, cache.kmin, cache.kmax, table,
+                                  group_reduce=page_lists.group_reduce(sparsity))
+    return select_pages(scores, n_pages, k=k, keep_sink_page=sparsity.keep_sink_page)
 
 
 def _require_dense(sparsity: SparsityConfig, backend: str) -> None:
     if not sparsity.is_dense:
         raise ValueError(f"backend={backend!r} computes dense attention only, but "
                          f"policy={sparsity.policy!r}: use backend 'reference' or 'pallas'")
-
-
-def _require_backend(backend: str) -> None:
-    if backend != "reference":
-        raise ValueError(f"backend={backend!r} is not available yet: use 'reference' or 'cudnn'")
 
 
 def example_inputs(cfg: ModelConfig, sparsity: SparsityConfig):

@@ -13,6 +13,26 @@ import jax.numpy as jnp
 TRASH_PAGE = 0
 
 
+def destinations(table, lengths, new_lens, streaming, t: int, n_p: int, *, sink_pages: int,
+                 ring_pages: int) -> tuple[jax.Array, jax.Array]:
+    """Where each new token lands: (physical page [B, T, K], slot in the page [B, T, 1]).
+
+    Token t of row b sits at position lengths[b] + t and is written iff t < new_lens[b]; a
+    streaming head's token lands only if its page is a sink page or one of the last
+    `ring_pages` pages after this write (the ring would overwrite the rest). The rest go to
+    the trash page.
+    """
+    positions = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
+    logical = positions // n_p
+    last_page = (lengths + new_lens - 1) // n_p  # [B]
+    valid = jnp.arange(t)[None, :] < new_lens[:, None]  # [B, T]
+    in_ring = (logical < sink_pages) | (logical > last_page[:, None] - ring_pages)
+    keep = valid[..., None] & (~streaming[None, None, :] | in_ring[..., None])  # [B, T, K]
+    logical = jnp.minimum(logical, table.shape[-1] - 1)
+    phys = jnp.take_along_axis(table[:, None], logical[:, :, None, None], axis=-1)[..., 0]
+    return jnp.where(keep, phys, TRASH_PAGE), (positions % n_p)[..., None]
+
+
 def write_tokens_reference(
     k_pool: jax.Array,  # [P, Np, H]
     v_pool: jax.Array,  # [P, Np, H]
@@ -29,31 +49,18 @@ def write_tokens_reference(
     ring_pages: int,
     stats: bool = True,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """Writes tokens at positions lengths[b] + t; returns the updated (k_pool, v_pool, kmin, kmax).
-
-    A streaming head's token lands only if its page is a sink page or one of the last
-    `ring_pages` pages of the sequence after this write (the ring would overwrite the rest).
-    Statistics (when `stats`) are exact: a logical page restarts from +inf/-inf at its first
-    token, then takes the min/max of every key written to it. Values are cast to the pool dtype (the only
-    rounding); min/max of already-rounded keys are exact.
+    """Writes tokens at positions lengths[b] + t (see `destinations`); returns the updated
+    (k_pool, v_pool, kmin, kmax). Statistics (when `stats`) are exact: a logical page restarts
+    from +inf/-inf at its first token, then takes the min/max of every key written to it.
+    Values are cast to the pool dtype (the only rounding); min/max of rounded keys are exact.
     """
-    b, t, _, _ = k.shape
-    n_p = k_pool.shape[1]
-    n_l = n_p // kmin.shape[1]  # kmin keeps its [*, Np/Nl, H] shape even when stats is off
-    positions = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    logical = positions // n_p
-    last_page = (lengths + new_lens - 1) // n_p  # [B]
-    valid = jnp.arange(t)[None, :] < new_lens[:, None]  # [B, T]
-    in_ring = (logical < sink_pages) | (logical > last_page[:, None] - ring_pages)
-    keep = valid[..., None] & (~streaming[None, None, :] | in_ring[..., None])  # [B, T, K]
-    logical = jnp.minimum(logical, table.shape[-1] - 1)
-    phys = jnp.take_along_axis(table[:, None], logical[:, :, None, None], axis=-1)[..., 0]
-    phys = jnp.where(keep, phys, TRASH_PAGE)  # [B, T, K]
-    slot = (positions % n_p)[..., None]  # [B, T, 1]
+    phys, slot = destinations(table, lengths, new_lens, streaming, k.shape[1], k_pool.shape[1],
+                              sink_pages=sink_pages, ring_pages=ring_pages)
+    n_l = k_pool.shape[1] // kmin.shape[1]  # kmin keeps its [*, Np/Nl, H] shape without stats
     stat = slot // n_l
     k = k.astype(k_pool.dtype)
     if stats:
-        starts = jnp.where((slot % n_l == 0) & keep, phys, TRASH_PAGE)
+        starts = jnp.where(slot % n_l == 0, phys, TRASH_PAGE)
         kmin = kmin.at[starts, stat].set(jnp.inf).at[phys, stat].min(k)
         kmax = kmax.at[starts, stat].set(-jnp.inf).at[phys, stat].max(k)
     k_pool = k_pool.at[phys, slot].set(k)

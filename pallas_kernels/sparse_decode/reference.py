@@ -31,12 +31,14 @@ def sparse_decode_reference(
     counts: jax.Array,  # [B, K, Gs] int32: entries of `pages` in use
     lengths: jax.Array,  # [B] int32: tokens held, the current one included
     streaming: jax.Array,  # [K] bool
+    shared_lists: jax.Array | None = None,  # [K] bool: a speed hint for kernels; no effect here
     *,
     sink: int,
     local: int,
     scale: float | None = None,
 ) -> jax.Array:
     """Returns [B, K, G, H] in q's dtype; a head that sees no key returns zeros."""
+    del shared_lists
     b, kh, g, h = q.shape
     gs, s = pages.shape[2], pages.shape[3]
     n_p = k_pool.shape[1]

@@ -1,0 +1,50 @@
+"""Things every kernel shares: the one place that silences Pallas Triton's deprecation
+warning, block-size checks, and an abstract H200 for lowering kernels on a machine without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import jax
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+
+# Pallas' Triton lowering is deprecated upstream in favour of Mosaic GPU; we pin jax 0.11.2 and
+# keep every kernel behind its op's wrapper so that a port touches only pallas_kernels/<op>/.
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+
+NEG_INF = -1e30  # finite "minus infinity" for running maxima (exp2 of differences stays 0)
+LOG2_E = math.log2(math.e)
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def next_power_of_two(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+def check_power_of_two(owner: str, **values: int) -> None:
+    """Triton tiles must be powers of two; reject anything else up front."""
+    for name, value in values.items():
+        if not is_power_of_two(value):
+            raise ValueError(f"{owner}.{name}={value} must be a power of two (Triton tiles)")
+
+
+@contextlib.contextmanager
+def abstract_gpu(device_kind: str = "NVIDIA H200", num_cores: int = 132):
+    """Lets `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` lower Pallas Triton
+    kernels on a machine without a GPU (CI), so lowering errors surface there."""
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=AbstractDevice(
+        device_kind=device_kind, num_cores=num_cores, platform="gpu"))
+    with use_abstract_mesh(mesh):
+        yield
+
+
+def lower_for_cuda(fn, *args) -> str:
+    """StableHLO text of `fn(*args)` lowered for CUDA (Triton kernels included)."""
+    with abstract_gpu():
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
