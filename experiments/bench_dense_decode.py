@@ -58,10 +58,12 @@ def run(cfg, params, backend, batch, context, steps):
     cache, modes = filled_cache(cfg, sparsity, batch, context, steps + 8, jax.random.key(1))
     model = Llama(cfg, sparsity, backend)
     args = (modes, jnp.asarray([-1], jnp.int32), jnp.float32(0), jnp.float32(1))
-    step = jax.jit(functools.partial(decode_step, model), donate_argnums=(1,))
     state = DecodeState(out=jnp.zeros((batch, steps + 8), jnp.int32),
                         count=jnp.ones((batch,), jnp.int32),
                         done=jnp.zeros((batch,), bool), key=jax.random.key(2))
+    step = jax.jit(functools.partial(decode_step, model), donate_argnums=(1,)).lower(
+        params, cache, state, *args).compile()
+    memory = step.memory_analysis()  # in-place cache update: temp << cache bytes
     samples = []
     for i in range(steps + 3):
         start = time.perf_counter()
@@ -83,14 +85,14 @@ def run(cfg, params, backend, batch, context, steps):
     jax.block_until_ready(out)
     loop_ms = 1e3 * (time.perf_counter() - start) / steps
     finite = bool(jnp.all(jnp.isfinite(cache.k[1:2])))
-    return statistics.median(samples), loop_ms, finite
+    return statistics.median(samples), loop_ms, finite, memory
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
     parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--backends", nargs="+", default=["reference", "cudnn"])
+    parser.add_argument("--backends", nargs="+", default=["cudnn", "pallas"])
     parser.add_argument("--model", default="llama3-8b", help="a preset; 'tiny' for a CPU smoke run")
     parser.add_argument("--shapes", nargs="+", default=None, help="BATCHxCONTEXT, e.g. 1x4096")
     args = parser.parse_args()
@@ -104,7 +106,8 @@ def main():
             kv = batch * context * cfg.kv_bytes_per_token
             floor = benchlib.floor_ms(weights + kv)
             try:
-                ms, loop_ms, finite = run(cfg, params, backend, batch, context, args.steps)
+                ms, loop_ms, finite, memory = run(cfg, params, backend, batch, context,
+                                                  args.steps)
             except Exception as err:  # report the failure as a row, keep measuring the rest
                 rows.append({"name": f"dense_decode_{backend}", "shape": [batch, context],
                              "error": f"{type(err).__name__}: {str(err)[:300]}"})
@@ -114,7 +117,9 @@ def main():
                          "shape": [batch, context], "batch": batch, "context": context,
                          "ms": round(ms, 4), "loop_ms": round(loop_ms, 4),
                          "floor_ms": round(floor, 4), "ratio_to_floor": round(ms / floor, 3),
-                         "weight_bytes": weights, "kv_bytes": kv, "finite": finite})
+                         "weight_bytes": weights, "kv_bytes": kv, "finite": finite,
+                         "step_temp_bytes": memory.temp_size_in_bytes,
+                         "step_alias_bytes": memory.alias_size_in_bytes})
             print(rows[-1], flush=True)
     path = benchlib.write_results("dense_decode", rows, args.out,
                                   model=f"{args.model} (random {cfg.dtype} weights)", steps=args.steps)

@@ -2,7 +2,7 @@
 
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # set JAX_PLATFORMS=cuda to run on a GPU
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 from pallas_kernels._compat import lower_for_cuda
 from pallas_kernels.page_select.api import page_scores, select_pages
 from pallas_kernels.page_select.reference import page_scores_reference
-from tests.kernels.conftest import nan_pool, random_tables
+from tests.kernels.conftest import INTERPRET, nan_pool, random_tables
 
 
 @pytest.mark.parametrize("g", [1, 4, 8])
@@ -25,7 +25,7 @@ def test_scores_match_reference(g, page_size, group_reduce):
     table = jnp.where(jnp.arange(m) < held, table, 0)
     q = jax.random.normal(keys[3], (b, k, g, h), jnp.bfloat16)
     ref = page_scores_reference(q, kmin, kmax, table, group_reduce=group_reduce)
-    out = page_scores(q, kmin, kmax, table, group_reduce=group_reduce, interpret=True)
+    out = page_scores(q, kmin, kmax, table, group_reduce=group_reduce, interpret=INTERPRET)
     ref, out = np.asarray(ref)[..., :held], np.asarray(out)[..., :held]
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-3)
     lower_for_cuda(lambda *a: page_scores(*a, group_reduce=group_reduce), q, kmin, kmax, table)

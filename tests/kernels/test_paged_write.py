@@ -8,7 +8,7 @@ import pytest
 from pallas_kernels._compat import lower_for_cuda
 from pallas_kernels.paged_write.api import write_tokens
 from pallas_kernels.paged_write.reference import write_tokens_reference
-from tests.kernels.conftest import nan_pool, random_tables
+from tests.kernels.conftest import INTERPRET, nan_pool, random_tables
 
 
 @pytest.mark.parametrize("page_size, stats", [(16, True), (64, True), (64, False)])
@@ -28,7 +28,7 @@ def test_append_matches_reference_bit_for_bit(page_size, stats):
     args = (*pools, *stat, table, lengths, new, new * 2, new_lens, streaming)
     kw = dict(sink_pages=1, ring_pages=2, stats=stats)
     ref = write_tokens_reference(*args, **kw)
-    out = write_tokens(*args, **kw, interpret=True)
+    out = write_tokens(*args, **kw, interpret=INTERPRET)
     for a, c in zip(ref, out):  # everything but the trash page is bit-identical
         np.testing.assert_array_equal(np.asarray(a[1:]).view(np.uint16),
                                       np.asarray(c[1:]).view(np.uint16))

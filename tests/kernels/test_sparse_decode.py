@@ -9,7 +9,7 @@ from pallas_kernels._compat import lower_for_cuda
 from pallas_kernels.sparse_decode.api import sparse_decode
 from pallas_kernels.sparse_decode.kernel import DecodeBlocks
 from pallas_kernels.sparse_decode.reference import sparse_decode_reference
-from tests.kernels.conftest import close, nan_pool, random_tables
+from tests.kernels.conftest import INTERPRET, close, nan_pool, random_tables
 
 SINK, LOCAL = 20, 40
 
@@ -46,9 +46,9 @@ def test_kernel_matches_reference(g, page_size, gs):
     args = _case(g, page_size, gs, jnp.bfloat16, seed=g * 100 + page_size + gs)
     ref = sparse_decode_reference(*args, sink=SINK, local=LOCAL)
     blocks = DecodeBlocks.for_shape(page_size, args[4].shape[-1], 1, block_tokens=32)
-    out = sparse_decode(*args, sink=SINK, local=LOCAL, blocks=blocks, interpret=True)
+    out = sparse_decode(*args, sink=SINK, local=LOCAL, blocks=blocks, interpret=INTERPRET)
     close(out, ref, jnp.bfloat16)
-    again = sparse_decode(*args, sink=SINK, local=LOCAL, blocks=blocks, interpret=True)
+    again = sparse_decode(*args, sink=SINK, local=LOCAL, blocks=blocks, interpret=INTERPRET)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(out))  # deterministic
     lower_for_cuda(lambda *a: sparse_decode(*a, sink=SINK, local=LOCAL), *args)
 
@@ -59,13 +59,13 @@ def test_shared_lists_are_read_once_with_the_same_result():
     counts = jnp.broadcast_to(counts[:, :, :1], counts.shape)
     args = (q, k_pool, v_pool, table, pages, counts, lengths, streaming)
     ref = sparse_decode_reference(*args, sink=SINK, local=LOCAL)
-    out = sparse_decode(*args, jnp.asarray([True, True]), sink=SINK, local=LOCAL, interpret=True)
+    out = sparse_decode(*args, jnp.asarray([True, True]), sink=SINK, local=LOCAL, interpret=INTERPRET)
     close(out, ref, jnp.float32)
 
 
 def test_splits_and_block_sizes_do_not_change_the_result():
     args = _case(4, 16, 1, jnp.float32, 11, m=16)
-    outs = [sparse_decode(*args, sink=SINK, local=LOCAL, interpret=True,
+    outs = [sparse_decode(*args, sink=SINK, local=LOCAL, interpret=INTERPRET,
                           blocks=DecodeBlocks(pages_per_block=ppb, pages_per_split=pps))
             for ppb, pps in ((1, 1), (2, 8), (4, 16))]
     for out in outs[1:]:
@@ -76,6 +76,6 @@ def test_bad_shapes_are_rejected():
     args = list(_case(4, 16, 1, jnp.float32, 3))
     args[6] = args[6][:2]
     with pytest.raises(ValueError, match="lengths"):
-        sparse_decode(*args, sink=SINK, local=LOCAL, interpret=True)
+        sparse_decode(*args, sink=SINK, local=LOCAL, interpret=INTERPRET)
     with pytest.raises(ValueError, match="power of two"):
         DecodeBlocks(pages_per_block=3, pages_per_split=6)

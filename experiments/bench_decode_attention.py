@@ -1,0 +1,195 @@
+"""One layer of Llama-3-8B decode attention (32 query / 8 KV heads, d 128, bf16) on the H200:
+cuDNN dense and XLA dense on a contiguous cache vs our paged kernel under dense, Quest and
+LServe page lists, on the same random data.
+
+Every variant runs `--reps` times inside one jitted loop (as layers run inside the model), and
+the median of `--iters` such loops / reps is reported, so launch gaps are those of a real
+decode step, not of Python dispatch. Selection (page scores + top-k) is timed separately and
+amortised over the reuse interval R (Quest: R = 1, LServe: R = 4).
+
+    python experiments/bench_decode_attention.py [--out DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import benchlib
+from lserve_jax.config import SparsityConfig
+from lserve_jax.sparsity.pages import decode_lists, group_reduce
+from lserve_jax.sparsity.policy import DENSE, SELECT, STREAM
+from pallas_kernels.page_select.api import page_scores, select_pages
+from pallas_kernels.sparse_decode.api import sparse_decode
+
+N_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+G = N_HEADS // KV_HEADS
+SHAPES = [(b, t) for t in (32768, 131072, 262144) for b in (1, 8, 32)]
+LSERVE = SparsityConfig()  # N_P 64, N_L 16, budget 4096, R 4, decode sink 128 + local 256
+QUEST = dataclasses.replace(SparsityConfig(reuse_interval=1), policy="quest", page_size=16)
+ON_GPU = jax.default_backend() == "gpu"  # elsewhere: interpret the kernels (a smoke run only)
+
+
+def paged_layer(b, t, page_size, logical, key):
+    """Random bf16 K/V of one layer in a shuffled page pool + exact page statistics."""
+    m = t // page_size
+    p = 1 + b * KV_HEADS * m
+    k1, k2, k3 = jax.random.split(key, 3)
+
+    @jax.jit
+    def make():
+        k_pool = jax.random.normal(k1, (p, page_size, HEAD_DIM), jnp.bfloat16)
+        v_pool = jax.random.normal(k2, (p, page_size, HEAD_DIM), jnp.bfloat16)
+        table = (1 + jax.random.permutation(k3, p - 1)).reshape(b, KV_HEADS, m).astype(jnp.int32)
+        rows = k_pool.reshape(p, page_size // logical, logical, HEAD_DIM)
+        return k_pool, v_pool, table, rows.min(axis=2), rows.max(axis=2)
+
+    return make()
+
+
+def contiguous(pool, table):
+    b, kh, m = table.shape
+    return pool[table].reshape(b, kh, m * pool.shape[1], HEAD_DIM).transpose(0, 2, 1, 3)
+
+
+def repeated(fn, reps):
+    """jit(q, *args) -> sum of fn over `reps` slightly different queries (no CSE, no hoisting)."""
+    @jax.jit
+    def run(q, *args):
+        def body(i, acc):
+            out = fn(q * (1 + i).astype(q.dtype), *args)
+            return acc + jnp.sum(out.astype(jnp.float32))
+        return jax.lax.fori_loop(0, reps, body, jnp.float32(0))
+    return run
+
+
+def time_per_call(fn, reps, iters, *args):
+    return benchlib.time_calls(repeated(fn, reps), *args, warmup=2, iters=iters) / reps
+
+
+def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms):
+    k_pool, v_pool, table, kmin, kmax = paged_layer(b, t, sparsity.page_size,
+                                                    sparsity.logical_page_size, key)
+    q = jax.random.normal(jax.random.key(9), (b, KV_HEADS, G, HEAD_DIM), jnp.bfloat16)
+    lengths = jnp.full((b,), t, jnp.int32)
+    n_pages = -(-lengths // sparsity.page_size)
+    gs = G if sparsity.selection_granularity == "query_head" else 1
+    reduce = group_reduce(sparsity)
+    width = max(sparsity.budget_pages, sparsity.stream_pages)
+
+    def select(q, kmin, kmax, table, n_pages):
+        scores = page_scores(q, kmin, kmax, table, group_reduce=reduce, interpret=not ON_GPU)
+        return select_pages(scores, n_pages, k=sparsity.budget_pages - 1, keep_sink_page=False)
+
+    def lists(q, table, selected, lengths):
+        def reuse(*_):  # the selection is timed on its own (select); here it is reused
+            return selected
+        return decode_lists(q, table, selected, modes, lengths, jnp.int32(1), sparsity, width,
+                            reuse)
+
+    def attend(q, k_pool, v_pool, table, selected, lengths):
+        pages, counts, _ = lists(q, table, selected, lengths)
+        return sparse_decode(q, k_pool, v_pool, table, pages, counts, lengths, modes == STREAM,
+                             modes != SELECT, sink=sparsity.decode_sink,
+                             local=sparsity.decode_local, interpret=not ON_GPU)
+
+    selected = jax.jit(select)(q, kmin, kmax, table, n_pages)
+    attn_ms = time_per_call(attend, reps, iters, q, k_pool, v_pool, table, selected, lengths)
+    sel_ms = time_per_call(select, reps, iters, q, kmin, kmax, table, n_pages)
+    _, counts, _ = jax.jit(lists)(q, table, selected, lengths)
+    work = jnp.where((modes != SELECT)[None, :, None] & (jnp.arange(gs) > 0), 0, counts)
+    attn_bytes = int(jnp.sum(work)) * 2 * sparsity.page_size * HEAD_DIM * 2
+    score_bytes = 2 * kmin[0].size * 2 * b * KV_HEADS * (t // sparsity.page_size)
+    total = attn_ms + sel_ms / sparsity.reuse_interval
+    return [{"name": name, "policy": name.split("_")[0], "batch": b, "context": t,
+             "ms": round(total, 4), "attention_ms": round(attn_ms, 4),
+             "selection_ms_per_call": round(sel_ms, 4), "reuse_interval": sparsity.reuse_interval,
+             "baseline_ms": dense_ms, "speedup": round(dense_ms / total, 2),
+             "gbps": round(attn_bytes / attn_ms / 1e6, 1),
+             "selection_gbps": round(score_bytes / sel_ms / 1e6, 1),
+             "floor_ms": round(benchlib.floor_ms(attn_bytes + score_bytes
+                                                 / sparsity.reuse_interval), 4)}]
+
+
+def dense_rows(b, t, reps, iters, key):
+    k_pool, v_pool, table, _, _ = paged_layer(b, t, 64, 16, key)
+    q = jax.random.normal(jax.random.key(9), (b, KV_HEADS, G, HEAD_DIM), jnp.bfloat16)
+    keys, values = contiguous(k_pool, table), contiguous(v_pool, table)
+    q4 = q.reshape(b, 1, N_HEADS, HEAD_DIM)
+    floor = benchlib.floor_ms(2 * keys.nbytes)
+    rows = []
+    for impl in ("cudnn", "xla") if ON_GPU else ("xla",):
+        def run(q4, keys, values, impl=impl):
+            return jax.nn.dot_product_attention(q4, keys, values, implementation=impl)
+        ms = time_per_call(run, reps, iters, q4, keys, values)
+        rows.append({"name": f"dense_{impl}", "policy": "dense", "batch": b, "context": t,
+                     "ms": round(ms, 4), "gbps": round(2 * keys.nbytes / ms / 1e6, 1),
+                     "floor_ms": round(floor, 4)})
+    del keys, values
+    m = t // 64
+    pages = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, KV_HEADS, 1, m))
+    counts = jnp.full((b, KV_HEADS, 1), m, jnp.int32)
+    lengths = jnp.full((b,), t, jnp.int32)
+    no_stream = jnp.zeros((KV_HEADS,), bool)
+
+    def paged(q, k_pool, v_pool, table, pages, counts, lengths):
+        return sparse_decode(q, k_pool, v_pool, table, pages, counts, lengths, no_stream,
+                             sink=0, local=0, interpret=not ON_GPU)
+
+    ms = time_per_call(paged, reps, iters, q, k_pool, v_pool, table, pages, counts, lengths)
+    rows.append({"name": "dense_paged_kernel", "policy": "dense", "batch": b, "context": t,
+                 "ms": round(ms, 4), "gbps": round(2 * k_pool.nbytes / ms / 1e6, 1),
+                 "floor_ms": round(floor, 4)})
+    base = rows[0]["ms"]
+    for row in rows:
+        row.update(baseline_ms=base, speedup=round(base / row["ms"], 2))
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--shapes", nargs="+", default=None, help="BATCHxCONTEXT, e.g. 8x131072")
+    args = parser.parse_args()
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
+    half = jnp.asarray([STREAM] * 4 + [SELECT] * 4, jnp.int8)  # 50% streaming heads
+    everywhere = jnp.full((KV_HEADS,), SELECT, jnp.int8)
+    variants = [("lserve_query_head", LSERVE, half),
+                ("lserve_kv_head", dataclasses.replace(LSERVE, selection_granularity="kv_head"),
+                 half),
+                ("quest_query_head", QUEST, everywhere)]
+    rows = []
+    for b, t in shapes:
+        key = jax.random.key(b * 7 + t)
+        try:
+            dense = dense_rows(b, t, args.reps, args.iters, key)
+        except Exception as err:  # e.g. out of memory: report it, keep going
+            rows.append({"name": "dense", "batch": b, "context": t, "error": repr(err)[:300]})
+            print(rows[-1], flush=True)
+            continue
+        rows += dense
+        for row in dense:
+            print(row, flush=True)
+        for name, sparsity, modes in variants:
+            try:
+                new = sparse_rows(name, sparsity, modes, b, t, args.reps, args.iters, key,
+                                  dense[0]["ms"])
+            except Exception as err:
+                new = [{"name": name, "batch": b, "context": t, "error": repr(err)[:300]}]
+            rows += new
+            print(new[0], flush=True)
+    path = benchlib.write_results("decode_attention", rows, args.out,
+                                  shape="32 q heads, 8 KV heads, d 128, bf16, one layer",
+                                  lserve="50% streaming heads (128 + 256), budget 4096, N_P 64, "
+                                         "N_L 16, R 4", quest="flat pages of 16, budget 4096, R 1")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Everything that needs the H200, in one go: kernel tests compiled for the GPU, then the
+# benchmarks. Results land in OUT (default experiments/results); logs beside them.
+#   bash experiments/gpu_suite.sh [OUT] [STEP ...]   steps: fixture tests dense decode
+set -uo pipefail
+out=${1:-experiments/results}; shift || true
+steps=${*:-fixture tests dense decode}
+mkdir -p "$out"
+export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+for step in $steps; do
+  case $step in
+    fixture) timeout 120 python experiments/make_hf_fixture.py /tmp/hf_tiny_llama \
+               && tar -C /tmp -cf "$out/hf_tiny_llama.tar" hf_tiny_llama ;;
+    tests) JAX_PLATFORMS=cuda timeout 240 python -m pytest -q -p no:cacheprovider tests/kernels \
+             tests/model/test_llama.py tests/sparsity/test_semantics.py 2>&1 | tail -25 ;;
+    dense) timeout 300 python experiments/bench_dense_decode.py --out "$out" \
+             --backends cudnn pallas ;;
+    decode) timeout 360 python experiments/bench_decode_attention.py --out "$out" ;;
+    *) echo "unknown step $step" ;;
+  esac 2>&1 | tee "$out/$step.log" | grep -v "^WARNING" | tail -40
+done
