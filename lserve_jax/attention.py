@@ -16,15 +16,17 @@ import jax.numpy as jnp
 
 from lserve_jax.cache.paged import KVCache, empty_cache, gather_layer
 from lserve_jax.config import Backend, ModelConfig, SparsityConfig
-from lserve_jax.sparsity import pages as page_lists
-from lserve_jax.sparsity.policy import SELECT, STREAM, head_modes, list_width
-from pallas_kernels.page_select.api import page_scores, select_pages
-from pallas_kernels.page_select.reference import page_scores_reference
+from lserve_jax.sparsity import pages as selector
+from lserve_jax.sparsity.policy import DENSE, SELECT, STREAM, head_modes, list_width
+from pallas_kernels.page_select.api import select_pages
+from pallas_kernels.page_select.reference import page_scores_reference, select_pages_reference
 from pallas_kernels.paged_write.api import write_tokens
 from pallas_kernels.paged_write.reference import write_tokens_reference
+from pallas_kernels.sparse_decode import reference as decode_ref
 from pallas_kernels.sparse_decode.api import sparse_decode
-from pallas_kernels.sparse_decode.reference import sparse_decode_reference
 from pallas_kernels.sparse_prefill.reference import sparse_prefill_reference
+
+assert (DENSE, SELECT, STREAM) == (decode_ref.DENSE, decode_ref.SELECT, decode_ref.STREAM)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -42,7 +44,7 @@ class AttentionMetadata:
     phase: str = "prefill"
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: jax.Array,
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,
            meta: AttentionMetadata, sparsity: SparsityConfig,
            backend: Backend) -> tuple[jax.Array, KVCache]:
     """q: [B, T, N, H]; k, v: [B, T, K, H] (post-RoPE). Writes k/v into the cache, then attends.
@@ -54,7 +56,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: jax.
         with jax.named_scope("prefill_attention"):
             return _prefill(q, k, v, meta.new_lens, streaming, sparsity, backend), cache
     with jax.named_scope("decode_attention"):
-        return _decode(q, cache, layer, meta, streaming, sparsity, backend)
+        return _decode(q, cache, layer, meta, sparsity, backend)
 
 
 def advance(cache: KVCache, meta: AttentionMetadata) -> KVCache:
@@ -62,14 +64,21 @@ def advance(cache: KVCache, meta: AttentionMetadata) -> KVCache:
 
 
 def _kernels(backend: str):
-    """Which implementation of each op a backend uses: references, or Pallas kernels (compiled
-    for the GPU, or interpreted on the CPU)."""
+    """The (write, select, decode) implementations of a backend: references, or Pallas kernels
+    compiled for the GPU or interpreted on the CPU."""
     if backend in ("pallas", "pallas_interpret"):
         interpret = backend == "pallas_interpret"
         return (functools.partial(write_tokens, interpret=interpret),
-                functools.partial(page_scores, interpret=interpret),
+                functools.partial(select_pages, interpret=interpret),
                 functools.partial(sparse_decode, interpret=interpret))
-    return write_tokens_reference, page_scores_reference, sparse_decode_reference
+    return write_tokens_reference, _select_reference, decode_ref.sparse_decode_reference
+
+
+def _select_reference(q, kmin, kmax, table, lengths, *, layer, k, width, page_size,
+                      group_reduce, keep_sink_page):
+    scores = page_scores_reference(q, kmin, kmax, table, layer=layer, group_reduce=group_reduce)
+    return select_pages_reference(scores, lengths, k=k, width=width, page_size=page_size,
+                                  keep_sink_page=keep_sink_page)
 
 
 def _write(cache, layer, k, v, new_lens, streaming, sparsity, backend) -> KVCache:
@@ -91,7 +100,7 @@ def _prefill(q, k, v, new_lens, streaming, sparsity, backend) -> jax.Array:
                                     sink=sparsity.prefill_sink, local=sparsity.prefill_local)
 
 
-def _decode(q, cache, layer, meta, streaming, sparsity, backend):
+def _decode(q, cache, layer, meta, sparsity, backend):
     b, _, n, h = q.shape
     lengths = cache.lengths + meta.new_lens
     if backend == "cudnn":
@@ -100,27 +109,23 @@ def _decode(q, cache, layer, meta, streaming, sparsity, backend):
         out = jax.nn.dot_product_attention(q, keys, values, key_value_seq_lengths=lengths,
                                            implementation="cudnn")
         return out, cache
+    _, select, attend_pages = _kernels(backend)
     kh = cache.page_table.shape[2]
     qg = q.reshape(b, kh, n // kh, h)
-    table = cache.page_table[:, layer]
-    selected = cache.selected[layer]
-    width = list_width(sparsity, cache.max_pages)
-    pages, counts, selected = page_lists.decode_lists(
-        qg, table, selected, meta.modes[layer], lengths, meta.step, sparsity, width,
-        functools.partial(_select, cache, sparsity, backend, selected.shape[-1]))
-    attend_pages = _kernels(backend)[2]
-    out = attend_pages(qg, cache.k, cache.v, table, pages, counts, lengths, streaming,
-                       shared_lists=meta.modes[layer] != SELECT, sink=sparsity.decode_sink,
-                       local=sparsity.decode_local)
-    cache = dataclasses.replace(cache, selected=cache.selected.at[layer].set(selected))
+    if sparsity.dynamic:
+        def fresh():
+            return select(qg, cache.kmin, cache.kmax, cache.page_table, lengths, layer=layer,
+                          k=sparsity.budget_pages - 1, width=cache.selected.shape[-1],
+                          page_size=sparsity.page_size,
+                          group_reduce=selector.group_reduce(sparsity),
+                          keep_sink_page=sparsity.keep_sink_page)
+        chosen = selector.reuse_or_select(meta.step, cache.selected[layer], fresh, sparsity)
+        cache = dataclasses.replace(cache, selected=cache.selected.at[layer].set(chosen))
+    out = attend_pages(qg, cache.k, cache.v, cache.page_table, cache.selected, lengths,
+                       meta.modes, layer=layer, sink=sparsity.decode_sink,
+                       local=sparsity.decode_local, budget_pages=sparsity.budget_pages,
+                       max_listed=list_width(sparsity, cache.max_pages))
     return out.reshape(b, 1, n, h), cache
-
-
-def _select(cache: KVCache, sparsity: SparsityConfig, backend: str, k: int, q, table,
-            n_pages) -> jax.Array:
-    scores = _kernels(backend)[1](q, cache.kmin, cache.kmax, table,
-                                  group_reduce=page_lists.group_reduce(sparsity))
-    return select_pages(scores, n_pages, k=k, keep_sink_page=sparsity.keep_sink_page)
 
 
 def _require_dense(sparsity: SparsityConfig, backend: str) -> None:
@@ -137,4 +142,3 @@ def example_inputs(cfg: ModelConfig, sparsity: SparsityConfig):
                              step=jnp.zeros((), jnp.int32))
     tokens = jnp.zeros((1, 1), jnp.int32)
     return tokens, tokens, cache, meta
-

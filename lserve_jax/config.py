@@ -237,6 +237,11 @@ class SparsityConfig:
         return max(3, self.token_budget // self.page_size)
 
     @property
+    def selection_width(self) -> int:
+        """Slots of the stored selection (K - 1 pages, -1 padded): a power of two >= K."""
+        return 1 << (self.budget_pages - 1).bit_length()
+
+    @property
     def stream_pages(self) -> int:
         """Physical pages a streaming head keeps in decode: sink pages + ring of local pages."""
         return self.sink_pages + self.ring_pages

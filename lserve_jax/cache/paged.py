@@ -33,7 +33,7 @@ class KVCache:
     kmax: jax.Array  # [P, Np/Nl, H] kv dtype: channel-wise max
     page_table: jax.Array  # [B, L, K, M] int32: logical page -> physical page (0 = unallocated)
     lengths: jax.Array  # [B] int32: tokens held per sequence
-    selected: jax.Array  # [L, B, K, Gs, Ks] int32: reusable page selection (logical ids, -1 pad)
+    selected: jax.Array  # [L, B, K, Gs, W] int32: reusable page selection (logical ids, -1 pad)
 
     @property
     def page_size(self) -> int:
@@ -48,14 +48,14 @@ class KVCache:
         return self.page_table.shape[-1]
 
 
-def selection_shape(model: ModelConfig, sparsity: SparsityConfig, batch: int,
-                    max_pages: int) -> tuple:
-    """[L, B, K, Gs, Ks]: Gs = G per query head or 1 per KV head; Ks = K - 1 pages besides the
-    current one (0 when the policy selects nothing)."""
+def selection_shape(model: ModelConfig, sparsity: SparsityConfig, batch: int) -> tuple:
+    """[L, B, K, Gs, W]: Gs = G lists per KV head when selecting per query head, else 1; W
+    slots for the K - 1 pages chosen besides the current one (1 unused slot when the policy
+    selects nothing)."""
     per_query = sparsity.dynamic and sparsity.selection_granularity == "query_head"
     groups = model.group_size if per_query else 1
-    others = min(sparsity.budget_pages - 1, max_pages) if sparsity.dynamic else 0
-    return (model.n_layers, batch, model.n_kv_heads, groups, others)
+    width = sparsity.selection_width if sparsity.dynamic else 1
+    return (model.n_layers, batch, model.n_kv_heads, groups, width)
 
 
 def empty_cache(model: ModelConfig, sparsity: SparsityConfig, *, num_pages: int, batch: int,
@@ -69,7 +69,7 @@ def empty_cache(model: ModelConfig, sparsity: SparsityConfig, *, num_pages: int,
         k=pool, v=pool.copy(), kmin=stats, kmax=stats.copy(),
         page_table=jnp.zeros((batch, model.n_layers, model.n_kv_heads, max_pages), jnp.int32),
         lengths=jnp.zeros((batch,), jnp.int32),
-        selected=jnp.full(selection_shape(model, sparsity, batch, max_pages), -1, jnp.int32))
+        selected=jnp.full(selection_shape(model, sparsity, batch), -1, jnp.int32))
 
 
 def gather_layer(cache: KVCache, layer: jax.Array) -> tuple[jax.Array, jax.Array]:

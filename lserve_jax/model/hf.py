@@ -83,16 +83,15 @@ def load_hf_params(path: str | pathlib.Path, dtype: DType | None = None
         return _to_ours(name, x, cfg)
 
     dt = jnp.dtype(cfg.dtype)
-    layers: dict = {}
-    for suffix, (where, shape) in _layer_tensors(cfg).items():
-        stacked = np.stack([take(f"model.layers.{i}.{suffix}", shape)
-                            for i in range(cfg.n_layers)])
-        layers.setdefault(where[0], {})[where[1]] = jnp.asarray(stacked, dt)
     params = {
         "embed": jnp.asarray(take("model.embed_tokens.weight", (cfg.vocab_size, cfg.dim)), dt),
-        "layers": layers,
         "norm": {"weight": jnp.asarray(take("model.norm.weight", (cfg.dim,)), dt)},
     }
+    for i in range(cfg.n_layers):
+        layer = params[f"layers_{i}"] = {}
+        for suffix, ((module, name), shape) in _layer_tensors(cfg).items():
+            tensor = take(f"model.layers.{i}.{suffix}", shape)
+            layer.setdefault(module, {})[name] = jnp.asarray(tensor, dt)
     if not cfg.tie_embeddings:
         head = take("lm_head.weight", (cfg.vocab_size, cfg.dim))
         params["lm_head"] = jnp.asarray(head.T, dt)

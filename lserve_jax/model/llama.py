@@ -1,9 +1,11 @@
 """Functional Flax Llama: embedding, RMSNorm, RoPE (plain and Llama-3 scaled), GQA, SwiGLU.
 
 Call shape: `Llama(...).apply({"params": params}, tokens, positions, cache, meta)` returns
-`(logits, cache)`. Layers run under `nn.scan` with the cache in the carry and the layer index as
-the scanned input, so no layer's cache is ever sliced out or copied; attention goes through
-`lserve_jax.attention`, the one seam to the kernels. Axis legend in the README.
+`(logits, cache)`. Layers are unrolled with their own parameters (`layers_0`, ...), and each
+hands its static index to attention with the whole cache: nothing is sliced out of a stacked
+array per layer (a dynamic slice of stacked weights in a loop is a copy that triples the
+bytes a decode step moves). Attention goes through `lserve_jax.attention`, the one seam to the
+kernels. Axis legend in the README.
 """
 
 from __future__ import annotations
@@ -65,8 +67,10 @@ class Attention(nn.Module):
     sparsity: SparsityConfig
     backend: Backend
 
+    layer: int
+
     @nn.compact
-    def __call__(self, x, positions, cache: KVCache, meta: attention.AttentionMetadata, layer):
+    def __call__(self, x, positions, cache: KVCache, meta: attention.AttentionMetadata):
         c = self.cfg
         wq = self.param("q", _init, (c.dim, c.n_heads, c.head_dim), c.dtype)
         wk = self.param("k", _init, (c.dim, c.n_kv_heads, c.head_dim), c.dtype)
@@ -76,7 +80,8 @@ class Attention(nn.Module):
         q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq), positions, inv_freq)
         k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk), positions, inv_freq)
         v = jnp.einsum("BTD,DKH->BTKH", x, wv)
-        out, cache = attention.attend(q, k, v, cache, layer, meta, self.sparsity, self.backend)
+        out, cache = attention.attend(q, k, v, cache, self.layer, meta, self.sparsity,
+                                      self.backend)
         return jnp.einsum("BTNH,NHD->BTD", out, wo), cache
 
 
@@ -97,19 +102,19 @@ class Block(nn.Module):
     cfg: ModelConfig
     sparsity: SparsityConfig
     backend: Backend
+    layer: int
 
     @nn.compact
-    def __call__(self, carry, layer, positions, meta):
-        x, cache = carry
+    def __call__(self, x, cache, positions, meta):
         c = self.cfg
-        with jax.named_scope("attention"):
+        with jax.named_scope(f"layer_{self.layer}/attention"):
             h = RMSNorm(c.norm_eps, c.dtype, name="attn_norm")(x)
-            h, cache = Attention(c, self.sparsity, self.backend, name="attn")(
-                h, positions, cache, meta, layer)
+            h, cache = Attention(c, self.sparsity, self.backend, self.layer, name="attn")(
+                h, positions, cache, meta)
             x = x + h
-        with jax.named_scope("mlp"):
+        with jax.named_scope(f"layer_{self.layer}/mlp"):
             x = x + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.dtype, name="mlp_norm")(x))
-        return (x, cache), None
+        return x, cache
 
 
 class Llama(nn.Module):
@@ -126,10 +131,9 @@ class Llama(nn.Module):
         c = self.cfg
         embed = self.param("embed", _init, (c.vocab_size, c.dim), c.dtype)
         x = jnp.take(embed, tokens, axis=0)
-        layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast), length=c.n_layers)
-        (x, cache), _ = layers(c, self.sparsity, self.backend, name="layers")(
-            (x, cache), jnp.arange(c.n_layers, dtype=jnp.int32), positions, meta)
+        for layer in range(c.n_layers):
+            x, cache = Block(c, self.sparsity, self.backend, layer, name=f"layers_{layer}")(
+                x, cache, positions, meta)
         if meta.logits_at is not None:
             x = jnp.take_along_axis(x, meta.logits_at[:, None, None], axis=1)
         x = RMSNorm(c.norm_eps, c.dtype, name="norm")(x)

@@ -1,4 +1,4 @@
-"""Public entry of page scoring (kernel) and selection (`lax.top_k`, outside any kernel)."""
+"""Public entries of page scoring and top-k page selection (same calls as the references)."""
 
 from __future__ import annotations
 
@@ -8,37 +8,62 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._compat import next_power_of_two
-from pallas_kernels.page_select.kernel import ScoreBlocks, score_pages
-from pallas_kernels.page_select.reference import reduce_groups, select_pages_reference
-
-select_pages = select_pages_reference  # top-k stays in XLA: lax.top_k does not lower in Triton
+from pallas_kernels.page_select.kernel import ScoreBlocks, score_pages, top_pages
 
 
-@functools.partial(jax.jit, static_argnames=("group_reduce", "blocks", "interpret"))
-def page_scores(
-    q: jax.Array,  # [B, K, G, H]
-    kmin: jax.Array,  # [P, Np/Nl, H]
-    kmax: jax.Array,  # [P, Np/Nl, H]
-    table: jax.Array,  # [B, K, M] int32
-    *,
-    group_reduce: str = "none",
-    blocks: ScoreBlocks | None = None,
-    interpret: bool = False,
-) -> jax.Array:
-    """Same result as `page_scores_reference`: [B, K, Gs, M] f32."""
+def _scores(q, kmin, kmax, table, layer, group_reduce, blocks, interpret):
     b, kh, g, h = q.shape
     if kmin.shape != kmax.shape or kmin.shape[2] != h:
         raise ValueError(f"kmin {kmin.shape} and kmax {kmax.shape} must be [P, R, {h}]")
-    if table.shape[:2] != (b, kh):
-        raise ValueError(f"table has shape {table.shape}, expected ({b}, {kh}, M)")
-    m = table.shape[2]
-    if blocks is None:
-        per = min(256, max(16, next_power_of_two(m)))
-        blocks = ScoreBlocks(pages_per_block=min(32, per), pages_per_program=per)
-    width = -(-m // blocks.pages_per_program) * blocks.pages_per_program
-    table = jnp.pad(jnp.clip(table, 0, kmin.shape[0] - 1), ((0, 0), (0, 0), (0, width - m)))
-    gp = max(16, next_power_of_two(g))
-    q_rows = jnp.pad(q, ((0, 0), (0, 0), (0, gp - g), (0, 0)))
-    scores = score_pages(q_rows, kmin, kmax, table.astype(jnp.int32), blocks=blocks,
-                         interpret=interpret)
-    return reduce_groups(scores[:, :, :g, :m], group_reduce)
+    if table.ndim != 4 or (table.shape[0], table.shape[2]) != (b, kh):
+        raise ValueError(f"table has shape {table.shape}, expected ({b}, L, {kh}, M)")
+    if group_reduce not in ("none", "sum", "max"):
+        raise ValueError(f"group_reduce={group_reduce!r} is invalid: use 'none', 'sum' or 'max'")
+    width = next_power_of_two(table.shape[3])
+    blocks = blocks or ScoreBlocks(pages_per_block=min(32, max(16, width)),
+                                   pages_per_program=min(256, max(16, width)))
+    width = max(width, blocks.pages_per_program)
+    gp = max(16, next_power_of_two(g))  # Triton dots need >= 16 rows
+    return score_pages(jnp.pad(q, ((0, 0), (0, 0), (0, gp - g), (0, 0))), kmin, kmax,
+                       table.astype(jnp.int32), layer=layer, groups=g,
+                       group_reduce=group_reduce, width=width, blocks=blocks,
+                       interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "group_reduce", "blocks", "interpret"))
+def page_scores(q, kmin, kmax, table, *, layer: int, group_reduce: str = "none",
+                blocks: ScoreBlocks | None = None, interpret: bool = False) -> jax.Array:
+    """Same result as `page_scores_reference`: [B, K, Gs, M] f32."""
+    scores = _scores(q, kmin, kmax, table, layer, group_reduce, blocks, interpret)
+    gs = q.shape[2] if group_reduce == "none" else 1
+    return scores[:, :, :gs, : table.shape[3]]
+
+
+@functools.partial(jax.jit, static_argnames=("layer", "k", "width", "page_size",
+                                             "group_reduce", "keep_sink_page", "blocks",
+                                             "interpret"))
+def select_pages(
+    q: jax.Array,  # [B, K, G, H]
+    kmin: jax.Array,  # [P, Np/Nl, H]
+    kmax: jax.Array,  # [P, Np/Nl, H]
+    table: jax.Array,  # [B, L, K, M] int32
+    lengths: jax.Array,  # [B] int32 tokens held
+    *,
+    layer: int,
+    k: int,
+    width: int,
+    page_size: int,
+    group_reduce: str = "none",
+    keep_sink_page: bool = False,
+    blocks: ScoreBlocks | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """The k best pages per selection row, as `select_pages_reference(page_scores_reference(
+    ...))`: [B, K, Gs, width] int32, ascending, -1 padded. Scores and top-k are two kernels;
+    no sort runs."""
+    if not 0 < k <= width:
+        raise ValueError(f"k={k} must lie in (0, width={width}]")
+    scores = _scores(q, kmin, kmax, table, layer, group_reduce, blocks, interpret)
+    return top_pages(scores, lengths.astype(jnp.int32),
+                     groups=q.shape[2] if group_reduce == "none" else 1, k=k, width=width,
+                     page_size=page_size, keep_sink_page=keep_sink_page, interpret=interpret)

@@ -26,11 +26,13 @@ def page_scores_reference(
     q: jax.Array,  # [B, K, G, H]
     kmin: jax.Array,  # [P, Np/Nl, H]
     kmax: jax.Array,  # [P, Np/Nl, H]
-    table: jax.Array,  # [B, K, M] int32: logical -> physical page of this layer
+    table: jax.Array,  # [B, L, K, M] int32 logical -> physical page
     *,
+    layer: int,
     group_reduce: str = "none",
 ) -> jax.Array:
-    """[B, K, Gs, M] f32 physical-page scores (garbage for pages the sequence does not hold)."""
+    """[B, K, Gs, M] f32 physical-page scores (garbage for pages the row does not hold)."""
+    table = table[:, layer]
     lo = kmin[table].astype(jnp.float32)  # [B, K, M, R, H]
     hi = kmax[table].astype(jnp.float32)
     qf = q.astype(jnp.float32)[:, :, :, None, None, :]  # [B, K, G, 1, 1, H]
@@ -39,19 +41,26 @@ def page_scores_reference(
 
 
 def select_pages_reference(
-    scores: jax.Array,  # [B, K, Gs, M] f32
-    n_pages: jax.Array,  # [B] int32: pages the sequence holds (the last one is current)
+    scores: jax.Array,  # [B, K, Gs, M'] f32 (M' >= pages any row holds)
+    lengths: jax.Array,  # [B] int32 tokens held (the page of the last one is current)
     *,
     k: int,
+    width: int,
+    page_size: int,
     keep_sink_page: bool,
 ) -> jax.Array:
-    """[B, K, Gs, k] int32: the top-k pages among 0 .. n_pages-2 (the current page is kept
-    apart), best first; -1 where fewer than k pages exist. With keep_sink_page page 0 is
-    always chosen."""
+    """[B, K, Gs, width] int32: the k best pages among 0 .. n_pages-2 (the current page is kept
+    apart) in ascending page order, then -1. With keep_sink_page page 0 is always chosen. Ties
+    go to the lower page."""
+    n_pages = (lengths + page_size - 1) // page_size
     page = jnp.arange(scores.shape[-1])
-    valid = page[None, :] < (n_pages - 1)[:, None]  # [B, M]
-    s = jnp.where(valid[:, None, None], scores, -jnp.inf)
+    valid = (page[None, :] < (n_pages - 1)[:, None])[:, None, None]  # [B, 1, 1, M']
+    s = jnp.where(valid, scores, -jnp.inf)
     if keep_sink_page:
-        s = jnp.where((page == 0)[None, None, None] & valid[:, None, None], jnp.inf, s)
-    values, index = jax.lax.top_k(s, k)
-    return jnp.where(values > -jnp.inf, index, -1).astype(jnp.int32)
+        s = jnp.where((page == 0) & valid, jnp.inf, s)
+    values, index = jax.lax.top_k(s, min(k, s.shape[-1]))
+    chosen = jnp.where(values > -jnp.inf, index, scores.shape[-1])
+    chosen = jnp.sort(chosen, axis=-1)
+    chosen = jnp.where(chosen < scores.shape[-1], chosen, -1)
+    pad = width - chosen.shape[-1]
+    return jnp.pad(chosen, ((0, 0),) * 3 + ((0, pad),), constant_values=-1).astype(jnp.int32)

@@ -1,12 +1,14 @@
-"""Unified sparse paged decode attention: the Pallas (Triton) kernel and its wrapper.
+"""Unified sparse paged decode attention: the Pallas (Triton) kernel.
 
-One program per (row b, KV head k, page list gs, key split): it walks its share of the list,
-`pages_per_block` pages per step, gathering whole pages of the shared pool by physical id, and
-keeps an f32 online-softmax partial (o, m, l) for all G query heads of the KV head at once (so a
-page loaded for a GQA group is read once). Partials of the splits (and of the per-query-head
-lists) are merged after the kernel (flash-decoding). Masks are token-exact: entries past the
-list's count, keys after the current token, and keys outside a streaming head's sink + local
-window get probability 0 and their values are zeroed, so NaN in unused slots never leaks.
+One program per (row b, KV head k, selection list gs, key split). The program derives its page
+list itself from the head's mode (DENSE: pages 0..n-1; STREAM: sink pages + window pages;
+SELECT: its selected pages + the current page, or every page while the row fits the budget),
+so no list is materialised between kernels. It walks its share of the list `pages_per_block`
+pages at a time, gathering whole pages of the shared pool by physical id, and keeps an f32
+online-softmax partial (o, m, l) for all G query heads of the KV head at once: a page loaded
+for a GQA group is read once. Full blocks run unmasked; the block holding the current page and
+every block of a streaming head are masked token-exactly, with values of masked keys zeroed so
+NaN in unused slots never leaks. Partials of the splits are merged after (flash-decoding).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._compat import LOG2_E, NEG_INF, check_power_of_two, next_power_of_two
+from pallas_kernels.sparse_decode.reference import SELECT, STREAM
 
 TARGET_PROGRAMS = 528  # ~4 programs per H200 SM (132 SMs) keeps every SM busy
 
@@ -53,11 +56,10 @@ def _decode_kernel(
     q_ref,  # [Gp, H] the KV head's query heads (rows >= G are zero padding)
     k_ref,  # [P, Np, H] key pool, gathered by physical page
     v_ref,  # [P, Np, H] value pool
-    phys_ref,  # [S] int32 physical pages of this list (padding: page 0)
-    logical_ref,  # [S] int32 logical page numbers of the same entries
-    counts_ref,  # [B, K, Gs] int32 entries in use per list
+    table_ref,  # [M] int32 logical -> physical page of this (row, layer, KV head)
+    sel_ref,  # [W] int32 this list's selected logical pages (-1 padded)
     lengths_ref,  # [B] int32 tokens held per row (the current token is the last)
-    stream_ref,  # [K] int32 1 for streaming heads
+    modes_ref,  # [K] int32 this layer's head modes
     # outputs
     o_ref,  # [Gp, H] f32 unnormalised partial output of this split
     m_ref,  # [Gp] f32 running max of the logits (log2 units)
@@ -66,80 +68,103 @@ def _decode_kernel(
     scale: float,
     sink: int,
     local: int,
+    budget_pages: int,
     pages_per_block: int,
     pages_per_split: int,
 ):
     b, kh, g, split = (pl.program_id(i) for i in range(4))
     gp, h = q_ref.shape
     n_p = k_ref.shape[1]
+    m_max, width = table_ref.shape[0], sel_ref.shape[0]
     block = pages_per_block * n_p
-    count = counts_ref[b, kh, g]
+    sink_pages = -(-sink // n_p)
+    t = lengths_ref[b] - 1
+    n_pages = t // n_p + 1
+    mode = modes_ref[kh]
+    streaming = mode == STREAM
+    sparse = (mode == SELECT) & (n_pages > budget_pages)
+    n_sel = jnp.sum((sel_ref[...] >= 0).astype(jnp.int32))
+    n_sink = jnp.minimum(sink_pages, n_pages)
+    first = jnp.minimum(jnp.maximum((t - local) // n_p, sink_pages), n_pages)
+    count = jnp.where(sparse, n_sel + 1, jnp.where(streaming, n_sink + n_pages - first, n_pages))
+    count = jnp.where(sparse | (g == 0), count, 0)  # only selections differ between lists
     start = split * pages_per_split
     steps = jnp.clip(pl.cdiv(count - start, pages_per_block), 0,
                      pages_per_split // pages_per_block)
-    t = lengths_ref[b] - 1
-    streaming = stream_ref[kh] != 0
+    # blocks before the one holding the list's last entry are full and fully visible
+    clean = jnp.where(streaming, 0, jnp.clip((count - 1 - start) // pages_per_block, 0, steps))
     q = q_ref[...]
+    entry = jax.lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0)
     in_page = jax.lax.broadcasted_iota(jnp.int32, (pages_per_block, n_p), 1)
-    entry_of = jax.lax.broadcasted_iota(jnp.int32, (pages_per_block, n_p), 0)
+    of_entry = jax.lax.broadcasted_iota(jnp.int32, (pages_per_block, n_p), 0)
 
-    def body(i, carry):
+    def pages(base):
+        e = base + entry
+        chosen = sel_ref[pl.ds(jnp.minimum(base, width - pages_per_block), pages_per_block)]
+        logical = jnp.where(sparse, jnp.where(e < n_sel, chosen, n_pages - 1),
+                            jnp.where(streaming & (e >= n_sink), first + e - n_sink, e))
+        logical = jnp.clip(logical, 0, m_max - 1)
+        return logical, table_ref[logical]
+
+    def step(i, carry, masked: bool):
         o, m, l = carry
         base = start + i * pages_per_block
-        ids = phys_ref[pl.ds(base, pages_per_block)]
-        logical = logical_ref[pl.ds(base, pages_per_block)]
-        keys = k_ref[ids].reshape(block, h)
-        values = v_ref[ids].reshape(block, h)
-        pos = (logical[:, None] * n_p + in_page).reshape(block)
-        used = (base + entry_of < count).reshape(block)
-        window = (pos < sink) | (pos >= t - local)
-        visible = used & (pos <= t) & (window | ~streaming)
+        logical, phys = pages(base)
+        keys = k_ref[phys].reshape(block, h)
+        values = v_ref[phys].reshape(block, h)
         s = plgpu.dot(q, keys.T) * (scale * LOG2_E)  # [Gp, block] f32
-        s = jnp.where(visible[None, :], s, NEG_INF)
+        if masked:
+            pos = (logical[:, None] * n_p + in_page).reshape(block)
+            used = (base + of_entry < count).reshape(block)
+            window = (pos < sink) | (pos >= t - local)
+            visible = used & (pos <= t) & (window | ~streaming)
+            s = jnp.where(visible[None, :], s, NEG_INF)
+            values = jnp.where(visible[:, None], values, jnp.zeros_like(values))
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
-        p = jnp.where(visible[None, :], jnp.exp2(s - m_new[:, None]), 0.0)
-        values = jnp.where(visible[:, None], values, jnp.zeros_like(values))
+        p = jnp.exp2(s - m_new[:, None])
+        if masked:
+            p = jnp.where(visible[None, :], p, 0.0)
         o = alpha[:, None] * o + plgpu.dot(p.astype(values.dtype), values)
         return o, m_new, alpha * l + jnp.sum(p, axis=1)
 
-    init = (jnp.zeros((gp, h), jnp.float32), jnp.full((gp,), NEG_INF, jnp.float32),
-            jnp.zeros((gp,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(0, steps, body, init)
+    carry = (jnp.zeros((gp, h), jnp.float32), jnp.full((gp,), NEG_INF, jnp.float32),
+             jnp.zeros((gp,), jnp.float32))
+    carry = jax.lax.fori_loop(0, clean, functools.partial(step, masked=False), carry)
+    o, m, l = jax.lax.fori_loop(clean, steps, functools.partial(step, masked=True), carry)
     o_ref[...] = o
     m_ref[...] = m
     l_ref[...] = l
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "sink", "local", "blocks", "interpret"))
-def decode_partials(q, k_pool, v_pool, phys, logical, counts, lengths, streaming, *, scale,
-                    sink, local, blocks: DecodeBlocks, interpret: bool = False):
-    """Runs the kernel. q: [B, K, Gp, H]; phys, logical: [B, K, Gs, S] with S a multiple of
-    blocks.pages_per_split; counts: [B, K, Gs]; lengths: [B]; streaming: [K] int32.
-    Returns o [B, K, Gs, splits, Gp, H] f32 and m, l [B, K, Gs, splits, Gp] f32."""
+@functools.partial(jax.jit, static_argnames=("layer", "scale", "sink", "local", "budget_pages",
+                                             "splits", "blocks", "interpret"))
+def decode_partials(q, k_pool, v_pool, table, selected, lengths, modes, *, layer: int,
+                    scale: float, sink: int, local: int, budget_pages: int, splits: int,
+                    blocks: DecodeBlocks, interpret: bool = False):
+    """Runs the kernel. q: [B, K, Gp, H]; table: [B, L, K, M]; selected: [L, B, K, Gs, W];
+    lengths: [B]; modes: [L, K] int32. Returns o [B, K, Gs, splits, Gp, H] f32 and
+    m, l [B, K, Gs, splits, Gp] f32."""
     b, kh, gp, h = q.shape
-    gs, s = phys.shape[2], phys.shape[3]
-    splits = s // blocks.pages_per_split
-    grid = (b, kh, gs, splits)
+    gs, w = selected.shape[3], selected.shape[4]
+    m = table.shape[3]
     kernel = functools.partial(
-        _decode_kernel, scale=scale, sink=sink, local=local,
+        _decode_kernel, scale=scale, sink=sink, local=local, budget_pages=budget_pages,
         pages_per_block=blocks.pages_per_block, pages_per_split=blocks.pages_per_split)
 
     def whole(x):
         return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
-    def one_list(i, j, g, _):
-        return i, j, g, 0
-
     return pl.pallas_call(
         kernel,
-        grid=grid,
+        grid=(b, kh, gs, splits),
         in_specs=[
             pl.BlockSpec((None, None, gp, h), lambda i, j, g, _: (i, j, 0, 0)),
             whole(k_pool), whole(v_pool),
-            pl.BlockSpec((None, None, None, s), one_list),
-            pl.BlockSpec((None, None, None, s), one_list),
-            whole(counts), whole(lengths), whole(streaming),
+            pl.BlockSpec((None, None, None, m), lambda i, j, g, _: (i, layer, j, 0)),
+            pl.BlockSpec((None, None, None, None, w), lambda i, j, g, _: (layer, i, j, g, 0)),
+            whole(lengths),
+            pl.BlockSpec((None, kh), lambda *_: (layer, 0)),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, None, gp, h), lambda i, j, g, x: (i, j, g, x, 0, 0)),
@@ -155,4 +180,4 @@ def decode_partials(q, k_pool, v_pool, phys, logical, counts, lengths, streaming
                                              num_stages=blocks.num_stages),
         interpret=interpret,
         name="sparse_paged_decode",
-    )(q, k_pool, v_pool, phys, logical, counts, lengths, streaming)
+    )(q, k_pool, v_pool, table, selected, lengths, modes)

@@ -1,9 +1,13 @@
-"""Plain-jnp reference for unified sparse paged decode attention (one query token per sequence).
+"""Plain-jnp reference for unified sparse paged decode attention (one query token per row).
 
-Every head attends to the pages in its own list: a streaming head to its sink + local pages, a
-retrieval head to its selected pages or to all pages. Masks are token-exact: a streaming head
-sees positions p < sink or p >= t - local (t = the current token's position, the last one held);
-every head sees only p <= t. Computed in f32 at highest precision; rounds once, to q's dtype.
+Which pages a head attends to is decided by its mode (data, [L, K] int):
+- DENSE: every page the row holds.
+- STREAM: the sink pages, then the pages overlapping the local window [t - local, t].
+- SELECT: every page while the row holds at most `budget_pages` pages; otherwise the pages of
+  its selection (`selected`, -1 padded) plus the current page.
+Masks are token-exact: a streaming head sees positions p < sink or p >= t - local; every head
+sees only p <= t (t = the current token's position, the last one held). Computed in f32 at
+highest precision; rounds once, to q's dtype.
 """
 
 from __future__ import annotations
@@ -11,10 +15,39 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+DENSE, SELECT, STREAM = 0, 1, 2
+
+
+def decode_page_lists(selected: jax.Array, lengths: jax.Array, modes: jax.Array, *,
+                      width: int, page_size: int, local: int, sink_pages: int,
+                      budget_pages: int) -> tuple[jax.Array, jax.Array]:
+    """Page lists of one layer. selected: [B, K, Gs, W] int32 (-1 padded); lengths: [B];
+    modes: [K]. Returns (logical pages [B, K, Gs, width], counts [B, K, Gs])."""
+    b, kh, gs, _ = selected.shape
+    n_pages = (lengths + page_size - 1) // page_size  # [B]
+    i = jnp.arange(width)
+    # STREAM: sink pages, then the window's pages
+    sink = jnp.minimum(sink_pages, n_pages)
+    first = jnp.clip((lengths - 1 - local) // page_size, sink_pages, n_pages)
+    s_pages = jnp.where(i < sink[:, None], i, first[:, None] + i - sink[:, None])  # [B, S]
+    s_count = sink + n_pages - first
+    # SELECT beyond the budget: the selection, then the current page
+    n_sel = jnp.sum(selected >= 0, axis=-1)  # [B, K, Gs]
+    picked = jnp.pad(selected, ((0, 0),) * 3 + ((0, max(0, width - selected.shape[-1])),))
+    sel_pages = jnp.where(i < n_sel[..., None], picked[..., :width],
+                          (n_pages - 1)[:, None, None, None])
+    sparse = ((modes == SELECT)[None, :] & (n_pages > budget_pages)[:, None])[..., None]
+    stream = (modes == STREAM)[None, :, None]
+    pages = jnp.where(sparse[..., None], sel_pages,
+                      jnp.where(stream[..., None], s_pages[:, None, None], i))
+    counts = jnp.where(sparse, n_sel + 1,
+                       jnp.where(stream, s_count[:, None, None], n_pages[:, None, None]))
+    return pages.astype(jnp.int32), jnp.broadcast_to(counts, (b, kh, gs)).astype(jnp.int32)
+
 
 def decode_visible(pos: jax.Array, lengths: jax.Array, streaming: jax.Array, *, sink: int,
                    local: int) -> jax.Array:
-    """Which key positions a decode query sees. pos: [B, K, ...] key positions; lengths: [B];
+    """Which key positions a decode query sees. pos: [B, K, ...]; lengths: [B];
     streaming: [K] bool. Returns a bool array shaped like pos."""
     extra = (1,) * (pos.ndim - 2)
     t = (lengths - 1).reshape((-1, 1) + extra)  # the current token's position
@@ -26,37 +59,44 @@ def sparse_decode_reference(
     q: jax.Array,  # [B, K, G, H]
     k_pool: jax.Array,  # [P, Np, H]
     v_pool: jax.Array,  # [P, Np, H]
-    table: jax.Array,  # [B, K, M] int32: logical -> physical page of this layer
-    pages: jax.Array,  # [B, K, Gs, S] int32: logical pages each head attends to (Gs divides G)
-    counts: jax.Array,  # [B, K, Gs] int32: entries of `pages` in use
-    lengths: jax.Array,  # [B] int32: tokens held, the current one included
-    streaming: jax.Array,  # [K] bool
-    shared_lists: jax.Array | None = None,  # [K] bool: a speed hint for kernels; no effect here
+    table: jax.Array,  # [B, L, K, M] int32 logical -> physical page
+    selected: jax.Array,  # [L, B, K, Gs, W] int32 selected logical pages (-1 padded)
+    lengths: jax.Array,  # [B] int32 tokens held, the current one included
+    modes: jax.Array,  # [L, K] int DENSE / SELECT / STREAM
     *,
+    layer: int,
     sink: int,
     local: int,
+    budget_pages: int,
     scale: float | None = None,
+    max_listed: int | None = None,
 ) -> jax.Array:
-    """Returns [B, K, G, H] in q's dtype; a head that sees no key returns zeros."""
-    del shared_lists
+    """Returns [B, K, G, H] in q's dtype; a head that sees no key returns zeros. Selection list
+    gs serves query heads gs * G/Gs .. (gs + 1) * G/Gs - 1. `max_listed` is a sizing hint
+    for kernels and changes nothing here."""
+    del max_listed
     b, kh, g, h = q.shape
-    gs, s = pages.shape[2], pages.shape[3]
     n_p = k_pool.shape[1]
+    table, selected, modes = table[:, layer], selected[layer], modes[layer]
+    gs, m = selected.shape[2], table.shape[-1]
     scale = h ** -0.5 if scale is None else scale
-    used = jnp.arange(s) < counts[..., None]  # [B, K, Gs, S]
-    logical = jnp.where(used, pages, 0)
-    phys = jnp.take_along_axis(table[:, :, None, :], logical, axis=-1)  # [B, K, Gs, S]
-    keys = k_pool[phys].reshape(b, kh, gs, s * n_p, h).astype(jnp.float32)
-    values = v_pool[phys].reshape(b, kh, gs, s * n_p, h).astype(jnp.float32)
-    pos = (logical[..., None] * n_p + jnp.arange(n_p)).reshape(b, kh, gs, s * n_p)
+    pages, counts = decode_page_lists(selected, lengths, modes, width=m, page_size=n_p,
+                                      local=local, sink_pages=-(-sink // n_p),
+                                      budget_pages=budget_pages)
+    used = jnp.arange(m) < counts[..., None]  # [B, K, Gs, M]
+    logical = jnp.where(used, jnp.clip(pages, 0, m - 1), 0)
+    phys = jnp.take_along_axis(table[:, :, None, :], logical, axis=-1)
+    keys = k_pool[phys].reshape(b, kh, gs, m * n_p, h).astype(jnp.float32)
+    values = v_pool[phys].reshape(b, kh, gs, m * n_p, h).astype(jnp.float32)
+    pos = (logical[..., None] * n_p + jnp.arange(n_p)).reshape(b, kh, gs, m * n_p)
     visible = jnp.repeat(used, n_p, axis=-1) & decode_visible(
-        pos, lengths, streaming, sink=sink, local=local)
+        pos, lengths, modes == STREAM, sink=sink, local=local)
     values = jnp.where(visible[..., None], values, 0.0)
     qg = q.reshape(b, kh, gs, g // gs, h).astype(jnp.float32)
     logits = jnp.einsum("bkgqh,bkgsh->bkgqs", qg, keys, precision="highest") * scale
     logits = jnp.where(visible[:, :, :, None, :], logits, -jnp.inf)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    p = jnp.exp(logits - jnp.where(jnp.isfinite(m), m, 0.0))
+    mx = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - jnp.where(jnp.isfinite(mx), mx, 0.0))
     out = jnp.einsum("bkgqs,bkgsh->bkgqh", p, values, precision="highest")
     out = out / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
     return out.reshape(b, kh, g, h).astype(q.dtype)

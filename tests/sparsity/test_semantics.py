@@ -13,11 +13,10 @@ import pytest
 from lserve_jax.attention import AttentionMetadata
 from lserve_jax.config import ModelConfig, SparsityConfig
 from lserve_jax.model.llama import Llama, init_params
-from lserve_jax.sparsity.pages import decode_lists
 from lserve_jax.sparsity.policy import DENSE, SELECT, STREAM, head_modes
 from pallas_kernels.page_select.reference import page_scores_reference, select_pages_reference
 from pallas_kernels.paged_write.reference import write_tokens_reference
-from pallas_kernels.sparse_decode.reference import sparse_decode_reference
+from pallas_kernels.sparse_decode.reference import decode_page_lists, sparse_decode_reference
 from tests.helpers import allocated_cache
 
 CFG = ModelConfig(n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16)
@@ -102,12 +101,9 @@ def test_streaming_heads_equal_a_masked_dense_reference(lengths):
     modes = np.full((2, 2), STREAM)
     cache, k, v = _random_cache(lengths, modes, sparsity)
     q = jax.random.normal(jax.random.key(5), (2, 2, 2, 16))
-    width = 16
-    pages, counts, _ = decode_lists(q, cache.page_table[:, 0], cache.selected[0],
-                                    jnp.asarray(modes[0]), cache.lengths, jnp.int32(0),
-                                    sparsity, width, selector=None)
-    out = sparse_decode_reference(q, cache.k, cache.v, cache.page_table[:, 0], pages, counts,
-                                  cache.lengths, jnp.ones(2, bool), sink=8, local=12)
+    out = sparse_decode_reference(q, cache.k, cache.v, cache.page_table, cache.selected,
+                                  cache.lengths, jnp.asarray(modes), layer=0, sink=8, local=12,
+                                  budget_pages=sparsity.budget_pages)
     s = jnp.arange(k.shape[1])
     t = jnp.asarray(lengths)[:, None] - 1
     visible = (s <= t) & ((s < 8) | (s >= t - 12))
@@ -121,24 +117,26 @@ def test_hierarchical_scores_equal_brute_force_from_the_keys():
     lengths = [64, 40]
     cache, k, _ = _random_cache(lengths, modes, sparsity, seed=3)
     q = jax.random.normal(jax.random.key(6), (2, 2, 2, 16))
-    scores = np.asarray(page_scores_reference(q, cache.kmin, cache.kmax, cache.page_table[:, 0]))
+    scores = np.asarray(page_scores_reference(q, cache.kmin, cache.kmax, cache.page_table,
+                                              layer=0))
     for b, n in enumerate(lengths):
         for h in range(2):
             for g in range(2):
                 for page in range(n // 8):
                     best = -np.inf
                     for logical in range(2):
-                        keys = np.asarray(k[b, page * 8 + logical * 4: page * 8 + logical * 4 + 4, h])
+                        start = page * 8 + logical * 4
+                        keys = np.asarray(k[b, start:start + 4, h])
                         qq = np.asarray(q[b, h, g])
                         best = max(best, np.sum(np.maximum(qq * keys.max(0), qq * keys.min(0))))
                     assert abs(scores[b, h, g, page] - best) < 1e-4 * max(1, abs(best))
     # the score bounds every q.k of its page
     for page in range(5):
-        qk = np.einsum("h,th->t", np.asarray(q[0, 0, 0]), np.asarray(k[0, page * 8:page * 8 + 8, 0]))
-        assert scores[0, 0, 0, page] >= qk.max() - 1e-5
+        keys = np.asarray(k[0, page * 8:page * 8 + 8, 0])
+        assert scores[0, 0, 0, page] >= (keys @ np.asarray(q[0, 0, 0])).max() - 1e-5
     # per-KV-head granularity reduces the group
-    summed = np.asarray(page_scores_reference(q, cache.kmin, cache.kmax, cache.page_table[:, 0],
-                                              group_reduce="sum"))
+    summed = np.asarray(page_scores_reference(q, cache.kmin, cache.kmax, cache.page_table,
+                                              layer=0, group_reduce="sum"))
     np.testing.assert_allclose(summed[:, :, 0], scores.sum(axis=2), rtol=1e-5)
 
 
@@ -148,19 +146,16 @@ def test_selection_keeps_the_current_page_and_fills_the_budget(keep_sink, granul
     sparsity = dataclasses.replace(BASE, keep_sink_page=keep_sink,
                                    selection_granularity=granularity)
     modes = np.array([[SELECT, DENSE], [SELECT, SELECT]])
-    lengths = [100, 20]  # 13 pages (sparse) and 3 pages (fits the 3-page budget: dense)
-    cache, _, _ = _random_cache(lengths, modes, sparsity, seed=4)
+    lengths = jnp.asarray([100, 20])  # 13 pages (sparse) and 3 pages (fits the budget: dense)
+    cache, _, _ = _random_cache([100, 20], modes, sparsity, seed=4)
     q = jax.random.normal(jax.random.key(7), (2, 2, 2, 16))
     gs = 2 if granularity == "query_head" else 1
-    state = jnp.full((2, 2, gs, 2), -1, jnp.int32)
-
-    def selector(q, table, n_pages):
-        scores = page_scores_reference(q, cache.kmin, cache.kmax, table,
-                                       group_reduce="none" if gs == 2 else "sum")
-        return select_pages_reference(scores, n_pages, k=2, keep_sink_page=keep_sink)
-
-    pages, counts, state = decode_lists(q, cache.page_table[:, 0], state, jnp.asarray(modes[0]),
-                                        cache.lengths, jnp.int32(0), sparsity, 13, selector)
+    scores = page_scores_reference(q, cache.kmin, cache.kmax, cache.page_table, layer=0,
+                                   group_reduce="none" if gs == 2 else "sum")
+    selected = select_pages_reference(scores, lengths, k=2, width=sparsity.selection_width,
+                                      page_size=8, keep_sink_page=keep_sink)
+    pages, counts = decode_page_lists(selected, lengths, jnp.asarray(modes[0]), width=13,
+                                      page_size=8, local=12, sink_pages=1, budget_pages=3)
     pages, counts = np.asarray(pages), np.asarray(counts)
     chosen = pages[0, 0, :, :3]
     assert (counts[0, 0] == 3).all()  # K = budget / page_size = 3 pages
