@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +22,12 @@ import numpy as np
 
 from experiments import benchlib
 from lserve_jax.config import SparsityConfig
-from lserve_jax.sparsity.pages import decode_lists, group_reduce
+from lserve_jax.sparsity.pages import group_reduce
 from lserve_jax.sparsity.policy import DENSE, SELECT, STREAM
-from pallas_kernels.page_select.api import page_scores, select_pages
+from pallas_kernels.page_select.api import select_pages
 from pallas_kernels.sparse_decode.api import sparse_decode
+from pallas_kernels.sparse_decode.kernel import DecodeBlocks
+from pallas_kernels.sparse_decode.reference import decode_page_lists
 
 N_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 G = N_HEADS // KV_HEADS
@@ -76,34 +79,33 @@ def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms):
                                                     sparsity.logical_page_size, key)
     q = jax.random.normal(jax.random.key(9), (b, KV_HEADS, G, HEAD_DIM), jnp.bfloat16)
     lengths = jnp.full((b,), t, jnp.int32)
-    n_pages = -(-lengths // sparsity.page_size)
-    gs = G if sparsity.selection_granularity == "query_head" else 1
-    reduce = group_reduce(sparsity)
-    width = max(sparsity.budget_pages, sparsity.stream_pages)
+    table, modes = table[:, None], modes[None]  # one layer
+    interpret = not ON_GPU
+    kw = dict(layer=0, sink=sparsity.decode_sink, local=sparsity.decode_local,
+              budget_pages=sparsity.budget_pages, interpret=interpret,
+              max_listed=max(sparsity.budget_pages, sparsity.stream_pages))
 
-    def select(q, kmin, kmax, table, n_pages):
-        scores = page_scores(q, kmin, kmax, table, group_reduce=reduce, interpret=not ON_GPU)
-        return select_pages(scores, n_pages, k=sparsity.budget_pages - 1, keep_sink_page=False)
+    def select(q, kmin, kmax, table, lengths):
+        return select_pages(q, kmin, kmax, table, lengths, layer=0,
+                            k=sparsity.budget_pages - 1, width=sparsity.selection_width,
+                            page_size=sparsity.page_size, group_reduce=group_reduce(sparsity),
+                            interpret=interpret)
 
-    def lists(q, table, selected, lengths):
-        def reuse(*_):  # the selection is timed on its own (select); here it is reused
-            return selected
-        return decode_lists(q, table, selected, modes, lengths, jnp.int32(1), sparsity, width,
-                            reuse)
+    def attend(q, k_pool, v_pool, table, selected, lengths, modes):
+        return sparse_decode(q, k_pool, v_pool, table, selected, lengths, modes, **kw)
 
-    def attend(q, k_pool, v_pool, table, selected, lengths):
-        pages, counts, _ = lists(q, table, selected, lengths)
-        return sparse_decode(q, k_pool, v_pool, table, pages, counts, lengths, modes == STREAM,
-                             modes != SELECT, sink=sparsity.decode_sink,
-                             local=sparsity.decode_local, interpret=not ON_GPU)
-
-    selected = jax.jit(select)(q, kmin, kmax, table, n_pages)
-    attn_ms = time_per_call(attend, reps, iters, q, k_pool, v_pool, table, selected, lengths)
-    sel_ms = time_per_call(select, reps, iters, q, kmin, kmax, table, n_pages)
-    _, counts, _ = jax.jit(lists)(q, table, selected, lengths)
-    work = jnp.where((modes != SELECT)[None, :, None] & (jnp.arange(gs) > 0), 0, counts)
-    attn_bytes = int(jnp.sum(work)) * 2 * sparsity.page_size * HEAD_DIM * 2
-    score_bytes = 2 * kmin[0].size * 2 * b * KV_HEADS * (t // sparsity.page_size)
+    selected = jax.jit(select)(q, kmin, kmax, table, lengths)[None]
+    attn_ms = time_per_call(attend, reps, iters, q, k_pool, v_pool, table, selected, lengths,
+                            modes)
+    sel_ms = time_per_call(select, reps, iters, q, kmin, kmax, table, lengths)
+    n_p = sparsity.page_size
+    _, counts = decode_page_lists(selected[0], lengths, modes[0], width=t // n_p, page_size=n_p,
+                                  local=sparsity.decode_local, sink_pages=sparsity.sink_pages,
+                                  budget_pages=sparsity.budget_pages)
+    gs = counts.shape[2]
+    work = jnp.where((modes[0] != SELECT)[None, :, None] & (jnp.arange(gs) > 0), 0, counts)
+    attn_bytes = int(jnp.sum(work)) * 2 * n_p * HEAD_DIM * 2
+    score_bytes = 2 * kmin[0].size * 2 * b * KV_HEADS * (t // n_p)
     total = attn_ms + sel_ms / sparsity.reuse_interval
     return [{"name": name, "policy": name.split("_")[0], "batch": b, "context": t,
              "ms": round(total, 4), "attention_ms": round(attn_ms, 4),
@@ -115,7 +117,17 @@ def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms):
                                                  / sparsity.reuse_interval), 4)}]
 
 
-def dense_rows(b, t, reps, iters, key):
+def dense_paged(q, k_pool, v_pool, table, blocks=None):
+    """Our kernel with every head DENSE over the whole table."""
+    b, kh, m = table.shape
+    selected = jnp.full((1, b, kh, 1, 16), -1, jnp.int32)
+    modes = jnp.full((1, kh), DENSE, jnp.int32)
+    lengths = jnp.full((b,), m * k_pool.shape[1], jnp.int32)
+    return sparse_decode(q, k_pool, v_pool, table[:, None], selected, lengths, modes, layer=0,
+                         sink=0, local=0, budget_pages=m, blocks=blocks, interpret=not ON_GPU)
+
+
+def dense_rows(b, t, reps, iters, key, sweep=()):
     k_pool, v_pool, table, _, _ = paged_layer(b, t, 64, 16, key)
     q = jax.random.normal(jax.random.key(9), (b, KV_HEADS, G, HEAD_DIM), jnp.bfloat16)
     keys, values = contiguous(k_pool, table), contiguous(v_pool, table)
@@ -130,24 +142,21 @@ def dense_rows(b, t, reps, iters, key):
                      "ms": round(ms, 4), "gbps": round(2 * keys.nbytes / ms / 1e6, 1),
                      "floor_ms": round(floor, 4)})
     del keys, values
-    m = t // 64
-    pages = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, KV_HEADS, 1, m))
-    counts = jnp.full((b, KV_HEADS, 1), m, jnp.int32)
-    lengths = jnp.full((b,), t, jnp.int32)
-    no_stream = jnp.zeros((KV_HEADS,), bool)
-
-    def paged(q, k_pool, v_pool, table, pages, counts, lengths):
-        return sparse_decode(q, k_pool, v_pool, table, pages, counts, lengths, no_stream,
-                             sink=0, local=0, interpret=not ON_GPU)
-
-    ms = time_per_call(paged, reps, iters, q, k_pool, v_pool, table, pages, counts, lengths)
-    rows.append({"name": "dense_paged_kernel", "policy": "dense", "batch": b, "context": t,
-                 "ms": round(ms, 4), "gbps": round(2 * k_pool.nbytes / ms / 1e6, 1),
-                 "floor_ms": round(floor, 4)})
+    for blocks in (None, *sweep):
+        ms = time_per_call(functools.partial(dense_paged, blocks=blocks), reps, iters, q,
+                           k_pool, v_pool, table)
+        rows.append({"name": "dense_paged_kernel" if blocks is None else "sweep_dense_paged",
+                     "policy": "dense", "batch": b, "context": t, "ms": round(ms, 4),
+                     "gbps": round(2 * k_pool.nbytes / ms / 1e6, 1),
+                     "floor_ms": round(floor, 4), "blocks": str(blocks)})
     base = rows[0]["ms"]
     for row in rows:
         row.update(baseline_ms=base, speedup=round(base / row["ms"], 2))
     return rows
+
+
+SWEEP = [DecodeBlocks(pages_per_block=ppb, pages_per_split=pps, num_warps=w, num_stages=st)
+         for ppb, pps in ((2, 32), (4, 64), (4, 32)) for w in (4, 8) for st in (2, 3, 4)]
 
 
 def main():
@@ -156,6 +165,7 @@ def main():
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--shapes", nargs="+", default=None, help="BATCHxCONTEXT, e.g. 8x131072")
+    parser.add_argument("--sweep", action="store_true", help="also sweep dense kernel blocks")
     args = parser.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
     half = jnp.asarray([STREAM] * 4 + [SELECT] * 4, jnp.int8)  # 50% streaming heads
@@ -168,7 +178,8 @@ def main():
     for b, t in shapes:
         key = jax.random.key(b * 7 + t)
         try:
-            dense = dense_rows(b, t, args.reps, args.iters, key)
+            sweep = SWEEP if args.sweep and (b, t) in ((8, 131072), (1, 262144)) else ()
+            dense = dense_rows(b, t, args.reps, args.iters, key, sweep)
         except Exception as err:  # e.g. out of memory: report it, keep going
             rows.append({"name": "dense", "batch": b, "context": t, "error": repr(err)[:300]})
             print(rows[-1], flush=True)

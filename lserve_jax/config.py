@@ -238,8 +238,9 @@ class SparsityConfig:
 
     @property
     def selection_width(self) -> int:
-        """Slots of the stored selection (K - 1 pages, -1 padded): a power of two >= K."""
-        return 1 << (self.budget_pages - 1).bit_length()
+        """Slots of the stored selection (K - 1 pages, -1 padded): a power of two >= K, and at
+        least 16 so that a decode kernel block of pages can always be read from it."""
+        return max(16, 1 << (self.budget_pages - 1).bit_length())
 
     @property
     def stream_pages(self) -> int:

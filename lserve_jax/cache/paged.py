@@ -50,12 +50,11 @@ class KVCache:
 
 def selection_shape(model: ModelConfig, sparsity: SparsityConfig, batch: int) -> tuple:
     """[L, B, K, Gs, W]: Gs = G lists per KV head when selecting per query head, else 1; W
-    slots for the K - 1 pages chosen besides the current one (1 unused slot when the policy
-    selects nothing)."""
+    slots for the K - 1 pages chosen besides the current one (unused when the policy selects
+    nothing)."""
     per_query = sparsity.dynamic and sparsity.selection_granularity == "query_head"
     groups = model.group_size if per_query else 1
-    width = sparsity.selection_width if sparsity.dynamic else 1
-    return (model.n_layers, batch, model.n_kv_heads, groups, width)
+    return (model.n_layers, batch, model.n_kv_heads, groups, sparsity.selection_width)
 
 
 def empty_cache(model: ModelConfig, sparsity: SparsityConfig, *, num_pages: int, batch: int,
