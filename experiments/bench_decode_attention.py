@@ -74,7 +74,7 @@ def time_per_call(fn, reps, iters, *args):
     return benchlib.time_calls(repeated(fn, reps), *args, warmup=2, iters=iters) / reps
 
 
-def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms):
+def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms, sweep=()):
     k_pool, v_pool, table, kmin, kmax = paged_layer(b, t, sparsity.page_size,
                                                     sparsity.logical_page_size, key)
     q = jax.random.normal(jax.random.key(9), (b, KV_HEADS, G, HEAD_DIM), jnp.bfloat16)
@@ -95,6 +95,13 @@ def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms):
         return sparse_decode(q, k_pool, v_pool, table, selected, lengths, modes, **kw)
 
     selected = jax.jit(select)(q, kmin, kmax, table, lengths)[None]
+    swept = {}
+    for blocks in sweep:
+        def attend_with(q, k_pool, v_pool, table, selected, lengths, modes, blocks=blocks):
+            return sparse_decode(q, k_pool, v_pool, table, selected, lengths, modes, **kw,
+                                 blocks=blocks)
+        swept[str(blocks)] = round(time_per_call(attend_with, reps, iters, q, k_pool, v_pool,
+                                                 table, selected, lengths, modes), 4)
     attn_ms = time_per_call(attend, reps, iters, q, k_pool, v_pool, table, selected, lengths,
                             modes)
     sel_ms = time_per_call(select, reps, iters, q, kmin, kmax, table, lengths)
@@ -114,7 +121,8 @@ def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms):
              "gbps": round(attn_bytes / attn_ms / 1e6, 1),
              "selection_gbps": round(score_bytes / sel_ms / 1e6, 1),
              "floor_ms": round(benchlib.floor_ms(attn_bytes + score_bytes
-                                                 / sparsity.reuse_interval), 4)}]
+                                                 / sparsity.reuse_interval), 4),
+             **({"attention_ms_by_blocks": swept} if swept else {})}]
 
 
 def dense_paged(q, k_pool, v_pool, table, blocks=None):
@@ -155,8 +163,11 @@ def dense_rows(b, t, reps, iters, key, sweep=()):
     return rows
 
 
-SWEEP = [DecodeBlocks(pages_per_block=ppb, pages_per_split=pps, num_warps=w, num_stages=st)
-         for ppb, pps in ((2, 32), (4, 64), (4, 32)) for w in (4, 8) for st in (2, 3, 4)]
+SWEEP = [DecodeBlocks(pages_per_block=ppb, pages_per_split=pps, num_warps=4, num_stages=st)
+         for ppb, pps in ((1, 16), (1, 32), (1, 64), (2, 32)) for st in (2, 3, 4)]
+SPARSE_SWEEP = [DecodeBlocks(pages_per_block=ppb, pages_per_split=pps, num_warps=4,
+                             num_stages=st)
+                for ppb, pps in ((1, 8), (1, 16), (1, 64), (2, 16), (4, 64)) for st in (2, 3)]
 
 
 def main():
@@ -190,16 +201,21 @@ def main():
         for name, sparsity, modes in variants:
             try:
                 new = sparse_rows(name, sparsity, modes, b, t, args.reps, args.iters, key,
-                                  dense[0]["ms"])
+                                  dense[0]["ms"],
+                                  SPARSE_SWEEP if sweep and name.startswith("lserve") else ())
             except Exception as err:
                 new = [{"name": name, "batch": b, "context": t, "error": repr(err)[:300]}]
             rows += new
             print(new[0], flush=True)
-    path = benchlib.write_results("decode_attention", rows, args.out,
+        write(rows, args.out)
+    print("wrote", write(rows, args.out))
+
+
+def write(rows, out):
+    return benchlib.write_results("decode_attention", rows, out,
                                   shape="32 q heads, 8 KV heads, d 128, bf16, one layer",
                                   lserve="50% streaming heads (128 + 256), budget 4096, N_P 64, "
                                          "N_L 16, R 4", quest="flat pages of 16, budget 4096, R 1")
-    print("wrote", path)
 
 
 if __name__ == "__main__":

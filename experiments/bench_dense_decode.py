@@ -121,9 +121,8 @@ def main():
                          "step_temp_bytes": memory.temp_size_in_bytes,
                          "step_alias_bytes": memory.alias_size_in_bytes})
             print(rows[-1], flush=True)
-    path = benchlib.write_results("dense_decode", rows, args.out,
-                                  model=f"{args.model} (random {cfg.dtype} weights)", steps=args.steps)
-    print("wrote", path)
+            benchlib.write_results("dense_decode", rows, args.out, steps=args.steps,
+                                   model=f"{args.model} (random {cfg.dtype} weights)")
 
 
 if __name__ == "__main__":

@@ -1,21 +1,25 @@
 #!/usr/bin/env bash
 # Everything that needs the H200, in one go: kernel tests compiled for the GPU, then the
 # benchmarks. Results land in OUT (default experiments/results); logs beside them.
-#   bash experiments/gpu_suite.sh [OUT] [STEP ...]   steps: fixture tests dense decode
+#   bash experiments/gpu_suite.sh [OUT] [STEP ...]
+#   steps: fixture tests prefill decode dense (default: all but fixture)
 set -uo pipefail
 out=${1:-experiments/results}; shift || true
-steps=${*:-fixture tests dense decode}
+steps=${*:-tests prefill decode dense}
 mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 for step in $steps; do
   case $step in
     fixture) timeout 90 python3 experiments/make_hf_fixture.py /tmp/hf_tiny_llama \
                && tar -C /tmp -cf "$out/hf_tiny_llama.tar" hf_tiny_llama ;;
-    tests) JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels \
-             2>&1 | tail -25 ;;
-    dense) timeout 200 python3 experiments/bench_dense_decode.py --out "$out" \
-             --backends cudnn pallas ;;
-    decode) timeout 300 python3 experiments/bench_decode_attention.py --out "$out" --sweep ;;
+    tests) JAX_PLATFORMS=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider \
+             ${TESTS:-tests/kernels} 2>&1 | tail -25 ;;
+    prefill) timeout ${PREFILL_S:-300} python3 experiments/bench_prefill_attention.py \
+               --out "$out" ;;
+    decode) timeout ${DECODE_S:-300} python3 experiments/bench_decode_attention.py \
+              --out "$out" --sweep ${DECODE_SHAPES:+--shapes $DECODE_SHAPES} ;;
+    dense) timeout ${DENSE_S:-200} python3 experiments/bench_dense_decode.py --out "$out" \
+             --backends ${DENSE_BACKENDS:-pallas cudnn} ${DENSE_SHAPES:+--shapes $DENSE_SHAPES} ;;
     *) echo "unknown step $step" ;;
   esac 2>&1 | tee "$out/$step.log" | grep -v "^WARNING" | tail -40
 done

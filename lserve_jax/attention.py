@@ -24,6 +24,7 @@ from pallas_kernels.paged_write.api import write_tokens
 from pallas_kernels.paged_write.reference import write_tokens_reference
 from pallas_kernels.sparse_decode import reference as decode_ref
 from pallas_kernels.sparse_decode.api import sparse_decode
+from pallas_kernels.sparse_prefill.api import sparse_prefill
 from pallas_kernels.sparse_prefill.reference import sparse_prefill_reference
 
 assert (DENSE, SELECT, STREAM) == (decode_ref.DENSE, decode_ref.SELECT, decode_ref.STREAM)
@@ -31,17 +32,21 @@ assert (DENSE, SELECT, STREAM) == (decode_ref.DENSE, decode_ref.SELECT, decode_r
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["new_lens", "modes", "step", "logits_at"],
-                   meta_fields=["phase"])
+                   meta_fields=["phase", "stream_heads", "prefill_kernel"])
 @dataclasses.dataclass(frozen=True)
 class AttentionMetadata:
-    """Per-call metadata. `phase` is static: "prefill" (the cache holds nothing of these rows
-    yet) or "decode" (one new token per row)."""
+    """Per-call metadata. Static fields: `phase`, "prefill" (the cache holds nothing of these
+    rows yet) or "decode" (one new token per row); `stream_heads`, each layer's streaming KV
+    heads (the mode table as Python data, needed only by the composite prefill, which hands
+    the other heads to cuDNN); `prefill_kernel` (see RunConfig)."""
 
     new_lens: jax.Array  # [B] int32: new tokens per row in this call (0: row inactive)
     modes: jax.Array  # [L, K] int8: DENSE / SELECT / STREAM per (layer, KV head)
     step: jax.Array  # [] int32: decode steps taken (the selector reruns when step % R == 0)
     logits_at: jax.Array | None = None  # [B] int32: the only row whose logits are wanted
     phase: str = "prefill"
+    stream_heads: tuple[tuple[int, ...], ...] = ()
+    prefill_kernel: str = "fused"
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,
@@ -54,6 +59,9 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,
         cache = _write(cache, layer, k, v, meta.new_lens, streaming, sparsity, backend)
     if meta.phase == "prefill":
         with jax.named_scope("prefill_attention"):
+            if backend == "pallas" and meta.prefill_kernel == "composite":
+                return _composite_prefill(q, k, v, meta.new_lens, meta.stream_heads[layer],
+                                          sparsity), cache
             return _prefill(q, k, v, meta.new_lens, streaming, sparsity, backend), cache
     with jax.named_scope("decode_attention"):
         return _decode(q, cache, layer, meta, sparsity, backend)
@@ -90,14 +98,42 @@ def _write(cache, layer, k, v, new_lens, streaming, sparsity, backend) -> KVCach
     return dataclasses.replace(cache, k=k_pool, v=v_pool, kmin=kmin, kmax=kmax)
 
 
+def _cudnn_causal(q, k, v, lens):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lens,
+                                        key_value_seq_lengths=lens, implementation="cudnn")
+
+
 def _prefill(q, k, v, new_lens, streaming, sparsity, backend) -> jax.Array:
     if backend == "cudnn":
         _require_dense(sparsity, backend)
-        return jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, query_seq_lengths=new_lens,
-            key_value_seq_lengths=new_lens, implementation="cudnn")
-    return sparse_prefill_reference(q, k, v, new_lens, new_lens, streaming,
-                                    sink=sparsity.prefill_sink, local=sparsity.prefill_local)
+        return _cudnn_causal(q, k, v, new_lens)
+    fn = sparse_prefill_reference
+    if backend in ("pallas", "pallas_interpret"):
+        fn = functools.partial(sparse_prefill, interpret=backend == "pallas_interpret")
+    return fn(q, k, v, new_lens, new_lens, streaming, sink=sparsity.prefill_sink,
+              local=sparsity.prefill_local)
+
+
+def _composite_prefill(q, k, v, lens, stream_kv: tuple[int, ...], sparsity) -> jax.Array:
+    """Dense heads through cuDNN, streaming heads through the Pallas kernel; the two head
+    groups are gathered from the in-flight q/k/v (the cache is not touched)."""
+    kh = k.shape[2]
+    g = q.shape[2] // kh
+    dense_kv = tuple(x for x in range(kh) if x not in stream_kv)
+    if not dense_kv or not stream_kv:
+        streaming = jnp.full((kh,), bool(stream_kv))
+        return _prefill(q, k, v, lens, streaming, sparsity, "pallas") if stream_kv else (
+            _cudnn_causal(q, k, v, lens))
+
+    def heads(kv):
+        return jnp.asarray([x * g + i for x in kv for i in range(g)])
+
+    out_d = _cudnn_causal(q[:, :, heads(dense_kv)], k[:, :, dense_kv], v[:, :, dense_kv], lens)
+    out_s = sparse_prefill(q[:, :, heads(stream_kv)], k[:, :, stream_kv], v[:, :, stream_kv],
+                           lens, lens, jnp.ones((len(stream_kv),), bool),
+                           sink=sparsity.prefill_sink, local=sparsity.prefill_local)
+    order = jnp.argsort(jnp.concatenate([heads(dense_kv), heads(stream_kv)]))
+    return jnp.concatenate([out_d, out_s], axis=2)[:, :, order]
 
 
 def _decode(q, cache, layer, meta, sparsity, backend):

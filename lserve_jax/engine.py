@@ -144,8 +144,11 @@ class Engine:
             run.top_p)
         static = (self.model_cfg, self.sparsity, run.backend)
         k_prefill, k_decode = jax.random.split(key)
-        first, cache = prefill(*static, self.params, cache, jnp.asarray(tokens),
-                               jnp.asarray(lens), modes, k_prefill, temp, top_p)
+        stream_heads = tuple(tuple(int(h) for h in np.nonzero(row == STREAM)[0])
+                             for row in self.modes)
+        first, cache = prefill(*static, stream_heads, run.prefill_kernel, self.params, cache,
+                               jnp.asarray(tokens), jnp.asarray(lens), modes, k_prefill, temp,
+                               top_p)
         out, count, self.cache = decode(*static, run.max_new_tokens, self.params, cache, first,
                                         jnp.asarray(lens > 0), modes, k_decode, temp, top_p,
                                         stops)
@@ -158,16 +161,18 @@ class Engine:
         return completions
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
-def prefill(model_cfg, sparsity, backend, params, cache: KVCache, tokens, lens, modes, key,
-            temperature, top_p):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
+def prefill(model_cfg, sparsity, backend, stream_heads, prefill_kernel, params, cache: KVCache,
+            tokens, lens, modes, key, temperature, top_p):
     """Writes the prompts (tokens [B, T], lens [B]) into the cache and samples the first token
-    of each row. Returns ([B] int32, cache)."""
+    of each row. `stream_heads`: each layer's streaming KV heads (static). Returns ([B] int32,
+    cache)."""
     model = Llama(model_cfg, sparsity, backend)
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     meta = AttentionMetadata(new_lens=lens, modes=modes, step=jnp.zeros((), jnp.int32),
-                             logits_at=jnp.maximum(lens - 1, 0), phase="prefill")
+                             logits_at=jnp.maximum(lens - 1, 0), phase="prefill",
+                             stream_heads=stream_heads, prefill_kernel=prefill_kernel)
     logits, cache = model.apply({"params": params}, tokens, positions, cache, meta)
     return sample(logits[:, 0], key, temperature, top_p), cache
 

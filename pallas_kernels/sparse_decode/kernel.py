@@ -99,8 +99,13 @@ def _decode_kernel(
     of_entry = jax.lax.broadcasted_iota(jnp.int32, (pages_per_block, n_p), 0)
 
     def pages(base):
-        e = base + entry
-        chosen = sel_ref[pl.ds(jnp.minimum(base, width - pages_per_block), pages_per_block)]
+        """(logical pages, physical pages) of list entries base .. base + pages_per_block - 1;
+        scalars when a block is one page (its keys then load as one contiguous tile)."""
+        e = base if pages_per_block == 1 else base + entry
+        if pages_per_block == 1:
+            chosen = sel_ref[jnp.minimum(base, width - 1)]
+        else:
+            chosen = sel_ref[pl.ds(jnp.minimum(base, width - pages_per_block), pages_per_block)]
         logical = jnp.where(sparse, jnp.where(e < n_sel, chosen, n_pages - 1),
                             jnp.where(streaming & (e >= n_sink), first + e - n_sink, e))
         logical = jnp.clip(logical, 0, m_max - 1)
@@ -110,12 +115,17 @@ def _decode_kernel(
         o, m, l = carry
         base = start + i * pages_per_block
         logical, phys = pages(base)
-        keys = k_ref[phys].reshape(block, h)
-        values = v_ref[phys].reshape(block, h)
+        keys, values = k_ref[phys], v_ref[phys]  # [Np, H], or gathered [ppb, Np, H]
+        if pages_per_block > 1:
+            keys, values = keys.reshape(block, h), values.reshape(block, h)
         s = plgpu.dot(q, keys.T) * (scale * LOG2_E)  # [Gp, block] f32
-        if masked:
+        if masked and pages_per_block == 1:
+            pos = logical * n_p + jax.lax.broadcasted_iota(jnp.int32, (n_p,), 0)
+            used = jnp.broadcast_to(base < count, (block,))
+        elif masked:
             pos = (logical[:, None] * n_p + in_page).reshape(block)
             used = (base + of_entry < count).reshape(block)
+        if masked:
             window = (pos < sink) | (pos >= t - local)
             visible = used & (pos <= t) & (window | ~streaming)
             s = jnp.where(visible[None, :], s, NEG_INF)

@@ -44,14 +44,15 @@ CASES = [(g, n_p, gs) for g in (1, 4, 8) for n_p in (16, 64) for gs in sorted({1
 def test_kernel_matches_reference(g, page_size, gs):
     args = _case(g, page_size, gs, jnp.bfloat16, seed=g * 100 + page_size + gs)
     kw = dict(sink=SINK, local=LOCAL, budget_pages=BUDGET)
-    blocks = DecodeBlocks.for_shape(page_size, 8, 1, block_tokens=32)
+    blocks = DecodeBlocks.for_shape(page_size, 8, 1, block_tokens=32)  # 1 page a block at 64
     for layer in (0, 1):
         ref = sparse_decode_reference(*args, layer=layer, **kw)
         out = sparse_decode(*args, layer=layer, **kw, blocks=blocks, interpret=INTERPRET)
         close(out, ref, jnp.bfloat16)
         again = sparse_decode(*args, layer=layer, **kw, blocks=blocks, interpret=INTERPRET)
         np.testing.assert_array_equal(np.asarray(again), np.asarray(out))  # deterministic
-    lower_for_cuda(lambda *a: sparse_decode(*a, layer=1, **kw), *args)
+    for lowered_blocks in (None, blocks):
+        lower_for_cuda(lambda *a: sparse_decode(*a, layer=1, **kw, blocks=lowered_blocks), *args)
 
 
 def test_splits_and_block_sizes_do_not_change_the_result():
@@ -59,7 +60,7 @@ def test_splits_and_block_sizes_do_not_change_the_result():
     kw = dict(layer=0, sink=SINK, local=LOCAL, budget_pages=BUDGET, interpret=INTERPRET)
     outs = [sparse_decode(*args, **kw, blocks=DecodeBlocks(pages_per_block=ppb,
                                                            pages_per_split=pps))
-            for ppb, pps in ((1, 1), (2, 8), (4, 16))]
+            for ppb, pps in ((1, 1), (1, 4), (2, 8), (4, 16))]
     for out in outs[1:]:
         np.testing.assert_allclose(np.asarray(out), np.asarray(outs[0]), atol=2e-3)
 
