@@ -1,6 +1,6 @@
 """One layer of Llama-3-8B prefill attention (32 query / 8 KV heads, d 128, bf16, B=1) on the
-H200: cuDNN dense causal vs our fused sparse kernel and the composite path (cuDNN for the
-retrieval heads, our kernel for the streaming heads), with 50% streaming heads.
+H200: cuDNN dense causal vs our fused sparse kernel and the composite path of lserve_jax.attention
+(cuDNN for the retrieval heads, our kernel for the streaming heads), with 50% streaming heads.
 
 The ideal time of a sparse prefill is the dense heads' causal FLOPs plus the streaming heads'
 visited tiles, at cuDNN's own measured rate in this run.
@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from experiments import benchlib
+from lserve_jax.attention import composite_prefill, cudnn_causal
+from lserve_jax.config import SparsityConfig
 from pallas_kernels.sparse_prefill.api import sparse_prefill
 
 N_HEADS, KV_HEADS, HEAD_DIM, SINK = 32, 8, 128, 128
@@ -32,21 +34,9 @@ def window_flops(t: int, heads: int, local: int, sink: int = 0) -> float:
     return 4.0 * visited * HEAD_DIM * heads
 
 
-def cudnn(q, k, v, window=None):
+def cudnn_window(q, k, v, window):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn",
                                         local_window_size=window)
-
-
-def composite(q, k, v, lens, stream_kv, dense_kv, local):
-    """cuDNN on the dense heads, our kernel on the streaming heads (as lserve_jax.attention)."""
-    def heads(kv):
-        return jnp.asarray([x * G + i for x in kv for i in range(G)])
-    out_d = cudnn(q[:, :, heads(dense_kv)], k[:, :, dense_kv], v[:, :, dense_kv])
-    out_s = sparse_prefill(q[:, :, heads(stream_kv)], k[:, :, stream_kv], v[:, :, stream_kv],
-                           lens, lens, jnp.ones((len(stream_kv),), bool), sink=SINK,
-                           local=local)
-    order = jnp.argsort(jnp.concatenate([heads(dense_kv), heads(stream_kv)]))
-    return jnp.concatenate([out_d, out_s], axis=2)[:, :, order]
 
 
 def rows_for(t: int, iters: int) -> list[dict]:
@@ -55,12 +45,12 @@ def rows_for(t: int, iters: int) -> list[dict]:
     k, v = (jax.random.normal(x, (1, t, KV_HEADS, HEAD_DIM), jnp.bfloat16) for x in keys[1:])
     lens = jnp.full((1,), t, jnp.int32)
     half = jnp.asarray([True] * 4 + [False] * 4)
-    stream_kv, dense_kv = (0, 1, 2, 3), (4, 5, 6, 7)
+    stream_kv = (0, 1, 2, 3)
 
     def timed(fn, *args):
         return benchlib.time_calls(jax.jit(fn), *args, warmup=1, iters=iters)
 
-    base = timed(cudnn, q, k, v)
+    base = timed(lambda q, k, v: cudnn_causal(q, k, v, lens), q, k, v)
     rate = causal_flops(t, N_HEADS) / (base / 1e3)  # cuDNN's FLOP/s on this shape
     rows = [{"name": "cudnn_dense", "policy": "dense", "ms": base, "tflops": rate / 1e12}]
     variants = {
@@ -74,13 +64,14 @@ def rows_for(t: int, iters: int) -> list[dict]:
             lambda q, k, v, local=local: sparse_prefill(q, k, v, lens, lens, half, sink=SINK,
                                                         local=local), "lserve", ideal)
         variants[f"composite_half_stream_local{local}"] = (
-            lambda q, k, v, local=local: composite(q, k, v, lens, stream_kv, dense_kv, local),
+            lambda q, k, v, local=local: composite_prefill(
+                q, k, v, lens, stream_kv, SparsityConfig(prefill_sink=SINK, prefill_local=local)),
             "lserve", ideal)
     for name, (fn, policy, flops) in variants.items():
         ms = timed(fn, q, k, v)
         rows.append({"name": name, "policy": policy, "ms": ms, "ideal_ms": 1e3 * flops / rate,
                      "tflops": flops / (ms / 1e3) / 1e12})
-    window = timed(lambda q, k, v: cudnn(q, k, v, (8192, 0)), q, k, v)
+    window = timed(lambda q, k, v: cudnn_window(q, k, v, (8192, 0)), q, k, v)
     ours = timed(lambda q, k, v: sparse_prefill(q, k, v, lens, lens,
                                                 jnp.ones((KV_HEADS,), bool), sink=SINK,
                                                 local=8192), q, k, v)

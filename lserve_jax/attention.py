@@ -60,7 +60,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,
     if meta.phase == "prefill":
         with jax.named_scope("prefill_attention"):
             if backend == "pallas" and meta.prefill_kernel == "composite":
-                return _composite_prefill(q, k, v, meta.new_lens, meta.stream_heads[layer],
+                return composite_prefill(q, k, v, meta.new_lens, meta.stream_heads[layer],
                                           sparsity), cache
             return _prefill(q, k, v, meta.new_lens, streaming, sparsity, backend), cache
     with jax.named_scope("decode_attention"):
@@ -98,7 +98,7 @@ def _write(cache, layer, k, v, new_lens, streaming, sparsity, backend) -> KVCach
     return dataclasses.replace(cache, k=k_pool, v=v_pool, kmin=kmin, kmax=kmax)
 
 
-def _cudnn_causal(q, k, v, lens):
+def cudnn_causal(q, k, v, lens):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lens,
                                         key_value_seq_lengths=lens, implementation="cudnn")
 
@@ -106,7 +106,7 @@ def _cudnn_causal(q, k, v, lens):
 def _prefill(q, k, v, new_lens, streaming, sparsity, backend) -> jax.Array:
     if backend == "cudnn":
         _require_dense(sparsity, backend)
-        return _cudnn_causal(q, k, v, new_lens)
+        return cudnn_causal(q, k, v, new_lens)
     fn = sparse_prefill_reference
     if backend in ("pallas", "pallas_interpret"):
         fn = functools.partial(sparse_prefill, interpret=backend == "pallas_interpret")
@@ -114,7 +114,7 @@ def _prefill(q, k, v, new_lens, streaming, sparsity, backend) -> jax.Array:
               local=sparsity.prefill_local)
 
 
-def _composite_prefill(q, k, v, lens, stream_kv: tuple[int, ...], sparsity) -> jax.Array:
+def composite_prefill(q, k, v, lens, stream_kv: tuple[int, ...], sparsity) -> jax.Array:
     """Dense heads through cuDNN, streaming heads through the Pallas kernel; the two head
     groups are gathered from the in-flight q/k/v (the cache is not touched)."""
     kh = k.shape[2]
@@ -123,12 +123,12 @@ def _composite_prefill(q, k, v, lens, stream_kv: tuple[int, ...], sparsity) -> j
     if not dense_kv or not stream_kv:
         streaming = jnp.full((kh,), bool(stream_kv))
         return _prefill(q, k, v, lens, streaming, sparsity, "pallas") if stream_kv else (
-            _cudnn_causal(q, k, v, lens))
+            cudnn_causal(q, k, v, lens))
 
     def heads(kv):
         return jnp.asarray([x * g + i for x in kv for i in range(g)])
 
-    out_d = _cudnn_causal(q[:, :, heads(dense_kv)], k[:, :, dense_kv], v[:, :, dense_kv], lens)
+    out_d = cudnn_causal(q[:, :, heads(dense_kv)], k[:, :, dense_kv], v[:, :, dense_kv], lens)
     out_s = sparse_prefill(q[:, :, heads(stream_kv)], k[:, :, stream_kv], v[:, :, stream_kv],
                            lens, lens, jnp.ones((len(stream_kv),), bool),
                            sink=sparsity.prefill_sink, local=sparsity.prefill_local)

@@ -24,15 +24,19 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels._compat import LOG2_E, NEG_INF, check_power_of_two, next_power_of_two
 from pallas_kernels.sparse_decode.reference import SELECT, STREAM
 
-TARGET_PROGRAMS = 528  # ~4 programs per H200 SM (132 SMs) keeps every SM busy
+# Defaults from the H200 sweep in experiments/results/decode_attention.json: one 64-token page
+# per loop step (a contiguous tile from a scalar page id) beat gathering two pages per step by
+# 1.7x; ~2048 programs (about 16 per SM) and 3 pipeline stages were best or within 3%.
+TARGET_PROGRAMS = 2048
+MIN_PAGES_PER_SPLIT = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeBlocks:
-    pages_per_block: int  # pages gathered per loop step (x page_size keys)
+    pages_per_block: int  # pages per loop step (x page_size keys); 1 loads one contiguous tile
     pages_per_split: int  # list entries one program walks
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int = 3
 
     def __post_init__(self):
         check_power_of_two("DecodeBlocks", pages_per_block=self.pages_per_block,
@@ -43,12 +47,13 @@ class DecodeBlocks:
 
     @classmethod
     def for_shape(cls, page_size: int, list_width: int, programs: int,
-                  block_tokens: int = 128, **kwargs) -> DecodeBlocks:
-        """Blocks of ~block_tokens keys; enough splits that ~TARGET_PROGRAMS programs run."""
+                  block_tokens: int = 64, **kwargs) -> DecodeBlocks:
+        """Blocks of ~block_tokens keys (at least one page); enough key splits that about
+        TARGET_PROGRAMS programs run, each walking at least MIN_PAGES_PER_SPLIT entries."""
         ppb = max(1, block_tokens // page_size)
         splits = max(1, TARGET_PROGRAMS // max(1, programs))
-        pps = next_power_of_two(max(ppb, -(-list_width // splits)))
-        return cls(pages_per_block=ppb, pages_per_split=max(pps, ppb), **kwargs)
+        pps = next_power_of_two(max(ppb, MIN_PAGES_PER_SPLIT, -(-list_width // splits)))
+        return cls(pages_per_block=ppb, pages_per_split=pps, **kwargs)
 
 
 def _decode_kernel(

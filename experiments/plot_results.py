@@ -1,0 +1,76 @@
+"""Plots of the committed benchmark results (experiments/results/*.json -> *.png).
+
+    python experiments/plot_results.py
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def _lines(ax, rows, names, title):
+    bases = sorted({n.removesuffix("_2page") for n in names})
+    for name in names:
+        pts = sorted((r["context"], r["ms"]) for r in rows if r["name"] == name and "ms" in r)
+        base = name.removesuffix("_2page")
+        if pts:  # one colour per variant; dashed: measured with an earlier kernel default
+            ax.plot(*zip(*pts), marker="o", label=name, color=f"C{bases.index(base)}",
+                    linestyle="--" if name != base else "-")
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per layer",
+           title=title)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def plot_decode() -> pathlib.Path:
+    data = _load("decode_attention")
+    kernels = ["dense_paged_kernel", "lserve_kv_head", "lserve_query_head", "quest_query_head"]
+    names = ["dense_cudnn", "dense_xla", *kernels, *(k + "_2page" for k in kernels)]
+    batches = sorted({r["batch"] for r in data["rows"]})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, b in zip(axes[0], batches):
+        _lines(ax, [r for r in data["rows"] if r["batch"] == b], names, f"decode, batch {b}")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"one Llama-3-8B layer, {data['device']}, jax {data['jax_version']}, "
+                 f"{data['date']} (LServe: amortised selection included)", fontsize=9)
+    return _save(fig, "decode_attention")
+
+
+def plot_prefill() -> pathlib.Path:
+    data = _load("prefill_attention")
+    names = ["cudnn_dense", "fused_dense", "fused_half_stream_local8192",
+             "composite_half_stream_local8192", "composite_half_stream_local4096"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    _lines(ax, data["rows"], names, "prefill attention, batch 1")
+    for r in data["rows"]:
+        if r["name"] == "composite_half_stream_local8192":
+            ax.annotate(f"{r['speedup']:.2f}x", (r["context"], r["ms"]), fontsize=7,
+                        textcoords="offset points", xytext=(4, -10))
+    ax.legend(fontsize=7)
+    fig.suptitle(f"one Llama-3-8B layer, 50% streaming heads, {data['device']}, "
+                 f"{data['date']}", fontsize=9)
+    return _save(fig, "prefill_attention")
+
+
+def _save(fig, name: str) -> pathlib.Path:
+    path = RESULTS / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    for made in (plot_decode(), plot_prefill()):
+        print("wrote", made)
