@@ -18,7 +18,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import benchlib
 from lserve_jax.config import SparsityConfig

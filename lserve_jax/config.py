@@ -355,7 +355,8 @@ def load_experiment(path: str | pathlib.Path) -> ExperimentConfig:
     """Reads a TOML experiment file (top-level fields plus [sparsity], [cache], [run] tables)."""
     path = pathlib.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"experiment config {path} does not exist (see experiments/configs)")
+        raise FileNotFoundError(f"experiment config {path} does not exist "
+                                "(see experiments/configs)")
     with path.open("rb") as f:
         data = tomllib.load(f)
     try:

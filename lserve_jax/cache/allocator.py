@@ -61,7 +61,7 @@ class PageAllocator:
         if n > len(self._free):
             raise PoolExhausted(f"the page pool has {len(self._free)} free pages of "
                                 f"{self.num_pages - 1}, the request needs {n}: raise "
-                                "CacheConfig.num_pages or max_seq_len, or send fewer/shorter requests")
+                                "CacheConfig.num_pages, or send fewer or shorter requests")
         pages, self._free = self._free[-n:], self._free[:-n]
         return pages
 
