@@ -36,9 +36,10 @@ assert (DENSE, SELECT, STREAM) == (decode_ref.DENSE, decode_ref.SELECT, decode_r
 @dataclasses.dataclass(frozen=True)
 class AttentionMetadata:
     """Per-call metadata. Static fields: `phase`, "prefill" (the cache holds nothing of these
-    rows yet) or "decode" (one new token per row); `stream_heads`, each layer's streaming KV
-    heads (the mode table as Python data, needed only by the composite prefill, which hands
-    the other heads to cuDNN); `prefill_kernel` (see RunConfig)."""
+    rows yet), "chunk" (a later chunk of a prefill: its queries also attend to the tokens
+    already cached) or "decode" (one new token per row); `stream_heads`, each layer's
+    streaming KV heads (the mode table as Python data, needed only by the composite prefill,
+    which hands the other heads to cuDNN); `prefill_kernel` (see RunConfig)."""
 
     new_lens: jax.Array  # [B] int32: new tokens per row in this call (0: row inactive)
     modes: jax.Array  # [L, K] int8: DENSE / SELECT / STREAM per (layer, KV head)
@@ -61,8 +62,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,
         with jax.named_scope("prefill_attention"):
             if backend == "pallas" and meta.prefill_kernel == "composite":
                 return composite_prefill(q, k, v, meta.new_lens, meta.stream_heads[layer],
-                                          sparsity), cache
-            return _prefill(q, k, v, meta.new_lens, streaming, sparsity, backend), cache
+                                         sparsity), cache
+            if backend == "cudnn":
+                _require_dense(sparsity, backend)
+                return cudnn_causal(q, k, v, meta.new_lens), cache
+            lens = meta.new_lens
+            return _prefill(q, k, v, lens, lens, streaming, sparsity, backend), cache
+    if meta.phase == "chunk":
+        with jax.named_scope("chunk_attention"):
+            keys, values = gather_layer(cache, layer)  # every cached token, this chunk included
+            kv_lens = cache.lengths + meta.new_lens
+            return _prefill(q, keys, values, meta.new_lens, kv_lens, streaming, sparsity,
+                            backend), cache
     with jax.named_scope("decode_attention"):
         return _decode(q, cache, layer, meta, sparsity, backend)
 
@@ -103,14 +114,13 @@ def cudnn_causal(q, k, v, lens):
                                         key_value_seq_lengths=lens, implementation="cudnn")
 
 
-def _prefill(q, k, v, new_lens, streaming, sparsity, backend) -> jax.Array:
-    if backend == "cudnn":
-        _require_dense(sparsity, backend)
-        return cudnn_causal(q, k, v, new_lens)
+def _prefill(q, k, v, q_lens, kv_lens, streaming, sparsity, backend) -> jax.Array:
+    """The queries are the last q_lens of kv_lens keys. On the GPU (backends pallas and cudnn)
+    the fused kernel runs: cuDNN's causal mask cannot offset queries past the keys' start."""
     fn = sparse_prefill_reference
-    if backend in ("pallas", "pallas_interpret"):
+    if backend != "reference":
         fn = functools.partial(sparse_prefill, interpret=backend == "pallas_interpret")
-    return fn(q, k, v, new_lens, new_lens, streaming, sink=sparsity.prefill_sink,
+    return fn(q, k, v, q_lens, kv_lens, streaming, sink=sparsity.prefill_sink,
               local=sparsity.prefill_local)
 
 
@@ -122,7 +132,7 @@ def composite_prefill(q, k, v, lens, stream_kv: tuple[int, ...], sparsity) -> ja
     dense_kv = tuple(x for x in range(kh) if x not in stream_kv)
     if not dense_kv or not stream_kv:
         streaming = jnp.full((kh,), bool(stream_kv))
-        return _prefill(q, k, v, lens, streaming, sparsity, "pallas") if stream_kv else (
+        return _prefill(q, k, v, lens, lens, streaming, sparsity, "pallas") if stream_kv else (
             cudnn_causal(q, k, v, lens))
 
     def heads(kv):

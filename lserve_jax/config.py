@@ -182,6 +182,10 @@ class SparsityConfig:
     selection_granularity: Granularity = "query_head"
     group_reduction: Literal["sum", "max"] = "sum"  # kv_head granularity: combine G heads' scores
     dense_layers: int = 0  # the first layers run dense whatever the policy (Quest: 2)
+    # prompts longer than this are prefilled chunk by chunk (0: never). Streaming heads then
+    # keep prefill_local + prefill_chunk tokens of ring, so that every chunk sees exactly the
+    # window an unchunked prefill sees.
+    prefill_chunk: int = 0
 
     def __post_init__(self):
         _one_of(self, "policy", POLICIES)
@@ -189,7 +193,7 @@ class SparsityConfig:
         _one_of(self, "group_reduction", ("sum", "max"))
         _positive(self, "page_size", "logical_page_size", "token_budget", "reuse_interval",
                   "decode_local", "prefill_local")
-        for name in ("prefill_sink", "decode_sink", "dense_layers"):
+        for name in ("prefill_sink", "decode_sink", "dense_layers", "prefill_chunk"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value >= 0, f"SparsityConfig.{name}", value,
                      "must be an integer >= 0")
@@ -204,6 +208,8 @@ class SparsityConfig:
                  f"{max(1, round(self.token_budget / self.page_size)) * self.page_size}")
         _require(0.0 <= self.static_sparsity <= 1.0, "SparsityConfig.static_sparsity",
                  self.static_sparsity, "must lie in [0, 1]")
+        _require(self.prefill_chunk % self.page_size == 0, "SparsityConfig.prefill_chunk",
+                 self.prefill_chunk, f"must be a multiple of page_size={self.page_size}")
         if self.policy == "quest":
             _require(self.logical_page_size == self.page_size, "SparsityConfig.logical_page_size",
                      self.logical_page_size, f"policy 'quest' uses flat pages: set it equal to "
@@ -253,8 +259,10 @@ class SparsityConfig:
 
     @property
     def ring_pages(self) -> int:
-        """The window [t - decode_local, t] touches at most ceil(local / N_P) + 1 pages."""
-        return math.ceil(self.decode_local / self.page_size) + 1
+        """A window of w tokens before the current one touches at most ceil(w / N_P) + 1
+        pages; with chunked prefill a chunk's queries reach back prefill_local + chunk."""
+        reach = self.prefill_local + self.prefill_chunk if self.prefill_chunk else 0
+        return math.ceil(max(self.decode_local, reach) / self.page_size) + 1
 
 
 @dataclasses.dataclass(frozen=True)

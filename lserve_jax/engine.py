@@ -132,7 +132,9 @@ class Engine:
             table[row] = rows
         lens = np.zeros(b, np.int32)
         lens[: len(prompts)] = [len(p) for p in prompts]
-        t = -(-int(lens.max()) // run.prefill_bucket) * run.prefill_bucket
+        chunk = self.sparsity.prefill_chunk
+        bucket = chunk if chunk and lens.max() > chunk else run.prefill_bucket
+        t = -(-int(lens.max()) // bucket) * bucket
         tokens = np.zeros((b, t), np.int32)
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = prompt
@@ -146,9 +148,17 @@ class Engine:
         k_prefill, k_decode = jax.random.split(key)
         stream_heads = tuple(tuple(int(h) for h in np.nonzero(row == STREAM)[0])
                              for row in self.modes)
-        first, cache = prefill(*static, stream_heads, run.prefill_kernel, self.params, cache,
-                               jnp.asarray(tokens), jnp.asarray(lens), modes, k_prefill, temp,
-                               top_p)
+        step = min(t, chunk) if chunk else t
+        logits = None
+        for start in range(0, t, step):  # chunk by chunk when the prompt is long
+            phase = "prefill" if start == 0 else "chunk"
+            new = np.clip(lens - start, 0, step).astype(np.int32)
+            part, cache = prefill(*static, stream_heads, run.prefill_kernel, phase,
+                                  self.params, cache, jnp.asarray(tokens[:, start:start + step]),
+                                  jnp.int32(start), jnp.asarray(new), modes)
+            ends_here = jnp.asarray((lens > start) & (lens <= start + step))[:, None]
+            logits = part if logits is None else jnp.where(ends_here, part, logits)
+        first = _sample(logits, k_prefill, temp, top_p)
         out, count, self.cache = decode(*static, run.max_new_tokens, self.params, cache, first,
                                         jnp.asarray(lens > 0), modes, k_decode, temp, top_p,
                                         stops)
@@ -161,20 +171,24 @@ class Engine:
         return completions
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), donate_argnums=(6,))
-def prefill(model_cfg, sparsity, backend, stream_heads, prefill_kernel, params, cache: KVCache,
-            tokens, lens, modes, key, temperature, top_p):
-    """Writes the prompts (tokens [B, T], lens [B]) into the cache and samples the first token
-    of each row. `stream_heads`: each layer's streaming KV heads (static). Returns ([B] int32,
-    cache)."""
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(7,))
+def prefill(model_cfg, sparsity, backend, stream_heads, prefill_kernel, phase, params,
+            cache: KVCache, tokens, start, new_lens, modes):
+    """Writes prompt tokens at positions start .. start + T - 1 (tokens [B, T]; row b's first
+    new_lens[b] are real) and returns the logits of each row's last written token ([B, V] f32;
+    garbage for rows with new_lens == 0) with the cache. `phase` is "prefill" for the first
+    chunk, "chunk" after; `stream_heads`: each layer's streaming KV heads (static)."""
     model = Llama(model_cfg, sparsity, backend)
     b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    meta = AttentionMetadata(new_lens=lens, modes=modes, step=jnp.zeros((), jnp.int32),
-                             logits_at=jnp.maximum(lens - 1, 0), phase="prefill",
+    positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    meta = AttentionMetadata(new_lens=new_lens, modes=modes, step=jnp.zeros((), jnp.int32),
+                             logits_at=jnp.maximum(new_lens - 1, 0), phase=phase,
                              stream_heads=stream_heads, prefill_kernel=prefill_kernel)
     logits, cache = model.apply({"params": params}, tokens, positions, cache, meta)
-    return sample(logits[:, 0], key, temperature, top_p), cache
+    return logits[:, 0], cache
+
+
+_sample = jax.jit(sample)
 
 
 def decode_step(model: Llama, params, cache: KVCache, state: DecodeState, modes, stops,

@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 
 import jax
@@ -98,3 +99,20 @@ def test_decode_does_not_copy_the_cache(params, policy):
         memory = compiled.memory_analysis()
         assert memory.alias_size_in_bytes >= cache_bytes  # the cache is updated in place
         assert memory.temp_size_in_bytes < cache_bytes / 4  # and never copied (K alone: ~1/2)
+
+
+@pytest.mark.parametrize("policy", ["dense", "streaming", "lserve"])
+@pytest.mark.parametrize("backend", ["reference", "pallas_interpret"])
+def test_chunked_prefill_equals_unchunked(params, policy, backend):
+    base = SparsityConfig(page_size=16, logical_page_size=8, token_budget=48, decode_sink=16,
+                          decode_local=32, prefill_sink=16, prefill_local=40).for_policy(policy)
+    gates = np.random.default_rng(1).random((2, 2))
+    prompts = _prompts([150, 61, 97], seed=4)  # ragged; the 32-token chunks split them unevenly
+    run = RunConfig(max_new_tokens=6, backend=backend)
+    outs = []
+    for chunk in (0, 32):
+        sparsity = dataclasses.replace(base, prefill_chunk=chunk)
+        engine = Engine(CFG, params, sparsity, CacheConfig(max_seq_len=256, max_batch=3), gates,
+                        pool_fill=np.nan)
+        outs.append([c.tokens for c in engine.generate(prompts, run)])
+    assert outs[0] == outs[1]

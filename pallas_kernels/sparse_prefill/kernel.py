@@ -63,6 +63,7 @@ def _prefill_kernel(
     rows = first + jax.lax.broadcasted_iota(jnp.int32, (bq,), 0)
     row_ok = i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq,), 0) < q_len
     n_tiles = jnp.clip(pl.cdiv(jnp.minimum(kv_len, last + 1), bk), 0, k_ref.shape[0] // bk)
+    n_tiles = jnp.where(i * bq < q_len, n_tiles, 0)  # a tile of padding rows does no work
     n_clean = jnp.minimum((first + 1) // bk, kv_len // bk)  # tiles every row sees whole
     sink_tiles = jnp.where(streaming, jnp.minimum(pl.cdiv(sink, bk), n_tiles), 0)
     window_lo = jnp.where(streaming, jnp.maximum((first - local) // bk, sink_tiles), 0)

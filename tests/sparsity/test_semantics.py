@@ -195,3 +195,27 @@ def test_policies_are_data_outside_sparsity():
             if isinstance(node, ast.Compare):
                 literals = {c.value for c in ast.walk(node) if isinstance(c, ast.Constant)}
                 assert not literals & names, f"{path.name}:{node.lineno} branches on a policy"
+
+
+@pytest.mark.parametrize("policy", ["dense", "streaming", "lserve"])
+def test_chunked_prefill_gives_the_logits_of_one_prefill(policy):
+    """Chunks of 16 tokens (phase "chunk": queries also attend to the cached tokens) against
+    one prefill call; streaming heads keep a ring sized for prefill_local + chunk."""
+    sparsity = dataclasses.replace(BASE.for_policy(policy), prefill_chunk=16)
+    whole = teacher_forced(sparsity, TOKENS, 70)  # the whole sequence in one prefill
+    b, total = TOKENS.shape
+    modes = head_modes(CFG, sparsity, GATES)
+    cache, _ = allocated_cache(CFG, sparsity, [total] * b, modes)
+    apply = _apply(CFG, sparsity)
+    positions = jnp.broadcast_to(jnp.arange(total), (b, total))
+    parts = []
+    for start in range(0, total, 16):
+        stop = min(total, start + 16)
+        meta = AttentionMetadata(new_lens=jnp.full((b,), stop - start, jnp.int32),
+                                 modes=jnp.asarray(modes), step=jnp.int32(0),
+                                 phase="prefill" if start == 0 else "chunk")
+        logits, cache = apply({"params": _params(CFG)}, TOKENS[:, start:stop],
+                              positions[:, start:stop], cache, meta)
+        parts.append(logits)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(parts, axis=1)), whole, atol=1e-5,
+                               rtol=0)
