@@ -2,10 +2,12 @@
 # Everything that needs the H200, in one go: kernel tests compiled for the GPU, then the
 # benchmarks. Results land in OUT (default experiments/results); logs beside them.
 #   bash experiments/gpu_suite.sh [OUT] [STEP ...]
-#   steps: fixture tests prefill decode dense (default: all but fixture)
+#   steps: fixture tests prefill decode dense e2e (default: all but fixture)
+# e2e reads a DuoAttention pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git
+# ignores it: it is another project's data) and carry that folder to the device.
 set -uo pipefail
 out=${1:-experiments/results}; shift || true
-steps=${*:-tests prefill decode dense}
+steps=${*:-tests prefill decode dense e2e}
 mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 for step in $steps; do
@@ -20,6 +22,8 @@ for step in $steps; do
               --out "$out" --sweep ${DECODE_SHAPES:+--shapes $DECODE_SHAPES} ;;
     dense) timeout ${DENSE_S:-200} python3 experiments/bench_dense_decode.py --out "$out" \
              --backends ${DENSE_BACKENDS:-pallas cudnn} ${DENSE_SHAPES:+--shapes $DENSE_SHAPES} ;;
+    e2e) timeout ${E2E_S:-540} python3 experiments/bench_e2e.py --out "$out" \
+           --pattern ${DUO_PATTERN:-.patterns/Llama-3-8B-Instruct-Gradient-1048k} ;;
     *) echo "unknown step $step" ;;
   esac 2>&1 | tee "$out/$step.log" | grep -v "^WARNING" | tail -40
 done

@@ -1,0 +1,172 @@
+"""End-to-end serving on the Llama-3-8B shape (random bf16 weights, no download): per-token
+decode latency, time to first token and KV memory for dense, LServe, DuoAttention and Quest.
+
+Decode: the cache is filled with random K/V for `context` tokens plus exact page statistics
+(no real prefill: it would only cost time); then the engine's jitted decode loop
+(`lax.while_loop`, cache donated) runs `--steps` tokens and the mean per token is reported,
+with the floor = (weights + the KV the policy must read) / 4.3 TB/s. A configuration whose
+pool does not fit next to the weights is reported as out of memory without allocating it.
+TTFT: `Engine.generate(max_new_tokens=1)` on random prompts (chunked when longer than
+`--chunk`), after a same-shape warm-up.
+
+    python experiments/bench_e2e.py --pattern ../shared/duo_patterns/Llama-3-8B-Instruct-Gradient-1048k
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import benchlib
+from lserve_jax.config import CacheConfig, ModelConfig, RunConfig, SparsityConfig
+from lserve_jax.engine import Engine, decode
+from lserve_jax.model.llama import init_params
+from lserve_jax.sparsity.heads import load_gates
+from lserve_jax.sparsity.policy import attended_tokens
+
+DECODE = [(1, t) for t in (16384, 32768, 65536, 131072, 262144)] + [
+    (b, t) for b in (4, 8) for t in (32768, 65536, 131072)]
+TTFT = (32768, 65536, 131072)
+HBM = 139 * 2**30  # usable device memory on the H200
+
+
+def policies(chunk: int) -> dict[str, SparsityConfig]:
+    base = SparsityConfig(prefill_chunk=chunk)
+    return {name: base.for_policy(name) for name in ("dense", "lserve", "duo", "quest")}
+
+
+def fill(engine: Engine, batch: int, context: int, key) -> None:
+    """Random K/V for `context` tokens per row, exact statistics, page tables reserved."""
+    table = np.zeros(engine.cache.page_table.shape, np.int32)
+    for row in range(batch):
+        table[row] = engine.pages.reserve(engine.cache_cfg.max_seq_len)[0]
+    cache = engine.cache
+    k1, k2 = jax.random.split(key)
+
+    @jax.jit
+    def randomise(k_pool, v_pool):
+        k_pool = jax.random.normal(k1, k_pool.shape, k_pool.dtype)
+        v_pool = jax.random.normal(k2, v_pool.shape, v_pool.dtype)
+        rows = k_pool.reshape(k_pool.shape[0], cache.kmin.shape[1], -1, k_pool.shape[2])
+        return k_pool, v_pool, rows.min(axis=2), rows.max(axis=2)
+
+    k_pool, v_pool, kmin, kmax = randomise(cache.k, cache.v)
+    if not engine.sparsity.dynamic:  # statistics are not kept for these policies
+        kmin, kmax = cache.kmin, cache.kmax
+    engine.cache = dataclasses.replace(
+        cache, k=k_pool, v=v_pool, kmin=kmin, kmax=kmax, page_table=jnp.asarray(table),
+        lengths=jnp.full((cache.lengths.shape[0],), context, jnp.int32))
+
+
+def decode_row(cfg, params, weights, name, sparsity, gates, batch, context, steps, backend):
+    max_seq = context + steps + 8
+    probe = Engine(cfg, params, sparsity, CacheConfig(max_seq_len=max_seq, max_batch=1,
+                                                      num_pages=2), gates)
+    needed = weights + batch * probe.kv_bytes_per_sequence(max_seq)
+    row = {"name": f"decode_{name}", "policy": name, "batch": batch, "context": context,
+           "kv_bytes_per_seq": probe.kv_bytes_per_sequence(context)}
+    if needed > HBM:
+        return {**row, "error": f"out of memory: needs {needed / 2**30:.0f} GiB"}
+    engine = Engine(cfg, params, sparsity, CacheConfig(max_seq_len=max_seq, max_batch=batch),
+                    gates)
+    fill(engine, batch, context, jax.random.key(context + batch))
+    modes = jnp.asarray(engine.modes)
+    args = (jnp.zeros((batch,), jnp.int32), jnp.ones((batch,), bool), modes,
+            jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.asarray([-1], jnp.int32))
+    timings = []
+    for n in (steps, steps):  # compile + warm-up, then the timed loop (same static shape)
+        cache = dataclasses.replace(engine.cache, lengths=jnp.full((batch,), context, jnp.int32))
+        start = time.perf_counter()
+        out, _, engine.cache = decode(cfg, sparsity, backend, n + 1, params, cache, *args)
+        jax.block_until_ready(out)
+        timings.append(1e3 * (time.perf_counter() - start) / n)
+    read = batch * attended_tokens(engine.modes, context, sparsity) * cfg.kv_bytes_per_token
+    return {**row, "ms": round(timings[-1], 3),
+            "floor_ms": round(benchlib.floor_ms(weights + read), 3),
+            "peak_gib": round(_peak() / 2**30, 1)}
+
+
+def ttft_row(cfg, params, name, sparsity, gates, context, backend):
+    engine = Engine(cfg, params, sparsity, CacheConfig(max_seq_len=context + 128, max_batch=1),
+                    gates)
+    prompt = np.random.default_rng(context).integers(0, cfg.vocab_size, context).tolist()
+    run = RunConfig(max_new_tokens=1, backend=backend)
+    engine.generate([prompt], run)  # compile
+    start = time.perf_counter()
+    engine.generate([prompt], run)
+    return {"name": f"ttft_{name}", "policy": name, "batch": 1, "context": context,
+            "ms": round(1e3 * (time.perf_counter() - start), 1),
+            "peak_gib": round(_peak() / 2**30, 1)}
+
+
+def capacity_row(cfg, params, weights, name, sparsity, gates, context, headroom=8 * 2**30):
+    """The largest batch whose pool fits beside the weights (computed from the allocator)."""
+    probe = Engine(cfg, params, sparsity, CacheConfig(max_seq_len=context, max_batch=1,
+                                                      num_pages=2), gates)
+    per_seq = probe.kv_bytes_per_sequence(context)
+    return {"name": f"capacity_{name}", "policy": name, "context": context,
+            "kv_gib_per_seq": round(per_seq / 2**30, 2),
+            "max_batch_computed": int((HBM - weights - headroom) // per_seq)}
+
+
+def _peak() -> int:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pattern", required=True, help="DuoAttention pattern of the model")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--model", default="llama3-8b", help="'tiny' for a CPU smoke run")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=32768)
+    parser.add_argument("--backend", default="pallas")
+    parser.add_argument("--decode", nargs="*", default=None, help="BATCHxCONTEXT ...")
+    parser.add_argument("--ttft", type=int, nargs="*", default=list(TTFT))
+    args = parser.parse_args()
+    cfg = ModelConfig.from_name(args.model)
+    gates = load_gates(args.pattern)[: cfg.n_layers, : cfg.n_kv_heads]
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+    weights = sum(x.nbytes for x in jax.tree.leaves(params)) - params["embed"].nbytes
+    shapes = [tuple(map(int, s.split("x"))) for s in args.decode] if args.decode else DECODE
+    rows = []
+    for name, sparsity in policies(args.chunk).items():
+        jobs = [(decode_row, (cfg, params, weights, name, sparsity, gates, b, t, args.steps,
+                              args.backend)) for b, t in shapes]
+        jobs += [(ttft_row, (cfg, params, name, sparsity, gates, t, args.backend))
+                 for t in args.ttft]
+        jobs += [(capacity_row, (cfg, params, weights, name, sparsity, gates, t))
+                 for t in (131072, 262144)]
+        for fn, job in jobs:
+            try:
+                row = fn(*job)
+            except Exception as err:  # report it as a row; keep measuring the rest
+                row = {"name": f"{fn.__name__}_{name}", "policy": name, "error": repr(err)[:300]}
+            rows.append(row)
+            print(row, flush=True)
+            benchlib.write_results("e2e", _with_baselines(rows), args.out,
+                                   model=f"{args.model}, random {cfg.dtype} weights",
+                                   cache="random K/V + exact page statistics (decode rows)")
+
+
+def _with_baselines(rows: list[dict]) -> list[dict]:
+    """speedup against the dense row of the same name and shape, where both exist."""
+    dense = {(r["name"].split("_")[0], r.get("batch"), r.get("context")): r.get("ms")
+             for r in rows if r.get("policy") == "dense"}
+    out = []
+    for r in rows:
+        base = dense.get((r["name"].split("_")[0], r.get("batch"), r.get("context")))
+        extra = {"baseline_ms": base, "speedup": round(base / r["ms"], 2)} if (
+            base and r.get("ms")) else {}
+        out.append({**r, **extra})
+    return out
+
+
+if __name__ == "__main__":
+    main()
