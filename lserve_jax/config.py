@@ -323,7 +323,7 @@ class ExperimentConfig:
     policies: tuple[Policy, ...] = ("dense", "streaming", "quest", "lserve")
     prompt_lengths: tuple[int, ...] = (48, 200, 480)
     head_gates_seed: int = 0  # random DuoAttention gates when sparsity.head_pattern is unset
-    output_dir: str = "experiments/results"
+    output_dir: str = "runs"
     sparsity: SparsityConfig = SparsityConfig()
     cache: CacheConfig = CacheConfig(max_seq_len=1024, max_batch=4)
     run: RunConfig = RunConfig()
