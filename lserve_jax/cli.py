@@ -34,7 +34,7 @@ class GenerateArgs:
 
 def generate(args: GenerateArgs) -> list[int]:
     from lserve_jax.engine import Engine
-    from lserve_jax.experiment import experiment_gates
+    from lserve_jax.experiment import head_gates
     from lserve_jax.model import load_model
 
     cfg, params, tokenizer = load_model(args.model, args.run.seed)
@@ -47,8 +47,8 @@ def generate(args: GenerateArgs) -> list[int]:
         prompt = list(args.tokens)
     else:
         raise SystemExit("give --prompt TEXT or --tokens ID ...")
-    gates_from = ExperimentConfig(sparsity=args.sparsity, head_gates_seed=args.head_gates_seed)
-    gates = experiment_gates(gates_from, cfg.n_layers, cfg.n_kv_heads)
+    gates = head_gates(args.sparsity.head_pattern, args.head_gates_seed, cfg.n_layers,
+                       cfg.n_kv_heads)
     engine = Engine(cfg, params, args.sparsity, args.cache, gates)
     completion = engine.generate([prompt], args.run)[0]
     if completion.error:

@@ -303,7 +303,7 @@ class RunConfig:
         _require(0.0 < self.top_p <= 1.0, "RunConfig.top_p", self.top_p, "must lie in (0, 1]")
 
 
-def check_compatible(model: ModelConfig, sparsity: SparsityConfig, cache: CacheConfig) -> None:
+def check_compatible(model: ModelConfig, sparsity: SparsityConfig) -> None:
     """Cross-config checks that no single dataclass can make."""
     _require(sparsity.dense_layers <= model.n_layers, "SparsityConfig.dense_layers",
              sparsity.dense_layers, f"must not exceed n_layers={model.n_layers}")

@@ -55,9 +55,11 @@ class Engine:
         self.model_cfg = model
         self.sparsity = sparsity or SparsityConfig(policy="dense")
         self.cache_cfg = cache or CacheConfig()
-        check_compatible(model, self.sparsity, self.cache_cfg)
+        check_compatible(model, self.sparsity)
         self.params = params
         self.modes = head_modes(model, self.sparsity, gates)  # [L, K] int8
+        self.stream_heads = tuple(tuple(int(h) for h in np.nonzero(row == STREAM)[0])
+                                  for row in self.modes)  # the same, static, for prefill
         self.max_pages = math.ceil(self.cache_cfg.max_seq_len / self.sparsity.page_size)
         streaming = self.modes == STREAM
         num_pages = self.cache_cfg.num_pages or 1 + self.cache_cfg.max_batch * int(
@@ -146,14 +148,12 @@ class Engine:
             run.top_p)
         static = (self.model_cfg, self.sparsity, run.backend)
         k_prefill, k_decode = jax.random.split(key)
-        stream_heads = tuple(tuple(int(h) for h in np.nonzero(row == STREAM)[0])
-                             for row in self.modes)
         step = min(t, chunk) if chunk else t
         logits = None
         for start in range(0, t, step):  # chunk by chunk when the prompt is long
             phase = "prefill" if start == 0 else "chunk"
             new = np.clip(lens - start, 0, step).astype(np.int32)
-            part, cache = prefill(*static, stream_heads, run.prefill_kernel, phase,
+            part, cache = prefill(*static, self.stream_heads, run.prefill_kernel, phase,
                                   self.params, cache, jnp.asarray(tokens[:, start:start + step]),
                                   jnp.int32(start), jnp.asarray(new), modes)
             ends_here = jnp.asarray((lens > start) & (lens <= start + step))[:, None]

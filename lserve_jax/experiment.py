@@ -30,16 +30,18 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def experiment_gates(exp: ExperimentConfig, n_layers: int, n_kv_heads: int) -> np.ndarray:
-    """The configured DuoAttention pattern, or seeded random gates for models without one."""
-    if exp.sparsity.head_pattern:
-        return load_gates(exp.sparsity.head_pattern)
-    return np.random.default_rng(exp.head_gates_seed).random((n_layers, n_kv_heads))
+def head_gates(head_pattern: str | None, seed: int, n_layers: int,
+               n_kv_heads: int) -> np.ndarray:
+    """The DuoAttention pattern's gates, or seeded random gates for models without one."""
+    if head_pattern:
+        return load_gates(head_pattern)
+    return np.random.default_rng(seed).random((n_layers, n_kv_heads))
 
 
 def run_generate(exp: ExperimentConfig) -> list[dict]:
     cfg, params, _ = load_model(exp.model, exp.run.seed)
-    gates = experiment_gates(exp, cfg.n_layers, cfg.n_kv_heads)
+    gates = head_gates(exp.sparsity.head_pattern, exp.head_gates_seed, cfg.n_layers,
+                       cfg.n_kv_heads)
     rng = np.random.default_rng(exp.run.seed)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in exp.prompt_lengths]
     reference = None

@@ -8,7 +8,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from lserve_jax.cache.allocator import PageAllocator, SequencePages
+from lserve_jax.cache.allocator import PageAllocator, SequencePages, pages_per_head
 from lserve_jax.cache.paged import KVCache, empty_cache
 from lserve_jax.config import ModelConfig, SparsityConfig
 from lserve_jax.sparsity.policy import STREAM
@@ -22,9 +22,8 @@ def allocated_cache(cfg: ModelConfig, sparsity: SparsityConfig, capacities: list
     Pages are handed out in a shuffled order so that physical order != logical order."""
     max_pages = max_pages or max(1, max(math.ceil(c / sparsity.page_size) for c in capacities))
     streaming = np.asarray(modes) == STREAM
-    total = 1 + spare_pages + sum(
-        int(np.where(streaming, min(math.ceil(c / sparsity.page_size), sparsity.stream_pages),
-                     math.ceil(c / sparsity.page_size)).sum()) for c in capacities)
+    total = 1 + spare_pages + sum(int(pages_per_head(c, streaming, sparsity).sum())
+                                  for c in capacities)
     allocator = PageAllocator(total)
     np.random.default_rng(seed).shuffle(allocator._free)  # scatter pages across the pool
     pages = SequencePages(allocator, streaming, sparsity, max_pages)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from lserve_jax.config import (CacheConfig, ExperimentConfig, ModelConfig, RunConfig,
+from lserve_jax.config import (ExperimentConfig, ModelConfig, RunConfig,
                                SparsityConfig, check_compatible, from_dict, load_experiment)
 
 
@@ -55,7 +55,7 @@ def test_quest_uses_flat_pages_of_the_logical_size():
 
 def test_cross_config_check():
     with pytest.raises(ValueError, match="dense_layers"):
-        check_compatible(ModelConfig(n_layers=2), SparsityConfig(dense_layers=3), CacheConfig())
+        check_compatible(ModelConfig(n_layers=2), SparsityConfig(dense_layers=3))
 
 
 def test_run_config_validation():

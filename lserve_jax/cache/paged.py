@@ -1,4 +1,4 @@
-"""The paged KV cache pytree and its plain-jnp writes.
+"""The paged KV cache pytree (its writes are the paged_write op, through attention.py).
 
 One pool of physical pages holds the keys and values of every (layer, KV head); a page holds
 `page_size` tokens of one head. Each sequence has a page table per (layer, KV head) that maps
@@ -34,14 +34,6 @@ class KVCache:
     page_table: jax.Array  # [B, L, K, M] int32: logical page -> physical page (0 = unallocated)
     lengths: jax.Array  # [B] int32: tokens held per sequence
     selected: jax.Array  # [L, B, K, Gs, W] int32: reusable page selection (logical ids, -1 pad)
-
-    @property
-    def page_size(self) -> int:
-        return self.k.shape[1]
-
-    @property
-    def logical_page_size(self) -> int:
-        return self.k.shape[1] // self.kmin.shape[1]
 
     @property
     def max_pages(self) -> int:
