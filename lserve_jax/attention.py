@@ -57,7 +57,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,
     Returns ([B, T, N, H], cache)."""
     streaming = meta.modes[layer] == STREAM  # [K]
     with jax.named_scope("kv_write"):
-        cache = _write(cache, layer, k, v, meta.new_lens, streaming, sparsity, backend)
+        cache = _write(cache, layer, k, v, meta.new_lens, streaming, sparsity, backend,
+                       aligned=meta.phase != "decode")
     if meta.phase == "prefill":
         with jax.named_scope("prefill_attention"):
             if backend == "pallas" and meta.prefill_kernel == "composite":
@@ -100,8 +101,12 @@ def _select_reference(q, kmin, kmax, table, lengths, *, layer, k, width, page_si
                                   keep_sink_page=keep_sink_page)
 
 
-def _write(cache, layer, k, v, new_lens, streaming, sparsity, backend) -> KVCache:
+def _write(cache, layer, k, v, new_lens, streaming, sparsity, backend, aligned) -> KVCache:
+    """`aligned`: every writing row starts on a page boundary (prefill, and chunks, which are
+    page multiples), so the kernels may reduce statistics per page instead of per token."""
     write = _kernels(backend)[0]
+    if aligned and backend in ("pallas", "pallas_interpret"):
+        write = functools.partial(write, aligned=True)
     k_pool, v_pool, kmin, kmax = write(
         cache.k, cache.v, cache.kmin, cache.kmax, cache.page_table[:, layer], cache.lengths,
         k, v, new_lens, streaming, sink_pages=sparsity.sink_pages,

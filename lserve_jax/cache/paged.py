@@ -6,7 +6,8 @@ logical page j (tokens j*N_P .. j*N_P + N_P - 1) to a physical page. A streaming
 its sink pages and a ring of local pages: its table aliases logical page j to the ring slot
 `sink_pages + (j - sink_pages) % ring_pages`, so memory stays constant as the sequence grows.
 Physical page 0 is the trash page: writes that must not land (padding, inactive sequences,
-streaming-head tokens that the ring would overwrite anyway) go there, and nothing reads it.
+streaming-head tokens that the ring would overwrite anyway) are routed there (the decode append
+writes them there, prefill scatters skip them), and nothing reads it.
 """
 
 from __future__ import annotations

@@ -1,26 +1,57 @@
 """Public entry of the paged write: decode appends go through the Pallas kernel, multi-token
-writes (prefill) through the reference scatter. Same call and result as the reference."""
+writes (prefill) through XLA scatters. Same call and result as the reference."""
 
 from __future__ import annotations
 
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.paged_write.kernel import append_token
-from pallas_kernels.paged_write.reference import destinations, write_tokens_reference
+from pallas_kernels.paged_write.reference import destinations, dropped, write_tokens_reference
 
 
-@functools.partial(jax.jit, static_argnames=("sink_pages", "ring_pages", "stats", "interpret"))
+@functools.partial(jax.jit,
+                   static_argnames=("sink_pages", "ring_pages", "stats", "aligned", "interpret"))
 def write_tokens(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens, streaming, *,
-                 sink_pages: int, ring_pages: int, stats: bool = True, interpret: bool = False):
-    """See `write_tokens_reference` (argument shapes there)."""
+                 sink_pages: int, ring_pages: int, stats: bool = True, aligned: bool = False,
+                 interpret: bool = False):
+    """See `write_tokens_reference` (argument shapes there). `aligned`: the caller promises
+    that every row that writes starts at a logical-page boundary (lengths % Nl == 0, as in a
+    prefill or a page-aligned chunk); multi-token statistics are then reduced per logical page
+    and stored once, instead of a scatter-min per token (16 colliding bf16 updates per logical
+    page)."""
     if k.shape[1] != 1:
-        return write_tokens_reference(k_pool, v_pool, kmin, kmax, table, lengths, k, v,
-                                      new_lens, streaming, sink_pages=sink_pages,
-                                      ring_pages=ring_pages, stats=stats)
+        if not (stats and aligned):
+            return write_tokens_reference(k_pool, v_pool, kmin, kmax, table, lengths, k, v,
+                                          new_lens, streaming, sink_pages=sink_pages,
+                                          ring_pages=ring_pages, stats=stats)
+        return _write_aligned(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens,
+                              streaming, sink_pages=sink_pages, ring_pages=ring_pages)
     phys, slot = destinations(table, lengths, new_lens, streaming, 1, k_pool.shape[1],
                               sink_pages=sink_pages, ring_pages=ring_pages)
     return append_token(k[:, 0], v[:, 0], phys[:, 0], slot[:, 0, 0], k_pool, v_pool, kmin, kmax,
                         logical_page=k_pool.shape[1] // kmin.shape[1], stats=stats,
                         interpret=interpret)
+
+
+def _write_aligned(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens, streaming, *,
+                   sink_pages, ring_pages):
+    b, t, kh, h = k.shape
+    n_l = k_pool.shape[1] // kmin.shape[1]
+    k_pool, v_pool, _, _ = write_tokens_reference(
+        k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens, streaming,
+        sink_pages=sink_pages, ring_pages=ring_pages, stats=False)
+    pad = -t % n_l
+    keys = jnp.pad(k.astype(kmin.dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
+    valid = (jnp.arange(t + pad) < new_lens[:, None])[:, :, None, None]
+    blocks = (b, (t + pad) // n_l, n_l, kh, h)
+    lo = jnp.where(valid, keys, jnp.inf).reshape(blocks).min(axis=2)  # [B, T/Nl, K, H]
+    hi = jnp.where(valid, keys, -jnp.inf).reshape(blocks).max(axis=2)
+    phys, slot = destinations(table, lengths, new_lens, streaming, t + pad, k_pool.shape[1],
+                              sink_pages=sink_pages, ring_pages=ring_pages)
+    first = dropped(phys[:, ::n_l], k_pool.shape[0])  # each logical page's first token
+    stat = slot[:, ::n_l] // n_l
+    return (k_pool, v_pool, kmin.at[first, stat].set(lo, mode="drop"),
+            kmax.at[first, stat].set(hi, mode="drop"))

@@ -2,7 +2,8 @@
 
 Layout (shared by every op): pools `[P, Np, H]` hold one (layer, KV head)'s `Np` tokens per
 physical page; statistics `[P, Np/Nl, H]` hold the channel-wise min/max of each logical page of
-`Nl` tokens; page 0 is the trash page, where writes that must not land are sent.
+`Nl` tokens; page 0 is the trash page: a token that must not land is routed there (the decode
+kernel writes it there; the multi-token scatters below skip it).
 """
 
 from __future__ import annotations
@@ -56,13 +57,21 @@ def write_tokens_reference(
     """
     phys, slot = destinations(table, lengths, new_lens, streaming, k.shape[1], k_pool.shape[1],
                               sink_pages=sink_pages, ring_pages=ring_pages)
+    phys = dropped(phys, k_pool.shape[0])
     n_l = k_pool.shape[1] // kmin.shape[1]  # kmin keeps its [*, Np/Nl, H] shape without stats
     stat = slot // n_l
     k = k.astype(k_pool.dtype)
     if stats:
-        starts = jnp.where(slot % n_l == 0, phys, TRASH_PAGE)
-        kmin = kmin.at[starts, stat].set(jnp.inf).at[phys, stat].min(k)
-        kmax = kmax.at[starts, stat].set(-jnp.inf).at[phys, stat].max(k)
-    k_pool = k_pool.at[phys, slot].set(k)
-    v_pool = v_pool.at[phys, slot].set(v.astype(v_pool.dtype))
+        starts = jnp.where(slot % n_l == 0, phys, k_pool.shape[0])
+        kmin = kmin.at[starts, stat].set(jnp.inf, mode="drop").at[phys, stat].min(k, mode="drop")
+        kmax = kmax.at[starts, stat].set(-jnp.inf, mode="drop").at[phys, stat].max(k, mode="drop")
+    k_pool = k_pool.at[phys, slot].set(k, mode="drop")
+    v_pool = v_pool.at[phys, slot].set(v.astype(v_pool.dtype), mode="drop")
     return k_pool, v_pool, kmin, kmax
+
+
+def dropped(phys: jax.Array, num_pages: int) -> jax.Array:
+    """Trash-page destinations made out of range, for scatters with mode="drop": the update is
+    skipped instead of landing (a prefill sends most streaming-head tokens to the trash page,
+    and thousands of updates colliding on one page serialise on the GPU)."""
+    return jnp.where(phys == TRASH_PAGE, num_pages, phys)

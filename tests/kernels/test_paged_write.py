@@ -33,3 +33,25 @@ def test_append_matches_reference_bit_for_bit(page_size, stats):
         np.testing.assert_array_equal(np.asarray(a[1:]).view(np.uint16),
                                       np.asarray(c[1:]).view(np.uint16))
     lower_for_cuda(lambda *a: write_tokens(*a, **kw), *args)
+
+
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_aligned_prefill_write_matches_reference(page_size):
+    """The per-logical-page reduction used by prefill and chunks equals the scatter-min."""
+    keys = jax.random.split(jax.random.key(7 + page_size), 5)
+    b, k, h, m, t = 3, 2, 16, 8, 100
+    p = 1 + 2 * b * k * m
+    pools = [nan_pool(p, page_size, h, jnp.bfloat16, keys[i]) for i in range(2)]
+    stat = [nan_pool(p, page_size, h, jnp.bfloat16, keys[2], rows=page_size // 16)
+            for _ in range(2)]
+    table = random_tables(b, k, m, p, keys[3])
+    lengths = jnp.asarray([0, 32, 0], jnp.int32)  # logical-page aligned starts
+    new = jax.random.normal(keys[4], (b, t, k, h), jnp.float32).astype(jnp.bfloat16)
+    new_lens = jnp.asarray([100, 37, 0], jnp.int32)  # ragged, not page multiples, one idle
+    args = (*pools, *stat, table, lengths, new, -new, new_lens, jnp.asarray([True, False]))
+    kw = dict(sink_pages=1, ring_pages=2, stats=True)
+    ref = write_tokens_reference(*args, **kw)
+    out = write_tokens(*args, **kw, aligned=True, interpret=INTERPRET)
+    for a, c in zip(ref, out):
+        np.testing.assert_array_equal(np.asarray(a[1:]).view(np.uint16),
+                                      np.asarray(c[1:]).view(np.uint16))
