@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import pathlib
 import statistics
 import time
 
@@ -53,7 +54,7 @@ def filled_cache(cfg, sparsity, batch, context, steps, key):
         lengths=jnp.full((batch,), context, jnp.int32)), jnp.asarray(modes)
 
 
-def run(cfg, params, backend, batch, context, steps):
+def run(cfg, params, backend, batch, context, steps, profile=False, hlo=None):
     sparsity = SparsityConfig(policy="dense")
     cache, modes = filled_cache(cfg, sparsity, batch, context, steps + 8, jax.random.key(1))
     model = Llama(cfg, sparsity, backend)
@@ -64,6 +65,9 @@ def run(cfg, params, backend, batch, context, steps):
     step = jax.jit(functools.partial(decode_step, model), donate_argnums=(1,)).lower(
         params, cache, state, *args).compile()
     memory = step.memory_analysis()  # in-place cache update: temp << cache bytes
+    if hlo:  # the optimised HLO, to map the profile's fusion names to what they compute
+        pathlib.Path(hlo).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(hlo) / f"step_{backend}_{batch}x{context}.hlo.txt").write_text(step.as_text())
     samples = []
     for i in range(steps + 3):
         start = time.perf_counter()
@@ -71,6 +75,10 @@ def run(cfg, params, backend, batch, context, steps):
         jax.block_until_ready(state.out)
         if i >= 3:
             samples.append(1e3 * (time.perf_counter() - start))
+    kernels = None
+    if profile:
+        kernels, (cache, state) = benchlib.kernel_summary(
+            lambda c, s: step(params, c, s, *args), cache, state)
     cache = dataclasses.replace(cache, lengths=jnp.full((batch,), context, jnp.int32))
     loop = functools.partial(decode, cfg, sparsity, backend, steps + 1)
     first = jnp.zeros((batch,), jnp.int32)
@@ -85,7 +93,7 @@ def run(cfg, params, backend, batch, context, steps):
     jax.block_until_ready(out)
     loop_ms = 1e3 * (time.perf_counter() - start) / steps
     finite = bool(jnp.all(jnp.isfinite(cache.k[1:2])))
-    return statistics.median(samples), loop_ms, finite, memory
+    return statistics.median(samples), loop_ms, finite, memory, kernels
 
 
 def main():
@@ -95,6 +103,9 @@ def main():
     parser.add_argument("--backends", nargs="+", default=["cudnn", "pallas"])
     parser.add_argument("--model", default="llama3-8b", help="a preset; 'tiny' for a CPU smoke run")
     parser.add_argument("--shapes", nargs="+", default=None, help="BATCHxCONTEXT, e.g. 1x4096")
+    parser.add_argument("--hlo", default=None, help="write each compiled step's HLO here")
+    parser.add_argument("--profile", action="store_true",
+                        help="add each row's device-kernel summary (JAX profiler trace)")
     args = parser.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
     cfg = ModelConfig.from_name(args.model)
@@ -106,8 +117,9 @@ def main():
             kv = batch * context * cfg.kv_bytes_per_token
             floor = benchlib.floor_ms(weights + kv)
             try:
-                ms, loop_ms, finite, memory = run(cfg, params, backend, batch, context,
-                                                  args.steps)
+                ms, loop_ms, finite, memory, kernels = run(cfg, params, backend, batch,
+                                                           context, args.steps, args.profile,
+                                                           args.hlo)
             except Exception as err:  # report the failure as a row, keep measuring the rest
                 rows.append({"name": f"dense_decode_{backend}", "shape": [batch, context],
                              "error": f"{type(err).__name__}: {str(err)[:300]}"})
@@ -119,7 +131,8 @@ def main():
                          "floor_ms": round(floor, 4), "ratio_to_floor": round(ms / floor, 3),
                          "weight_bytes": weights, "kv_bytes": kv, "finite": finite,
                          "step_temp_bytes": memory.temp_size_in_bytes,
-                         "step_alias_bytes": memory.alias_size_in_bytes})
+                         "step_alias_bytes": memory.alias_size_in_bytes,
+                         **({"kernels": kernels} if kernels else {})})
             print(rows[-1], flush=True)
             benchlib.write_results("dense_decode", rows, args.out, steps=args.steps,
                                    model=f"{args.model} (random {cfg.dtype} weights)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import time
 
 import jax
@@ -35,9 +36,9 @@ TTFT = (32768, 65536, 131072)
 HBM = 139 * 2**30  # usable device memory on the H200
 
 
-def policies(chunk: int) -> dict[str, SparsityConfig]:
+def policies(names, chunk: int) -> dict[str, SparsityConfig]:
     base = SparsityConfig(prefill_chunk=chunk)
-    return {name: base.for_policy(name) for name in ("dense", "lserve", "duo", "quest")}
+    return {name: base.for_policy(name) for name in names}
 
 
 def fill(engine: Engine, batch: int, context: int, key) -> None:
@@ -46,21 +47,34 @@ def fill(engine: Engine, batch: int, context: int, key) -> None:
     for row in range(batch):
         table[row] = engine.pages.reserve(engine.cache_cfg.max_seq_len)[0]
     cache = engine.cache
-    k1, k2 = jax.random.split(key)
-
-    @jax.jit
-    def randomise(k_pool, v_pool):
-        k_pool = jax.random.normal(k1, k_pool.shape, k_pool.dtype)
-        v_pool = jax.random.normal(k2, v_pool.shape, v_pool.dtype)
-        rows = k_pool.reshape(k_pool.shape[0], cache.kmin.shape[1], -1, k_pool.shape[2])
-        return k_pool, v_pool, rows.min(axis=2), rows.max(axis=2)
-
-    k_pool, v_pool, kmin, kmax = randomise(cache.k, cache.v)
-    if not engine.sparsity.dynamic:  # statistics are not kept for these policies
-        kmin, kmax = cache.kmin, cache.kmax
+    k, v, kmin, kmax = _randomise(cache.k, cache.v, cache.kmin, cache.kmax, key,
+                                  engine.sparsity.dynamic)
     engine.cache = dataclasses.replace(
-        cache, k=k_pool, v=v_pool, kmin=kmin, kmax=kmax, page_table=jnp.asarray(table),
+        cache, k=k, v=v, kmin=kmin, kmax=kmax, page_table=jnp.asarray(table),
         lengths=jnp.full((cache.lengths.shape[0],), context, jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnums=(5,), donate_argnums=(0, 1, 2, 3))
+def _randomise(k, v, kmin, kmax, key, stats: bool):
+    """Fills the pools in place, 8192 pages at a time (a whole-pool random draw would need
+    several pools of temporaries), with each page's exact min/max when `stats`."""
+    chunk = min(k.shape[0], 8192)
+
+    def body(i, pools):
+        k, v, kmin, kmax = pools
+        start = jnp.minimum(i * chunk, k.shape[0] - chunk)
+        kk, kv = jax.random.split(jax.random.fold_in(key, i))
+        keys = jax.random.normal(kk, (chunk, *k.shape[1:]), k.dtype)
+        k = jax.lax.dynamic_update_slice(k, keys, (start, 0, 0))
+        v = jax.lax.dynamic_update_slice(
+            v, jax.random.normal(kv, (chunk, *v.shape[1:]), v.dtype), (start, 0, 0))
+        if stats:
+            rows = keys.reshape(chunk, kmin.shape[1], -1, k.shape[2])
+            kmin = jax.lax.dynamic_update_slice(kmin, rows.min(axis=2), (start, 0, 0))
+            kmax = jax.lax.dynamic_update_slice(kmax, rows.max(axis=2), (start, 0, 0))
+        return k, v, kmin, kmax
+
+    return jax.lax.fori_loop(0, -(-k.shape[0] // chunk), body, (k, v, kmin, kmax))
 
 
 def decode_row(cfg, params, weights, name, sparsity, gates, batch, context, steps, backend):
@@ -79,7 +93,7 @@ def decode_row(cfg, params, weights, name, sparsity, gates, batch, context, step
     args = (jnp.zeros((batch,), jnp.int32), jnp.ones((batch,), bool), modes,
             jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.asarray([-1], jnp.int32))
     timings = []
-    for n in (steps, steps):  # compile + warm-up, then the timed loop (same static shape)
+    for n in (steps,) * 3:  # compile, warm-up, then the timed loop (same static shape)
         cache = dataclasses.replace(engine.cache, lengths=jnp.full((batch,), context, jnp.int32))
         start = time.perf_counter()
         out, _, engine.cache = decode(cfg, sparsity, backend, n + 1, params, cache, *args)
@@ -91,7 +105,7 @@ def decode_row(cfg, params, weights, name, sparsity, gates, batch, context, step
             "peak_gib": round(_peak() / 2**30, 1)}
 
 
-def ttft_row(cfg, params, name, sparsity, gates, context, backend):
+def ttft_row(cfg, params, name, sparsity, gates, context, backend, profile=False):
     engine = Engine(cfg, params, sparsity, CacheConfig(max_seq_len=context + 128, max_batch=1),
                     gates)
     prompt = np.random.default_rng(context).integers(0, cfg.vocab_size, context).tolist()
@@ -99,9 +113,16 @@ def ttft_row(cfg, params, name, sparsity, gates, context, backend):
     engine.generate([prompt], run)  # compile
     start = time.perf_counter()
     engine.generate([prompt], run)
-    return {"name": f"ttft_{name}", "policy": name, "batch": 1, "context": context,
-            "ms": round(1e3 * (time.perf_counter() - start), 1),
-            "peak_gib": round(_peak() / 2**30, 1)}
+    row = {"name": f"ttft_{name}", "policy": name, "batch": 1, "context": context,
+           "ms": round(1e3 * (time.perf_counter() - start), 1),
+           "peak_gib": round(_peak() / 2**30, 1)}
+    if profile:
+        def once():
+            engine.generate([prompt], run)
+            return ()
+
+        row["kernels"] = benchlib.kernel_summary(once, steps=1)[0]
+    return row
 
 
 def capacity_row(cfg, params, weights, name, sparsity, gates, context, headroom=8 * 2**30):
@@ -125,7 +146,10 @@ def main():
     parser.add_argument("--out", default=None)
     parser.add_argument("--model", default="llama3-8b", help="'tiny' for a CPU smoke run")
     parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--chunk", type=int, default=32768)
+    parser.add_argument("--chunk", type=int, default=0,
+                        help="prefill chunk for TTFT (0: one prefill; 128K fits unchunked)")
+    parser.add_argument("--profile", action="store_true", help="kernel summary of TTFT rows")
+    parser.add_argument("--policies", nargs="+", default=["dense", "lserve", "duo", "quest"])
     parser.add_argument("--backend", default="pallas")
     parser.add_argument("--decode", nargs="*", default=None, help="BATCHxCONTEXT ...")
     parser.add_argument("--ttft", type=int, nargs="*", default=list(TTFT))
@@ -134,25 +158,29 @@ def main():
     gates = load_gates(args.pattern)[: cfg.n_layers, : cfg.n_kv_heads]
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
     weights = sum(x.nbytes for x in jax.tree.leaves(params)) - params["embed"].nbytes
-    shapes = [tuple(map(int, s.split("x"))) for s in args.decode] if args.decode else DECODE
+    shapes = DECODE if args.decode is None else [tuple(map(int, s.split("x"))) for s in args.decode]
+    configs = policies(args.policies, args.chunk)
+    jobs = []  # shape by shape, every policy next to each other (partial runs still compare)
+    for b, t in shapes:
+        jobs += [(name, decode_row, (cfg, params, weights, name, sp, gates, b, t, args.steps,
+                               args.backend)) for name, sp in configs.items()]
+    for t in args.ttft:
+        jobs += [(name, ttft_row, (cfg, params, name, sp, gates, t, args.backend, args.profile))
+                 for name, sp in configs.items()]
+    jobs += [(name, capacity_row, (cfg, params, weights, name, sp, gates, t))
+             for t in (131072, 262144) for name, sp in configs.items()]
     rows = []
-    for name, sparsity in policies(args.chunk).items():
-        jobs = [(decode_row, (cfg, params, weights, name, sparsity, gates, b, t, args.steps,
-                              args.backend)) for b, t in shapes]
-        jobs += [(ttft_row, (cfg, params, name, sparsity, gates, t, args.backend))
-                 for t in args.ttft]
-        jobs += [(capacity_row, (cfg, params, weights, name, sparsity, gates, t))
-                 for t in (131072, 262144)]
-        for fn, job in jobs:
-            try:
-                row = fn(*job)
-            except Exception as err:  # report it as a row; keep measuring the rest
-                row = {"name": f"{fn.__name__}_{name}", "policy": name, "error": repr(err)[:300]}
-            rows.append(row)
-            print(row, flush=True)
-            benchlib.write_results("e2e", _with_baselines(rows), args.out,
-                                   model=f"{args.model}, random {cfg.dtype} weights",
-                                   cache="random K/V + exact page statistics (decode rows)")
+    for name, fn, job in jobs:
+        try:
+            row = fn(*job)
+        except Exception as err:  # report it as a row; keep measuring the rest
+            row = {"name": f"{fn.__name__}_{name}", "policy": name, "error": repr(err)[:300]}
+        rows.append(row)
+        print(row, flush=True)
+        benchlib.write_results("e2e", _with_baselines(rows), args.out,
+                               model=f"{args.model}, random {cfg.dtype} weights",
+                               cache="random K/V + exact page statistics (decode rows)",
+                               ttft_chunk=args.chunk)
 
 
 def _with_baselines(rows: list[dict]) -> list[dict]:

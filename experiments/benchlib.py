@@ -47,3 +47,35 @@ def write_results(name: str, rows: list[dict], out_dir: pathlib.Path | None = No
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps({**header(), **extra, "rows": rows}, indent=1) + "\n")
     return path
+
+
+def kernel_summary(fn, *args, steps: int = 4, top: int = 12) -> tuple[dict, tuple]:
+    """Runs `args = fn(*args)` `steps` times under the JAX profiler and sums device-kernel
+    time from its Perfetto trace: kernels per call, busy ms per call and the `top` kernels by
+    time. Returns (summary, the last args): `fn` may donate what it is called with."""
+    import gzip
+    import tempfile
+    from collections import Counter, defaultdict
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(steps):
+                args = fn(*args)
+            jax.block_until_ready(args)
+        trace = next(pathlib.Path(tmp).rglob("perfetto_trace.json.gz"))
+        events = json.loads(gzip.decompress(trace.read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {pid for pid, name in names.items() if "GPU" in name or "/device:" in name}
+    time_by, count = defaultdict(float), Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu:
+            time_by[e["name"]] += e.get("dur", 0) / 1e3
+            count[e["name"]] += 1
+    ranked = sorted(time_by, key=time_by.get, reverse=True)[:top]
+    return {"kernels_per_call": sum(count.values()) / steps,
+            "busy_ms_per_call": round(sum(time_by.values()) / steps, 4),
+            "processes": sorted(names.values()),
+            "top": [{"name": n[:120], "ms_per_call": round(time_by[n] / steps, 4),
+                     "per_call": count[n] / steps} for n in ranked]}, args

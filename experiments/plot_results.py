@@ -63,6 +63,37 @@ def plot_prefill() -> pathlib.Path:
     return _save(fig, "prefill_attention")
 
 
+def plot_e2e() -> pathlib.Path:
+    """Per-token decode latency vs context per batch (floors dashed) and time to first token."""
+    data = _load("e2e")
+    rows = [r for r in data["rows"] if "ms" in r]
+    batches = sorted({r["batch"] for r in rows if r["name"].startswith("decode")})
+    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(4.2 * (len(batches) + 1), 4))
+    for ax, b in zip(axes, batches):
+        for i, policy in enumerate(sorted({r["policy"] for r in rows})):
+            pts = sorted((r["context"], r["ms"], r["floor_ms"]) for r in rows
+                         if r["name"] == f"decode_{policy}" and r["batch"] == b)
+            if pts:
+                ctx, ms, floor = zip(*pts)
+                ax.plot(ctx, ms, marker="o", color=f"C{i}", label=policy)
+                ax.plot(ctx, floor, linestyle="--", marker="_", markersize=14, color=f"C{i}",
+                        label=f"{policy} floor")
+        ax.set(xscale="log", xlabel="context (tokens)", ylabel="ms per token",
+               title=f"decode, batch {b}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for i, policy in enumerate(sorted({r["policy"] for r in rows})):
+        pts = sorted((r["context"], r["ms"] / 1e3) for r in rows if r["name"] == f"ttft_{policy}")
+        if pts:
+            axes[-1].plot(*zip(*pts), marker="o", color=f"C{i}", label=policy)
+    axes[-1].set(xscale="log", xlabel="prompt (tokens)", ylabel="s", title="time to first token")
+    axes[-1].grid(True, which="both", alpha=0.3)
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(f"Llama-3-8B shape, whole engine, {data['device']}, jax {data['jax_version']}, "
+                 f"{data['date']}", fontsize=9)
+    return _save(fig, "e2e")
+
+
 def _save(fig, name: str) -> pathlib.Path:
     path = RESULTS / f"{name}.png"
     fig.tight_layout()
@@ -72,5 +103,5 @@ def _save(fig, name: str) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-    for made in (plot_decode(), plot_prefill()):
+    for made in (plot_decode(), plot_prefill(), plot_e2e()):
         print("wrote", made)
