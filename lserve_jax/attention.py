@@ -79,6 +79,35 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,
         return _decode(q, cache, layer, meta, sparsity, backend)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainMetadata:
+    """Metadata of a cache-free forward over whole sequences (training, distillation)."""
+
+    gates: jax.Array | None = None  # [L, K] f32 in [0, 1]: DuoAttention gates, or None (causal)
+    sink: int = dataclasses.field(default=128, metadata=dict(static=True))
+    local: int = dataclasses.field(default=8192, metadata=dict(static=True))
+
+
+def attend_train(q: jax.Array, k: jax.Array, v: jax.Array, layer: int,
+                 meta: TrainMetadata) -> jax.Array:
+    """Causal attention over whole sequences (q: [B, T, N, H]; k, v: [B, T, K, H]; no cache).
+    With gates, each KV head's output is g * causal + (1 - g) * streaming (sink + local keys):
+    DuoAttention's training mix. On the GPU, cuDNN flash attention serves the causal part
+    (bf16/f16); the streaming part materialises its [T, T] mask, so keep T moderate."""
+    fast = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    causal = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                          implementation="cudnn" if fast else "xla")
+    if meta.gates is None:
+        return causal
+    t = q.shape[1]
+    qpos, kpos = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    window = (kpos <= qpos) & ((kpos < meta.sink) | (kpos >= qpos - meta.local))
+    streaming = jax.nn.dot_product_attention(q, k, v, mask=window[None, None])
+    gate = jnp.repeat(meta.gates[layer], q.shape[2] // k.shape[2])[:, None]  # [N, 1]
+    return (gate * causal + (1 - gate) * streaming).astype(q.dtype)
+
+
 def advance(cache: KVCache, meta: AttentionMetadata) -> KVCache:
     return dataclasses.replace(cache, lengths=cache.lengths + meta.new_lens)
 

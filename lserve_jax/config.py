@@ -15,6 +15,8 @@ import tomllib
 import typing
 from typing import Literal
 
+from lserve_jax.eval.tasks import TASKS
+
 DType = Literal["float32", "bfloat16"]
 Policy = Literal["dense", "streaming", "duo", "quest", "lserve"]
 Granularity = Literal["query_head", "kv_head"]
@@ -59,7 +61,9 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Llama architecture. Presets: `ModelConfig.from_name('tiny' | 'llama3-8b' | 'llama2-7b')`."""
+    """Llama architecture. Presets: `ModelConfig.from_name(name)`, name one of 'tiny',
+    'llama3-8b', 'llama2-7b', 'testbed' (random weights; `load_model('testbed')` loads the
+    trained checkpoint)."""
 
     vocab_size: int = 512
     dim: int = 64
@@ -155,6 +159,10 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "llama2-7b": ModelConfig(
         vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
         ffn_dim=11008, rope_theta=10000.0, dtype="bfloat16"),
+    # the project-trained accuracy testbed (lserve_jax/train.py; its checkpoint loads by name)
+    "testbed": ModelConfig(
+        vocab_size=256, dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, ffn_dim=512,
+        tie_embeddings=True, dtype="bfloat16"),
 }
 
 
@@ -177,7 +185,9 @@ class SparsityConfig:
     decode_sink: int = 128
     decode_local: int = 256
     static_sparsity: float = 0.5  # fraction of (layer, KV head) pairs that stream
-    head_pattern: str | None = None  # directory of DuoAttention's full_attention_heads.tsv
+    # directory of DuoAttention's full_attention_heads.tsv, or "random:SEED" for seeded random
+    # gates (the "randomly chosen heads" ablation)
+    head_pattern: str | None = None
     keep_sink_page: bool = False  # always select the first page too
     selection_granularity: Granularity = "query_head"
     group_reduction: Literal["sum", "max"] = "sum"  # kv_head granularity: combine G heads' scores
@@ -210,6 +220,9 @@ class SparsityConfig:
                  self.static_sparsity, "must lie in [0, 1]")
         _require(self.prefill_chunk % self.page_size == 0, "SparsityConfig.prefill_chunk",
                  self.prefill_chunk, f"must be a multiple of page_size={self.page_size}")
+        if self.head_pattern and self.head_pattern.startswith("random:"):
+            _require(self.head_pattern[7:].isdigit(), "SparsityConfig.head_pattern",
+                     self.head_pattern, "write random gates as 'random:SEED', SEED an integer >= 0")
         if self.policy == "quest":
             _require(self.logical_page_size == self.page_size, "SparsityConfig.logical_page_size",
                      self.logical_page_size, f"policy 'quest' uses flat pages: set it equal to "
@@ -314,27 +327,54 @@ class ExperimentConfig:
     """One `lserve run CONFIG` job: a model, a policy grid and what to measure.
 
     task `generate`: decode random prompts under each policy and report agreement with dense,
-    attended tokens and KV bytes per sequence.
+    attended tokens and KV bytes per sequence. task `accuracy`: score each policy (x each sweep
+    value) on the synthetic retrieval tasks of `lserve_jax.eval.tasks` over contexts x depths.
     """
 
     name: str = "quickstart"
-    task: Literal["generate"] = "generate"
+    task: Literal["generate", "accuracy"] = "generate"
     model: str = "tiny"  # a preset name or a local HF directory
     policies: tuple[Policy, ...] = ("dense", "streaming", "quest", "lserve")
-    prompt_lengths: tuple[int, ...] = (48, 200, 480)
+    prompt_lengths: tuple[int, ...] = (48, 200, 480)  # generate: random prompts of these lengths
     head_gates_seed: int = 0  # random DuoAttention gates when sparsity.head_pattern is unset
     output_dir: str = "runs"
+    # accuracy: task names, prompt lengths (tokens), target depths in [0, 1], prompts per cell
+    tasks: tuple[str, ...] = TASKS
+    contexts: tuple[int, ...] = (1024, 2048)
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    samples: int = 4
+    # accuracy: a SparsityConfig field to sweep ("" for none) and its values as text; page_size
+    # takes "N_P/N_L" (hierarchical pages) or "N" (flat: N_P = N_L = N)
+    sweep: str = ""
+    sweep_values: tuple[str, ...] = ()
     sparsity: SparsityConfig = SparsityConfig()
     cache: CacheConfig = CacheConfig(max_seq_len=1024, max_batch=4)
     run: RunConfig = RunConfig()
 
     def __post_init__(self):
+        _one_of(self, "task", ("generate", "accuracy"))
         for policy in self.policies:
             _require(policy in POLICIES, "ExperimentConfig.policies", policy,
                      f"choose from {POLICIES}")
-        _require(len(self.prompt_lengths) > 0 and all(n > 0 for n in self.prompt_lengths),
-                 "ExperimentConfig.prompt_lengths", self.prompt_lengths,
-                 "give one or more positive lengths")
+        for name in ("prompt_lengths", "contexts"):
+            value = getattr(self, name)
+            _require(len(value) > 0 and all(isinstance(n, int) and n > 0 for n in value),
+                     f"ExperimentConfig.{name}", value, "give one or more positive lengths")
+        _require(len(self.tasks) > 0, "ExperimentConfig.tasks", self.tasks, f"name some of {TASKS}")
+        for task in self.tasks:
+            _require(task in TASKS, "ExperimentConfig.tasks", task, f"choose from {TASKS}")
+        _require(len(self.depths) > 0 and all(0.0 <= d <= 1.0 for d in self.depths),
+                 "ExperimentConfig.depths", self.depths, "give one or more depths in [0, 1]")
+        _positive(self, "samples")
+        values = tuple(str(v).lower() if isinstance(v, bool) else str(v)
+                       for v in self.sweep_values)  # TOML numbers and booleans become text
+        object.__setattr__(self, "sweep_values", values)
+        knobs = tuple(f.name for f in dataclasses.fields(SparsityConfig) if f.name != "policy")
+        _require(self.sweep in ("", *knobs), "ExperimentConfig.sweep", self.sweep,
+                 f"leave it empty or name a SparsityConfig field: one of {knobs} (policies are "
+                 "listed in ExperimentConfig.policies)")
+        _require(bool(values) == bool(self.sweep), "ExperimentConfig.sweep_values", values,
+                 "give one or more values when sweep is set, and none when it is not")
 
 
 def from_dict(cls, data: dict, where: str = ""):

@@ -8,13 +8,20 @@ import jax
 
 from lserve_jax.config import MODEL_PRESETS, ModelConfig
 
+# project-trained models, loaded by name (orbax checkpoints committed under lserve_jax/assets)
+CHECKPOINTS = {"testbed": pathlib.Path(__file__).parent.parent / "assets" / "testbed"}
+
 
 def load_model(name: str, seed: int = 0):
-    """(config, params, tokenizer or None) for a preset name (random weights from `seed`) or a
-    local HF directory."""
+    """(config, params, tokenizer or None) for a project checkpoint name (`testbed`), a preset
+    name (random weights from `seed`) or a local HF directory."""
     from lserve_jax.model.hf import load_hf_params, load_tokenizer
     from lserve_jax.model.llama import init_params
 
+    if name in CHECKPOINTS:
+        from lserve_jax.train import load_checkpoint
+
+        return *load_checkpoint(CHECKPOINTS[name]), None
     if name in MODEL_PRESETS:
         cfg = ModelConfig.from_name(name)
         return cfg, jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(seed)), None

@@ -80,8 +80,11 @@ class Attention(nn.Module):
         q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq), positions, inv_freq)
         k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk), positions, inv_freq)
         v = jnp.einsum("BTD,DKH->BTKH", x, wv)
-        out, cache = attention.attend(q, k, v, cache, self.layer, meta, self.sparsity,
-                                      self.backend)
+        if cache is None:  # whole sequences, no cache (training)
+            out = attention.attend_train(q, k, v, self.layer, meta)
+        else:
+            out, cache = attention.attend(q, k, v, cache, self.layer, meta, self.sparsity,
+                                          self.backend)
         return jnp.einsum("BTNH,NHD->BTD", out, wo), cache
 
 
@@ -123,26 +126,29 @@ class Llama(nn.Module):
     backend: Backend = "reference"
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
-                 meta: attention.AttentionMetadata) -> tuple[jax.Array, KVCache]:
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None,
+                 meta: attention.AttentionMetadata | attention.TrainMetadata):
         """tokens, positions: [B, T] int32. Returns logits [B, T, V] (f32) and the cache with
         `lengths` advanced by `meta.new_lens`. With `meta.logits_at` ([B] int32) only those rows'
-        logits are computed ([B, 1, V])."""
+        logits are computed ([B, 1, V]). With cache None and a `TrainMetadata`, it runs whole
+        sequences without a cache (training) and returns (logits, None); the final normed
+        hidden states are sown as `intermediates/hidden` ([B, T, D])."""
         c = self.cfg
         embed = self.param("embed", _init, (c.vocab_size, c.dim), c.dtype)
         x = jnp.take(embed, tokens, axis=0)
         for layer in range(c.n_layers):
             x, cache = Block(c, self.sparsity, self.backend, layer, name=f"layers_{layer}")(
                 x, cache, positions, meta)
-        if meta.logits_at is not None:
+        if getattr(meta, "logits_at", None) is not None:
             x = jnp.take_along_axis(x, meta.logits_at[:, None, None], axis=1)
         x = RMSNorm(c.norm_eps, c.dtype, name="norm")(x)
+        self.sow("intermediates", "hidden", x)
         if c.tie_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", x, embed, preferred_element_type=jnp.float32)
         else:
             head = self.param("lm_head", _init, (c.dim, c.vocab_size), c.dtype)
             logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
-        return logits, attention.advance(cache, meta)
+        return logits, None if cache is None else attention.advance(cache, meta)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:

@@ -1,0 +1,64 @@
+"""Trains the accuracy testbed (lserve_jax/train.py) from a TOML config and writes its orbax
+checkpoint (loaded later by `--model testbed`), the training history and the loss curve.
+
+    python experiments/train_testbed.py experiments/configs/train_testbed.toml [--out-dir D]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import tomllib
+
+from experiments import benchlib
+from lserve_jax.config import ModelConfig, from_dict
+from lserve_jax.train import TrainConfig, save_checkpoint, train
+
+
+def plot_history(history: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax1.plot(steps, [r["loss"] for r in history], label="weighted loss")
+    ax1.plot(steps, [r["filler_ce"] for r in history], label="filler cross entropy")
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("nats")
+    ax1.legend()
+    ax2.plot(steps, [100 * r["answer_acc"] for r in history])
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("answer tokens predicted (%)")
+    fig.suptitle("testbed training (teacher-forced; every length mixed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--out-dir", default=None, help="checkpoint directory (overrides)")
+    parser.add_argument("--results", default=str(benchlib.RESULTS),
+                        help="where <config stem>.{json,png} (history, loss curve) go")
+    args = parser.parse_args()
+    with open(args.config, "rb") as f:
+        cfg = from_dict(TrainConfig, tomllib.load(f))
+    if args.out_dir:
+        cfg = dataclasses.replace(cfg, out_dir=args.out_dir)
+    params, history = train(cfg)
+    save_checkpoint(cfg.out_dir, ModelConfig.from_name(cfg.model), params)
+    results = pathlib.Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    stem = pathlib.Path(args.config).stem
+    (results / f"{stem}.json").write_text(json.dumps(
+        {**benchlib.header(), "config": dataclasses.asdict(cfg), "history": history}, indent=1))
+    plot_history(history, results / f"{stem}.png")
+    print(f"checkpoint in {cfg.out_dir}; last: {history[-1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""Trains the accuracy testbed: a small GQA Llama on filler language + retrieval tasks.
+
+The mixture comes from `lserve_jax.eval.tasks.training_sequence` (answers weighted 5x, filler
+1x, unpredictable tokens 0x). Master weights are f32; the forward runs in the model's dtype
+(bf16: cuDNN flash attention on the GPU). Each step draws one sequence length from
+`TrainConfig.lengths` and fills `tokens_per_step` with rows of that length, so every length
+is trained at the same token rate. The result is an orbax checkpoint (`save_checkpoint`) that
+`lserve_jax.model.load_model(name)` loads.
+
+    python experiments/train_testbed.py experiments/configs/train_testbed.toml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import queue
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from lserve_jax.attention import TrainMetadata
+from lserve_jax.config import ModelConfig, RopeScaling, _positive, _require
+from lserve_jax.eval import tasks
+from lserve_jax.model.llama import Llama, init_params
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run (TOML file; unknown keys are errors)."""
+
+    model: str = "testbed"  # a ModelConfig preset: the architecture (weights start random)
+    out_dir: str = "lserve_jax/assets/testbed"  # checkpoint, config, loss curve
+    init_from: str = ""  # a checkpoint directory to continue from (fresh optimizer); "": random
+    seed: int = 0
+    steps: int = 3000
+    max_minutes: float = 0.0  # time budget: the schedule ends at steps or at this, first; 0: none
+    tokens_per_step: int = 65536
+    lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
+    queries: int = 8  # question + answer spans per training sequence
+    lr: float = 2e-3
+    warmup: int = 150
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    log_every: int = 25
+
+    def __post_init__(self):
+        _positive(self, "steps", "tokens_per_step", "queries", "warmup", "log_every")
+        for n in self.lengths:
+            _require(self.tokens_per_step % n == 0, "TrainConfig.lengths", n,
+                     f"must divide tokens_per_step={self.tokens_per_step}")
+
+
+def loss_fn(params, model: Llama, tokens, weights):
+    """Weighted next-token cross entropy; also the share of answer tokens predicted exactly."""
+    cast = jax.tree.map(lambda p: p.astype(model.cfg.dtype), params)
+    inputs, targets, w = tokens[:, :-1], tokens[:, 1:], weights[:, 1:]
+    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+    logits, _ = model.apply({"params": cast}, inputs, positions, None, TrainMetadata())
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    answers = w == tasks.ANSWER_WEIGHT
+    hit = (jnp.argmax(logits, -1) == targets) & answers
+    return jnp.sum(w * ce) / jnp.sum(w), {
+        "answer_acc": jnp.sum(hit) / jnp.maximum(jnp.sum(answers), 1),
+        "filler_ce": jnp.sum(jnp.where(w == 1, ce, 0)) / jnp.maximum(jnp.sum(w == 1), 1)}
+
+
+def _batches(cfg: TrainConfig, rng: np.random.Generator, out: queue.Queue, stop: threading.Event):
+    while not stop.is_set():
+        length = int(rng.choice(cfg.lengths))
+        rows = [tasks.training_sequence(rng, length + 1, cfg.queries)
+                for _ in range(cfg.tokens_per_step // length)]
+        out.put((np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])))
+
+
+def train(cfg: TrainConfig) -> tuple[dict, list[dict]]:
+    """Returns (f32 params, history rows). Progress bar shows loss and answer accuracy."""
+    model_cfg = dataclasses.replace(ModelConfig.from_name(cfg.model), dtype="float32")
+    params = jax.jit(init_params, static_argnums=0)(model_cfg, jax.random.key(cfg.seed))
+    if cfg.init_from:
+        params = jax.tree.map(lambda p: p.astype(jnp.float32), load_checkpoint(cfg.init_from)[1])
+    model = Llama(dataclasses.replace(model_cfg, dtype=ModelConfig.from_name(cfg.model).dtype))
+    opt = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.inject_hyperparams(
+        optax.adamw)(learning_rate=0.0, b2=0.95, weight_decay=cfg.weight_decay))
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state, tokens, weights, lr):
+        state[1].hyperparams["learning_rate"] = lr
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model, tokens,
+                                                                       weights)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, {"loss": loss, **aux}
+
+    data, stop = queue.Queue(maxsize=8), threading.Event()
+    threading.Thread(target=_batches, daemon=True,  # one producer: a seeded, fixed order
+                     args=(cfg, np.random.default_rng(cfg.seed), data, stop)).start()
+    history, start, progress = [], time.perf_counter(), 0.0
+    bar = tqdm(total=cfg.steps, desc="train", unit="step")
+    for i in range(cfg.steps):
+        tokens, weights = data.get()
+        lr = jnp.float32(_learning_rate(cfg, i, progress))
+        params, state, metrics = step(params, state, tokens, weights, lr)
+        elapsed = time.perf_counter() - start
+        progress = max(i / cfg.steps, elapsed / (60 * cfg.max_minutes) if cfg.max_minutes else 0)
+        bar.update()
+        if i % cfg.log_every == 0 or progress >= 1 or i == cfg.steps - 1:
+            row = {"step": i, "length": tokens.shape[1] - 1, "seconds": round(elapsed, 1),
+                   "lr": float(lr), **{k: round(float(v), 4) for k, v in metrics.items()}}
+            history.append(row)
+            bar.set_postfix(loss=row["loss"], answer_acc=row["answer_acc"], T=row["length"])
+        if progress >= 1:
+            break
+    bar.close()
+    stop.set()
+    return params, history
+
+
+def _learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warm-up, then cosine decay to lr / 20 over the run's progress in [0, 1] (steps
+    done or time spent, whichever is further along)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0))))
+
+
+def save_checkpoint(out_dir: str | pathlib.Path, model_cfg: ModelConfig, params) -> None:
+    """Writes `params/` (orbax, in the model's dtype) and `model.json` (the ModelConfig)."""
+    import orbax.checkpoint as ocp
+
+    out_dir = pathlib.Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cast = jax.tree.map(lambda p: np.asarray(p.astype(model_cfg.dtype)), params)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(out_dir / "params", cast, force=True)
+    (out_dir / "model.json").write_text(json.dumps(dataclasses.asdict(model_cfg), indent=1))
+
+
+def load_checkpoint(path: str | pathlib.Path) -> tuple[ModelConfig, dict]:
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).absolute()
+    if not (path / "model.json").exists():
+        raise FileNotFoundError(f"{path} holds no checkpoint (model.json + params/): train one "
+                                "with experiments/train_testbed.py")
+    fields = json.loads((path / "model.json").read_text())
+    scaling = fields.pop("rope_scaling")
+    model_cfg = ModelConfig(**fields, rope_scaling=RopeScaling(**scaling) if scaling else None)
+    with ocp.StandardCheckpointer() as ckpt:
+        params = ckpt.restore(path / "params")
+    return model_cfg, jax.tree.map(jnp.asarray, params)
