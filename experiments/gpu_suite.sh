@@ -2,7 +2,9 @@
 # Everything that needs the H200, in one go: kernel tests compiled for the GPU, then the
 # benchmarks. Results land in OUT (default experiments/results); logs beside them.
 #   bash experiments/gpu_suite.sh [OUT] [STEP ...]
-#   steps: fixture tests prefill decode dense e2e (default: all but fixture)
+#   steps: fixture tests prefill decode dense e2e testbed ablations (default: the kernel and
+#   speed steps; testbed retrains the accuracy testbed + its head pattern, ablations runs the
+#   accuracy configs on the committed one)
 # e2e reads a DuoAttention pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git
 # ignores it: it is another project's data) and carry that folder to the device.
 set -uo pipefail
@@ -24,6 +26,12 @@ for step in $steps; do
              --backends ${DENSE_BACKENDS:-pallas cudnn} ${DENSE_SHAPES:+--shapes $DENSE_SHAPES} ;;
     e2e) timeout ${E2E_S:-540} python3 experiments/bench_e2e.py --out "$out" \
            --pattern ${DUO_PATTERN:-.patterns/Llama-3-8B-Instruct-Gradient-1048k} ;;
+    testbed) timeout 330 python3 experiments/train_testbed.py experiments/configs/train_testbed.toml \
+               && timeout 270 python3 experiments/train_testbed.py \
+                    experiments/configs/train_testbed_stage2.toml \
+               && timeout 90 python3 experiments/train_gates.py --steps 600 --local 64 ;;
+    ablations) timeout ${ABLATIONS_S:-580} python3 experiments/run_ablations.py \
+                 experiments/configs/{policies,heads,reuse,page_size,budget,static_sparsity,sink_page,granularity}.toml ;;
     *) echo "unknown step $step" ;;
   esac 2>&1 | tee "$out/$step.log" | grep -v "^WARNING" | tail -40
 done

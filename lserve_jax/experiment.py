@@ -32,8 +32,15 @@ def _fmt(value) -> str:
 
 def head_gates(head_pattern: str | None, seed: int, n_layers: int,
                n_kv_heads: int) -> np.ndarray:
-    """The DuoAttention pattern's gates, or seeded random gates for models without one."""
-    if head_pattern:
+    """[L, K] gates: the DuoAttention pattern's, or seeded uniform random ones when the pattern
+    is unset (seed `seed`) or reads "random:SEED" (the randomly-chosen-heads ablation)."""
+    if head_pattern and head_pattern.startswith("random:"):
+        text = head_pattern.removeprefix("random:")
+        if not text.isdigit():
+            raise ValueError(f"head_pattern={head_pattern!r} is invalid: write random gates as "
+                             "'random:SEED', SEED an integer >= 0")
+        seed = int(text)
+    elif head_pattern:
         return load_gates(head_pattern)
     return np.random.default_rng(seed).random((n_layers, n_kv_heads))
 
@@ -68,7 +75,13 @@ def run_generate(exp: ExperimentConfig) -> list[dict]:
 
 
 def run_experiment(exp: ExperimentConfig) -> tuple[list[dict], pathlib.Path]:
-    """Runs the job, prints its table and writes `<output_dir>/<name>.{json,md}`."""
+    """Runs the job, prints its table and writes `<output_dir>/<name>.{json,md}` (accuracy: also
+    plots, see `lserve_jax.eval.ablation`)."""
+    if exp.task == "accuracy":
+        from lserve_jax.eval.ablation import run_accuracy, write_accuracy
+
+        rows = run_accuracy(exp)
+        return rows, write_accuracy(exp, rows, exp.output_dir)[0]
     rows = run_generate(exp)
     columns = list(rows[0])
     table = markdown_table(rows, columns)

@@ -5,15 +5,15 @@ import pytest
 
 from lserve_jax.cli import main
 
-QUICKSTART = pathlib.Path(__file__).parents[1] / "experiments" / "configs" / "quickstart.toml"
+GENERATE_TINY = pathlib.Path(__file__).parents[1] / "experiments" / "configs" / "generate_tiny.toml"
 
 
-def test_run_quickstart_with_overrides(tmp_path, capsys):
-    main(["run", str(QUICKSTART), "--output-dir", str(tmp_path), "--run.max-new-tokens", "3",
+def test_run_generate_config_with_overrides(tmp_path, capsys):
+    main(["run", str(GENERATE_TINY), "--output-dir", str(tmp_path), "--run.max-new-tokens", "3",
           "--prompt-lengths", "40", "300", "--policies", "dense", "lserve"])
     table = capsys.readouterr().out
     assert "| lserve | 300 | 3 |" in table
-    result = json.loads((tmp_path / "quickstart.json").read_text())
+    result = json.loads((tmp_path / "generate_tiny.json").read_text())
     assert result["config"]["run"]["max_new_tokens"] == 3
     rows = {(r["policy"], r["prompt_tokens"]): r for r in result["rows"]}
     assert rows[("lserve", 300)]["attended_per_step"] < rows[("dense", 300)]["attended_per_step"]

@@ -1,0 +1,32 @@
+"""Runs accuracy experiment configs one after another (the GPU path of `lserve run`, which
+needs no CLI library): `python experiments/run_ablations.py experiments/configs/policies.toml
+... [--contexts 2048 8192] [--backend pallas]`. Each writes JSON, markdown and plots into its
+output_dir."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from lserve_jax.config import load_experiment
+from lserve_jax.experiment import run_experiment
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="+")
+    parser.add_argument("--contexts", type=int, nargs="+", default=None, help="override")
+    parser.add_argument("--backend", default=None, help="override run.backend")
+    args = parser.parse_args()
+    for path in args.configs:
+        exp = load_experiment(path)
+        if args.contexts:
+            exp = dataclasses.replace(exp, contexts=tuple(args.contexts))
+        if args.backend:
+            exp = dataclasses.replace(exp, run=dataclasses.replace(exp.run, backend=args.backend))
+        print(f"== {path}", flush=True)
+        run_experiment(exp)
+
+
+if __name__ == "__main__":
+    main()

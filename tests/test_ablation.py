@@ -1,0 +1,148 @@
+import dataclasses
+import json
+import pathlib
+import tomllib
+
+import numpy as np
+import pytest
+
+from lserve_jax.cli import main
+from lserve_jax.config import (
+    CacheConfig,
+    ExperimentConfig,
+    SparsityConfig,
+    load_experiment,
+)
+from lserve_jax.engine import Completion, Engine
+from lserve_jax.eval import ablation
+from lserve_jax.eval.ablation import apply_sweep, run_accuracy, variants, write_accuracy
+from lserve_jax.experiment import head_gates
+
+# the `lserve run` configs (they set `task`; other files there configure training scripts)
+CONFIGS = [path for path in sorted(
+    (pathlib.Path(__file__).parents[1] / "experiments" / "configs").glob("*.toml"))
+    if "task" in tomllib.loads(path.read_text())]
+
+# Windows small enough that lserve is sparse at 256-320 tokens ("tiny": random weights, vocab 512).
+SMALL = ExperimentConfig(
+    name="small", task="accuracy", model="tiny", policies=("dense", "lserve"), contexts=(256, 320),
+    tasks=("passkey", "vartrack"), depths=(0.0, 1.0), samples=2, cache=CacheConfig(max_batch=8),
+    sparsity=SparsityConfig(page_size=32, logical_page_size=16, token_budget=64, prefill_sink=16,
+                            prefill_local=64, decode_sink=16, decode_local=32))
+# reuse_interval 4 is SMALL's own lserve cell at 256 tokens: its compiled steps are reused
+SWEEP = dataclasses.replace(SMALL, name="reuse", policies=("lserve",), contexts=(256,),
+                            tasks=("passkey",), sweep="reuse_interval", sweep_values=("4", "1"))
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return run_accuracy(SMALL)
+
+
+@pytest.fixture(scope="module")
+def sweep_rows():
+    return run_accuracy(SWEEP)
+
+
+def test_one_row_per_cell(rows):
+    cells = {(r["policy"], r["variant"], r["task"], r["context"], r["depth"]) for r in rows}
+    assert len(rows) == len(cells) == 2 * 2 * 2 * 2
+    assert {r["variant"] for r in rows} == {"-"}
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["n"] == 2 for r in rows)
+    at = {(r["policy"], r["context"]): r for r in rows}
+    assert at[("lserve", 320)]["attended_per_step"] < at[("dense", 320)]["attended_per_step"] == 320
+    assert at[("lserve", 320)]["kv_kib_per_seq"] < at[("dense", 320)]["kv_kib_per_seq"]
+
+
+def test_sweep_gives_rows_per_value(sweep_rows):
+    assert [r["variant"] for r in sweep_rows] == ["4", "4", "1", "1"]  # 2 depths each
+
+
+def test_page_size_values_set_physical_and_logical_pages():
+    base = SparsityConfig(token_budget=256)
+    hierarchical, flat = apply_sweep(base, "page_size", "64/16"), apply_sweep(base, "page_size", "16")
+    assert (hierarchical.page_size, hierarchical.logical_page_size) == (64, 16)
+    assert (flat.page_size, flat.logical_page_size) == (16, 16)
+    assert apply_sweep(base, "keep_sink_page", "true").keep_sink_page is True
+    assert apply_sweep(base, "static_sparsity", "0.25").static_sparsity == 0.25
+
+
+def test_toml_values_become_text(tmp_path):
+    path = tmp_path / "sweep.toml"
+    path.write_text('task = "accuracy"\nsweep = "keep_sink_page"\nsweep_values = [false, true]\n')
+    assert load_experiment(path).sweep_values == ("false", "true")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sweep": "bogus", "sweep_values": ("1",)}, "ExperimentConfig.sweep="),
+    ({"sweep": "policy", "sweep_values": ("dense",)}, "ExperimentConfig.sweep="),
+    ({"sweep": "reuse_interval"}, "ExperimentConfig.sweep_values"),
+    ({"tasks": ("haystack",)}, "ExperimentConfig.tasks"),
+    ({"depths": (1.5,)}, "ExperimentConfig.depths"),
+    ({"contexts": ()}, "ExperimentConfig.contexts"),
+    ({"samples": 0}, "ExperimentConfig.samples"),
+])
+def test_bad_experiment_fields_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(SMALL, **kwargs)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("reuse_interval", "four", "sweep_values.*'four'.*SparsityConfig.reuse_interval"),
+    ("keep_sink_page", "yes", "sweep_values.*SparsityConfig.keep_sink_page"),
+    ("page_size", "64/x", "sweep_values.*SparsityConfig.page_size"),
+    ("token_budget", "100", "sweep_values.*token_budget='100'.*SparsityConfig.token_budget"),
+])
+def test_bad_sweep_value_fails_before_any_decoding(field, value, match):
+    exp = dataclasses.replace(SMALL, sweep=field, sweep_values=(value,))
+    with pytest.raises(ValueError, match=match):
+        run_accuracy(exp)
+
+
+def test_refused_prompt_is_an_error_not_a_miss(monkeypatch):
+    class Refusing(Engine):
+        def generate(self, prompts, run=None, progress=False):
+            return [Completion([], "refused", "pool too small")] * len(prompts)
+
+    monkeypatch.setattr(ablation, "Engine", Refusing)
+    exp = dataclasses.replace(SMALL, policies=("dense",), contexts=(256,), tasks=("passkey",))
+    with pytest.raises(RuntimeError, match="refused.*pool too small"):
+        run_accuracy(exp)
+
+
+def test_write_accuracy(tmp_path, rows, sweep_rows, capsys):
+    paths = write_accuracy(SMALL, rows, tmp_path / "plain")
+    assert [p.name for p in paths] == ["small.json", "small.md", "small_heatmap.png"]
+    assert json.loads(paths[0].read_text())["rows"] == rows
+    assert "| lserve | " in paths[1].read_text() and "| policy | 256 | 320 |" in capsys.readouterr().out
+    paths = write_accuracy(SWEEP, sweep_rows, tmp_path / "sweep")
+    assert [p.name for p in paths][-1] == "reuse_bars.png"
+    assert all(p.stat().st_size > 0 for p in paths)
+    assert "| policy | reuse_interval | 256 |" in paths[1].read_text()
+
+
+def test_cli_runs_the_accuracy_task(tmp_path, capsys):
+    path = tmp_path / "acc.toml"
+    path.write_text('name = "acc"\ntask = "accuracy"\npolicies = ["dense"]\ncontexts = [256]\n'
+                    'depths = [0.5]\nsamples = 1\ntasks = ["passkey"]\n')
+    main(["run", str(path), "--output-dir", str(tmp_path)])
+    assert "| dense | " in capsys.readouterr().out
+    assert json.loads((tmp_path / "acc.json").read_text())["rows"][0]["n"] == 1
+
+
+def test_random_head_pattern():
+    gates = head_gates("random:3", 0, 6, 2)
+    assert gates.shape == (6, 2) and np.all((gates >= 0) & (gates <= 1))
+    np.testing.assert_array_equal(gates, head_gates("random:3", 7, 6, 2))  # the pattern's seed
+    assert not np.array_equal(gates, head_gates("random:4", 0, 6, 2))
+    with pytest.raises(ValueError, match="random:SEED"):
+        head_gates("random:x", 0, 6, 2)
+    with pytest.raises(ValueError, match="SparsityConfig.head_pattern"):
+        SparsityConfig(head_pattern="random:-1")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_experiment_config_loads(path):
+    exp = load_experiment(path)
+    if exp.task == "accuracy":
+        assert len(variants(exp)) == max(1, len(exp.sweep_values))  # valid under every policy
