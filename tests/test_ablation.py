@@ -146,3 +146,17 @@ def test_every_experiment_config_loads(path):
     exp = load_experiment(path)
     if exp.task == "accuracy":
         assert len(variants(exp)) == max(1, len(exp.sweep_values))  # valid under every policy
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if load_experiment(p).task == "accuracy"],
+                         ids=lambda p: p.stem)
+def test_every_accuracy_config_runs_at_toy_size(path, tmp_path):
+    """Each committed ablation, shrunk (one short context, one task and depth, one prompt, its
+    first sweep value), runs end to end on its own model and writes its files."""
+    exp = load_experiment(path)
+    exp = dataclasses.replace(exp, contexts=(320,), tasks=("passkey",), depths=(0.5,), samples=1,
+                              sweep_values=exp.sweep_values[:1], output_dir=str(tmp_path))
+    rows = run_accuracy(exp)
+    assert len(rows) == len(exp.policies) * max(1, len(exp.sweep_values))
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
+    assert all(p.exists() for p in write_accuracy(exp, rows, tmp_path))
