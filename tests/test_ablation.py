@@ -160,3 +160,33 @@ def test_every_accuracy_config_runs_at_toy_size(path, tmp_path):
     assert len(rows) == len(exp.policies) * max(1, len(exp.sweep_values))
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
     assert all(p.exists() for p in write_accuracy(exp, rows, tmp_path))
+
+
+HF_DIR = str(pathlib.Path(__file__).parent / "fixtures" / "hf_tiny_llama")
+
+
+def test_models_with_a_tokenizer_get_text_prompts_and_judges():
+    from lserve_jax.model.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(HF_DIR)
+    exp = dataclasses.replace(SMALL, model=HF_DIR, samples=2)
+    probes = ablation.text_probes("multikey", 300, 0.5, exp, tokenizer)
+    assert len(probes) == 2 and probes[0].prompt != probes[1].prompt
+    # sized by whole filler sentences: within one sentence (~50 characters) of the request
+    assert all(240 <= len(probe.prompt) <= 300 for probe in probes)
+    rows = run_accuracy(dataclasses.replace(exp, policies=("dense",), tasks=("passkey",),
+                                            contexts=(200,), depths=(0.5,), samples=1))
+    assert len(rows) == 1 and rows[0]["accuracy"] in (0.0, 1.0)
+
+
+def test_text_judge_accepts_the_answer_and_rejects_others():
+    from lserve_jax.eval.tasks import text_sample
+    from lserve_jax.model.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(HF_DIR)
+    exp = dataclasses.replace(SMALL, model=HF_DIR, samples=1)
+    probe = ablation.text_probes("passkey", 300, 0.0, exp, tokenizer)[0]
+    _, answer = text_sample("passkey", 300, 0.0, exp.run.seed, tokenizer)
+    right = list(tokenizer.encode(answer + " and more", add_special_tokens=False))
+    wrong = list(tokenizer.encode(" 1" + answer.strip()[1:][::-1], add_special_tokens=False))
+    assert probe.judge(right) and not probe.judge(wrong) and not probe.judge([])

@@ -9,16 +9,18 @@ JSON, markdown tables and NIAH-style heatmaps (plus bars per sweep value when sw
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import typing
+from collections.abc import Callable
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from lserve_jax.config import CacheConfig, ExperimentConfig, SparsityConfig
 from lserve_jax.engine import Engine
-from lserve_jax.eval.tasks import END, VOCAB_SIZE, Sample, make_samples, score
+from lserve_jax.eval.tasks import END, VOCAB_SIZE, make_samples, score, text_sample
 from lserve_jax.experiment import head_gates, markdown_table
 from lserve_jax.model import load_model
 from lserve_jax.sparsity.policy import attended_tokens
@@ -68,17 +70,54 @@ def variants(exp: ExperimentConfig) -> list[tuple[str, SparsityConfig]]:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """One prompt and how to judge the tokens generated after it."""
+
+    prompt: list[int]
+    max_new: int  # tokens the answer may take
+    judge: Callable[[list[int]], bool]
+
+
+def token_probes(task: str, context: int, depth: float, exp: ExperimentConfig) -> list[Probe]:
+    """The synthetic-vocabulary prompts (testbed, presets): exact match of the answer tokens."""
+    return [Probe(s.prompt.tolist(), len(s.answer), functools.partial(score, answer=s.answer))
+            for s in make_samples(task, context, [depth], exp.samples, seed=exp.run.seed)]
+
+
+def text_probes(task: str, context: int, depth: float, exp: ExperimentConfig,
+                tokenizer) -> list[Probe]:
+    """Text prompts for a model with a tokenizer (HF directories): the decoded generation must
+    start with the answer's number (whitespace ignored, as decoders differ in spacing)."""
+    probes = []
+    for i in range(exp.samples):
+        prompt, answer = text_sample(task, context, depth, exp.run.seed * exp.samples + i,
+                                     tokenizer)
+
+        def judge(tokens, answer=answer):
+            return "".join(tokenizer.decode(tokens).split()).startswith("".join(answer.split()))
+
+        ids = list(tokenizer.encode(prompt))
+        probes.append(Probe(ids, len(tokenizer.encode(answer, add_special_tokens=False)) + 2,
+                            judge))
+    return probes
+
+
 def run_accuracy(exp: ExperimentConfig) -> list[dict]:
-    """One row per (policy, variant, task, context, depth): accuracy over `exp.samples` prompts."""
+    """One row per (policy, variant, task, context, depth): accuracy over `exp.samples` prompts.
+    A model with a tokenizer gets text prompts (passkey and multikey only); others the
+    synthetic-vocabulary prompts of `lserve_jax.eval.tasks`."""
     cells = variants(exp)
-    cfg, params, _ = load_model(exp.model, exp.run.seed)
-    if cfg.vocab_size < VOCAB_SIZE:
+    cfg, params, tokenizer = load_model(exp.model, exp.run.seed)
+    if tokenizer is None and cfg.vocab_size < VOCAB_SIZE:
         raise ValueError(f"model={exp.model!r} has vocab_size={cfg.vocab_size}, but the tasks use "
                          f"{VOCAB_SIZE} token ids: use the testbed or a larger vocabulary")
-    prompts = {context: {(task, depth): make_samples(task, context, [depth], exp.samples,
-                                                     seed=exp.run.seed)
-                         for task in exp.tasks for depth in exp.depths}
-               for context in exp.contexts}  # built first: a too-short context fails at once
+    make = functools.partial(text_probes, tokenizer=tokenizer) if tokenizer else token_probes
+    probes = {context: {(task, depth): make(task, context, depth, exp)
+                        for task in exp.tasks for depth in exp.depths}
+              for context in exp.contexts}  # built first: a too-short context fails at once
+    stops = (END,) if tokenizer is None else tuple(
+        t for t in [tokenizer.eos_token_id] if t is not None)
     rows = []
     bar = tqdm(total=len(exp.policies) * len(cells) * len(exp.contexts), desc="accuracy",
                unit="cell")
@@ -89,36 +128,38 @@ def run_accuracy(exp: ExperimentConfig) -> list[dict]:
                                cfg.n_kv_heads) if sparsity.static else None
             for context in exp.contexts:
                 bar.set_postfix_str(f"{policy} {label} {context}")
-                groups = prompts[context]
-                max_new = max(len(s.answer) for group in groups.values() for s in group)
-                cache = CacheConfig(max_seq_len=context + max(16, max_new),
+                groups = probes[context]
+                longest = max(len(p.prompt) for group in groups.values() for p in group)
+                max_new = max(p.max_new for group in groups.values() for p in group)
+                cache = CacheConfig(max_seq_len=longest + max(16, max_new),
                                     max_batch=exp.cache.max_batch)
                 engine = Engine(cfg, params, sparsity, cache, gates)
-                rows += _score(exp, engine, {"policy": policy, "variant": label}, groups,
-                               context, max_new)
+                run = dataclasses.replace(exp.run, max_new_tokens=max_new, temperature=0.0,
+                                          stop_tokens=stops)  # an early stop ends a wrong answer
+                rows += _score(engine, run, {"policy": policy, "variant": label}, groups,
+                               context)
                 bar.update()
     bar.close()
     return rows
 
 
-def _score(exp: ExperimentConfig, engine: Engine, cell: dict, groups: dict[tuple, list[Sample]],
-           context: int, max_new: int) -> list[dict]:
+def _score(engine: Engine, run, cell: dict, groups: dict[tuple, list[Probe]],
+           context: int) -> list[dict]:
     """Decodes every prompt of one context in one call; a row per (task, depth) group."""
-    flat = [s for group in groups.values() for s in group]
-    run = dataclasses.replace(exp.run, max_new_tokens=max_new, temperature=0.0,
-                              stop_tokens=(END,))  # an early END can only end a wrong answer
-    completions = iter(engine.generate([s.prompt.tolist() for s in flat], run))
+    flat = [p for group in groups.values() for p in group]
+    completions = iter(engine.generate([p.prompt for p in flat], run))
     attended = round(attended_tokens(engine.modes, context, engine.sparsity), 1)
     kib = round(engine.kv_bytes_per_sequence(context) / 1024, 1)
     rows = []
     for (task, depth), group in groups.items():
         hits = []
-        for sample, completion in zip(group, completions):
+        for probe, completion in zip(group, completions):
             if completion.finish_reason == "refused":
                 raise RuntimeError(f"{cell} at context {context}: the engine refused a prompt "
                                    f"({completion.error}); its pool is sized for max_batch="
-                                   f"{exp.cache.max_batch} prompts, so this is a sizing bug")
-            hits.append(score(completion.tokens, sample.answer))
+                                   f"{engine.cache_cfg.max_batch} prompts, so this is a sizing "
+                                   "bug")
+            hits.append(probe.judge(completion.tokens))
         rows.append({**cell, "task": task, "context": context, "depth": depth,
                      "accuracy": float(np.mean(hits)), "n": len(hits),
                      "attended_per_step": attended, "kv_kib_per_seq": kib})
