@@ -81,18 +81,20 @@ def _batches(cfg: TrainConfig, rng: np.random.Generator, out: queue.Queue, stop:
 
 def train(cfg: TrainConfig) -> tuple[dict, list[dict]]:
     """Returns (f32 params, history rows). Progress bar shows loss and answer accuracy."""
-    model_cfg = dataclasses.replace(ModelConfig.from_name(cfg.model), dtype="float32")
-    params = jax.jit(init_params, static_argnums=0)(model_cfg, jax.random.key(cfg.seed))
+    model_cfg = ModelConfig.from_name(cfg.model)
     if cfg.init_from:
         params = jax.tree.map(lambda p: p.astype(jnp.float32), load_checkpoint(cfg.init_from)[1])
-    model = Llama(dataclasses.replace(model_cfg, dtype=ModelConfig.from_name(cfg.model).dtype))
+    else:
+        params = jax.jit(init_params, static_argnums=0)(
+            dataclasses.replace(model_cfg, dtype="float32"), jax.random.key(cfg.seed))
+    model = Llama(model_cfg)  # computes in the preset's dtype from the f32 master weights
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.inject_hyperparams(
         optax.adamw)(learning_rate=0.0, b2=0.95, weight_decay=cfg.weight_decay))
     state = opt.init(params)
 
     @jax.jit
     def step(params, state, tokens, weights, lr):
-        state[1].hyperparams["learning_rate"] = lr
+        state[1].hyperparams["learning_rate"] = lr  # inject_hyperparams: the schedule is host-side
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model, tokens,
                                                                        weights)
         updates, state = opt.update(grads, state, params)

@@ -52,6 +52,8 @@ def test_training_lowers_the_loss_and_checkpoints_round_trip(tmp_path):
     assert loaded_cfg == model_cfg
     for a, c in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(c, np.float32))
+    _, again = train(dataclasses.replace(cfg, steps=1, init_from=str(tmp_path)))
+    assert again[0]["loss"] < history[0]["loss"]  # continues from the trained weights
 
 
 def test_gate_training_returns_clipped_gates(tmp_path):
