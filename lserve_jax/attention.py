@@ -85,8 +85,8 @@ class TrainMetadata:
     """Metadata of a cache-free forward over whole sequences (training, distillation)."""
 
     gates: jax.Array | None = None  # [L, K] f32 in [0, 1]: DuoAttention gates, or None (causal)
-    sink: int = dataclasses.field(default=128, metadata=dict(static=True))
-    local: int = dataclasses.field(default=8192, metadata=dict(static=True))
+    sink: int = dataclasses.field(default=128, metadata={"static": True})
+    local: int = dataclasses.field(default=8192, metadata={"static": True})
 
 
 def attend_train(q: jax.Array, k: jax.Array, v: jax.Array, layer: int,
