@@ -31,6 +31,17 @@ def _require(ok: bool, field: str, value, fix: str) -> None:
         raise ValueError(f"{field}={value!r} is invalid: {fix}")
 
 
+def random_gates_seed(head_pattern: str | None, field: str = "head_pattern") -> int | None:
+    """SEED of a "random:SEED" head pattern (seeded random gates); None for a pattern directory
+    or no pattern."""
+    if not head_pattern or not head_pattern.startswith("random:"):
+        return None
+    seed = head_pattern.removeprefix("random:")
+    _require(seed.isdigit(), field, head_pattern,
+             "write random gates as 'random:SEED', SEED an integer >= 0")
+    return int(seed)
+
+
 def _positive(obj, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -220,9 +231,7 @@ class SparsityConfig:
                  self.static_sparsity, "must lie in [0, 1]")
         _require(self.prefill_chunk % self.page_size == 0, "SparsityConfig.prefill_chunk",
                  self.prefill_chunk, f"must be a multiple of page_size={self.page_size}")
-        if self.head_pattern and self.head_pattern.startswith("random:"):
-            _require(self.head_pattern[7:].isdigit(), "SparsityConfig.head_pattern",
-                     self.head_pattern, "write random gates as 'random:SEED', SEED an integer >= 0")
+        random_gates_seed(self.head_pattern, "SparsityConfig.head_pattern")
         if self.policy == "quest":
             _require(self.logical_page_size == self.page_size, "SparsityConfig.logical_page_size",
                      self.logical_page_size, f"policy 'quest' uses flat pages: set it equal to "

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from lserve_jax.config import ExperimentConfig
+from lserve_jax.config import ExperimentConfig, random_gates_seed
 from lserve_jax.engine import Engine
 from lserve_jax.model import load_model
 from lserve_jax.sparsity.heads import load_gates
@@ -34,15 +34,11 @@ def head_gates(head_pattern: str | None, seed: int, n_layers: int,
                n_kv_heads: int) -> np.ndarray:
     """[L, K] gates: the DuoAttention pattern's, or seeded uniform random ones when the pattern
     is unset (seed `seed`) or reads "random:SEED" (the randomly-chosen-heads ablation)."""
-    if head_pattern and head_pattern.startswith("random:"):
-        text = head_pattern.removeprefix("random:")
-        if not text.isdigit():
-            raise ValueError(f"head_pattern={head_pattern!r} is invalid: write random gates as "
-                             "'random:SEED', SEED an integer >= 0")
-        seed = int(text)
-    elif head_pattern:
+    pattern_seed = random_gates_seed(head_pattern)
+    if head_pattern and pattern_seed is None:
         return load_gates(head_pattern)
-    return np.random.default_rng(seed).random((n_layers, n_kv_heads))
+    rng = np.random.default_rng(seed if pattern_seed is None else pattern_seed)
+    return rng.random((n_layers, n_kv_heads))
 
 
 def run_generate(exp: ExperimentConfig) -> list[dict]:

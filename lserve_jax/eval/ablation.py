@@ -116,6 +116,9 @@ def run_accuracy(exp: ExperimentConfig) -> list[dict]:
     probes = {context: {(task, depth): make(task, context, depth, exp)
                         for task in exp.tasks for depth in exp.depths}
               for context in exp.contexts}  # built first: a too-short context fails at once
+    sizes = {context: (max(len(p.prompt) for group in groups.values() for p in group),
+                       max(p.max_new for group in groups.values() for p in group))
+             for context, groups in probes.items()}  # (longest prompt, longest answer)
     stops = (END,) if tokenizer is None else tuple(
         t for t in [tokenizer.eos_token_id] if t is not None)
     rows = []
@@ -128,16 +131,14 @@ def run_accuracy(exp: ExperimentConfig) -> list[dict]:
                                cfg.n_kv_heads) if sparsity.static else None
             for context in exp.contexts:
                 bar.set_postfix_str(f"{policy} {label} {context}")
-                groups = probes[context]
-                longest = max(len(p.prompt) for group in groups.values() for p in group)
-                max_new = max(p.max_new for group in groups.values() for p in group)
+                longest, max_new = sizes[context]
                 cache = CacheConfig(max_seq_len=longest + max(16, max_new),
                                     max_batch=exp.cache.max_batch)
                 engine = Engine(cfg, params, sparsity, cache, gates)
                 run = dataclasses.replace(exp.run, max_new_tokens=max_new, temperature=0.0,
                                           stop_tokens=stops)  # an early stop ends a wrong answer
-                rows += _score(engine, run, {"policy": policy, "variant": label}, groups,
-                               context)
+                rows += _score(engine, run, {"policy": policy, "variant": label},
+                               probes[context], context)
                 bar.update()
     bar.close()
     return rows
