@@ -4,7 +4,9 @@ The mixture comes from `lserve_jax.eval.tasks.training_sequence` (answers weight
 1x, unpredictable tokens 0x). Master weights are f32; the forward runs in the model's dtype
 (bf16: cuDNN flash attention on the GPU). Each step draws one sequence length from
 `TrainConfig.lengths` and fills `tokens_per_step` with rows of that length, so every length
-is trained at the same token rate. The result is an orbax checkpoint (`save_checkpoint`) that
+is trained at the same token rate, with one question per `query_every` tokens, so every length
+also sees the same number of answers. Batches are built by worker processes (the Python task
+generator is slower than the small model's step); batch i depends only on (seed, i). The result is an orbax checkpoint (`save_checkpoint`) that
 `lserve_jax.model.load_model(name)` loads.
 
     python experiments/train_testbed.py experiments/configs/train_testbed.toml
@@ -12,11 +14,13 @@ is trained at the same token rate. The result is an orbax checkpoint (`save_chec
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
+import os
 import pathlib
-import queue
-import threading
 import time
 
 import jax
@@ -43,7 +47,8 @@ class TrainConfig:
     max_minutes: float = 0.0  # time budget: the schedule ends at steps or at this, first; 0: none
     tokens_per_step: int = 65536
     lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
-    queries: int = 8  # question + answer spans per training sequence
+    query_every: int = 128  # tokens per question: a row of T tokens asks T // query_every
+    data_workers: int = 0  # processes building batches; 0: one per CPU core but one (max 12)
     lr: float = 2e-3
     warmup: int = 150
     weight_decay: float = 0.1
@@ -51,7 +56,7 @@ class TrainConfig:
     log_every: int = 25
 
     def __post_init__(self):
-        _positive(self, "steps", "tokens_per_step", "queries", "warmup", "log_every")
+        _positive(self, "steps", "tokens_per_step", "query_every", "warmup", "log_every")
         for n in self.lengths:
             _require(self.tokens_per_step % n == 0, "TrainConfig.lengths", n,
                      f"must divide tokens_per_step={self.tokens_per_step}")
@@ -71,12 +76,29 @@ def loss_fn(params, model: Llama, tokens, weights):
         "filler_ce": jnp.sum(jnp.where(w == 1, ce, 0)) / jnp.maximum(jnp.sum(w == 1), 1)}
 
 
-def _batches(cfg: TrainConfig, rng: np.random.Generator, out: queue.Queue, stop: threading.Event):
-    while not stop.is_set():
-        length = int(rng.choice(cfg.lengths))
-        rows = [tasks.training_sequence(rng, length + 1, cfg.queries)
-                for _ in range(cfg.tokens_per_step // length)]
-        out.put((np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])))
+def make_batch(cfg: TrainConfig, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Batch `index` of a run: (tokens, weights), [tokens_per_step / T, T + 1] each."""
+    rng = np.random.default_rng([cfg.seed, index])
+    length = int(rng.choice(cfg.lengths))
+    rows = [tasks.training_sequence(rng, length + 1, max(1, length // cfg.query_every))
+            for _ in range(cfg.tokens_per_step // length)]
+    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+
+
+def _batches(cfg: TrainConfig):
+    """Batches 0, 1, ... in order, built ahead by a pool of spawned worker processes."""
+    workers = cfg.data_workers or max(1, min(12, (os.cpu_count() or 2) - 1))
+    spawn = multiprocessing.get_context("spawn")  # never fork a process that runs JAX
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn)
+    try:
+        ahead = collections.deque(pool.submit(make_batch, cfg, i)
+                                  for i in range(min(cfg.steps, 2 * workers)))
+        for i in range(2 * workers, cfg.steps + 2 * workers):
+            yield ahead.popleft().result()
+            if i < cfg.steps:
+                ahead.append(pool.submit(make_batch, cfg, i))
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def train(cfg: TrainConfig) -> tuple[dict, list[dict]]:
@@ -100,13 +122,10 @@ def train(cfg: TrainConfig) -> tuple[dict, list[dict]]:
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, {"loss": loss, **aux}
 
-    data, stop = queue.Queue(maxsize=8), threading.Event()
-    threading.Thread(target=_batches, daemon=True,  # one producer: a seeded, fixed order
-                     args=(cfg, np.random.default_rng(cfg.seed), data, stop)).start()
     history, start, progress = [], time.perf_counter(), 0.0
     bar = tqdm(total=cfg.steps, desc="train", unit="step")
-    for i in range(cfg.steps):
-        tokens, weights = data.get()
+    batches = _batches(cfg)
+    for i, (tokens, weights) in zip(range(cfg.steps), batches):
         lr = jnp.float32(_learning_rate(cfg, i, progress))
         params, state, metrics = step(params, state, tokens, weights, lr)
         elapsed = time.perf_counter() - start
@@ -120,7 +139,7 @@ def train(cfg: TrainConfig) -> tuple[dict, list[dict]]:
         if progress >= 1:
             break
     bar.close()
-    stop.set()
+    batches.close()  # cancels the batches built ahead and shuts the pool down
     return params, history
 
 

@@ -35,7 +35,6 @@ KEY_LEN, VALUE_LEN = 2, 4
 LANGUAGE_SEED, SUCCESSOR_PROBS = 0, (0.6, 0.3, 0.1)
 ANSWER_WEIGHT = 5.0
 TASKS = ("passkey", "multikey", "multivalue", "vartrack")
-_FACT_LEN = KEY_LEN + VALUE_LEN + 3  # a needle, an assignment, a query with a 1-group answer
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: numpy fields do not compare as bools
@@ -97,11 +96,16 @@ def _span(opener: int, key: Sequence[int], tail: Sequence[int]) -> _Span:
     return _Span((opener, *key, IS, *tail), (0.0,) * (1 + len(key)) + (1.0, *weights))
 
 
-def _world(task: str, rng: np.random.Generator, n_needles: int) -> _World:
-    """The spans and questions of one sequence; n_needles is used by multikey only."""
-    n = {"passkey": 1, "multikey": n_needles, "multivalue": 3}.get(task, 4)
-    keys = [tuple(int(k) for k in row + KEY_START)
+def _distinct_symbol_keys(rng: np.random.Generator, n: int) -> list[tuple[int, ...]]:
+    """n keys whose 2n KEY symbols are all distinct (an eval prompt's keys)."""
+    return [tuple(int(k) for k in row + KEY_START)
             for row in rng.choice(NUM_KEYS, size=(n, KEY_LEN), replace=False)]
+
+
+def _world(task: str, rng: np.random.Generator, keys: Sequence[tuple[int, ...]]) -> _World:
+    """The spans and questions of one task instance; keys: 1 per needle (multikey: its needle
+    count), 4 for vartrack; multivalue uses keys[0]."""
+    n = {"passkey": 1, "multikey": len(keys), "multivalue": 3}.get(task, 4)
     codes = rng.choice(NUM_VALUES ** VALUE_LEN, size=n, replace=False)  # distinct value groups
     values = [tuple(VALUE_START + int(c) // NUM_VALUES ** i % NUM_VALUES for i in range(VALUE_LEN))
               for c in codes]
@@ -153,7 +157,8 @@ def make_sample(task: str, context: int, depth: float, seed: int) -> Sample:
     if not 0.0 <= depth <= 1.0:  # also rejects NaN
         raise ValueError(f"depth={depth} must lie in [0, 1]")
     rng = np.random.default_rng([seed, TASKS.index(task)])
-    world = _world(task, rng, 4)
+    world = _world(task, rng, _distinct_symbol_keys(rng, {"passkey": 1, "multivalue": 3}.get(
+        task, 4)))
     question = world.questions[0]
     query = _span(QUERY, question.key, ())
     target, *after = world.spans[:1 + world.n_after]
@@ -190,30 +195,54 @@ def score(generated: Sequence[int], answer: np.ndarray) -> bool:
     return len(generated) >= len(answer) and np.array_equal(generated[:len(answer)], answer)
 
 
+def _instance(task: str, rng: np.random.Generator,
+              codes: list[int]) -> tuple[_World, list[_Question]]:
+    """A training task instance on keys popped from `codes` (2-symbol key codes), and the
+    questions asked about it: its eval question, plus each vartrack distractor w.p. 1/3."""
+    n = {"passkey": 1, "multivalue": 1}.get(task, 4)
+    keys = [(KEY_START + c // NUM_KEYS, KEY_START + c % NUM_KEYS) for c in codes[-n:]]
+    del codes[-n:]
+    world = _world(task, rng, keys)
+    extra = [q for q in world.questions[1:] if task == "vartrack" and rng.random() < 1 / 3]
+    return world, [world.questions[0], *extra]
+
+
+TRAIN_TASKS = ("passkey", "multivalue", "vartrack")  # multikey's distractors: other needles
+_WORST = max(sum(len(s) for s in w.spans) + 2 + len(w.questions[0].key) + len(w.questions[0].answer)
+             for w in (_instance(t, np.random.default_rng(0), list(range(4)))[0]
+                       for t in TRAIN_TASKS))  # tokens one question may bring: its facts + query
+
+
 def training_sequence(rng: np.random.Generator, length: int,
                       queries: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [length] int32, weights [length] f32) of a random task: its spans at random places
-    (multikey: 4-8 needles, fewer if length is short), then `queries` query+answer spans, each
-    after the spans it asks about (keys may repeat), the last ending the sequence. weights[i]
-    weighs predicting tokens[i] from tokens[:i]: ANSWER_WEIGHT on answers, 1 on chain-predictable
-    filler and IS/END, 0 on BOS, span openers, keys, needle values, filler-run starts."""
+    """(tokens [length] int32, weights [length] f32): task instances (passkey, multivalue,
+    vartrack, uniformly) at random places, with `queries` query+answer spans, each after the
+    facts it asks about, the last ending the sequence. Every query asks a different key, as an
+    eval prompt does (an answer repeated from an earlier query would be copied, not
+    retrieved); keys are distinct across instances, so every other needle is a distractor, as
+    in multikey. weights[i] weighs predicting tokens[i] from tokens[:i]: ANSWER_WEIGHT on
+    answers, 1 on chain-predictable filler and IS/END, 0 on BOS, span openers, keys, needle
+    values, filler-run starts."""
     if queries < 1:
         raise ValueError(f"queries={queries} must be >= 1")
-    minimum = max(1 + sum(len(s) for s in w.spans)
-                  + queries * max(len(q.key) + 2 + len(q.answer) for q in w.questions)
-                  for w in (_world(task, np.random.default_rng(0), 4) for task in TASKS))
-    if length < minimum:
+    if length < 1 + _WORST * queries:
         raise ValueError(f"length={length} is too short for queries={queries}: needs at least "
-                         f"{minimum}; raise length or lower queries")
-    task = TASKS[int(rng.integers(len(TASKS)))]
-    world = _world(task, rng, min(int(rng.integers(4, 9)), (length - 1) // _FACT_LEN - queries))
-    times = rng.random(len(world.spans))
-    times[:1 + world.n_after] = np.sort(times[:1 + world.n_after])
-    picks = [world.questions[int(i)] for i in rng.integers(len(world.questions), size=queries)]
-    query_times = [rng.uniform(times[q.after], 1.0) for q in picks[:-1]] + [1.0]
-    spans = [*world.spans, *(_span(QUERY, q.key, q.answer) for q in picks)]
-    order = np.argsort(np.concatenate([times, query_times]), kind="stable")
-    placed = _layout(1, length - 1, [spans[i] for i in order], rng, flush_end=True)
+                         f"{1 + _WORST * queries}; raise length or lower queries")
+    codes = [int(c) for c in rng.choice(NUM_KEYS ** KEY_LEN, size=4 * queries, replace=False)]
+    times, spans, asked_at, asked = [], [], [], []
+    while len(asked) < queries:
+        world, questions = _instance(TRAIN_TASKS[int(rng.integers(len(TRAIN_TASKS)))], rng, codes)
+        t = rng.random(len(world.spans))
+        t[:1 + world.n_after] = np.sort(t[:1 + world.n_after])
+        times.extend(t)
+        spans.extend(world.spans)
+        for q in questions[:queries - len(asked)]:
+            asked_at.append(rng.uniform(t[q.after], 1.0))
+            asked.append(_span(QUERY, q.key, q.answer))
+    asked_at[int(np.argmax(asked_at))] = 1.0  # the latest query ends the sequence
+    order = np.argsort(np.concatenate([times, asked_at]), kind="stable")
+    every = spans + asked
+    placed = _layout(1, length - 1, [every[i] for i in order], rng, flush_end=True)
     return _assemble(length, placed, rng)
 
 

@@ -1,5 +1,6 @@
 import math
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from lserve_jax.eval.tasks import (
     QUERY,
     SUCCESSOR_PROBS,
     TASKS,
+    TRAIN_TASKS,
     VALUE_LEN,
     VALUE_START,
     VAR,
@@ -163,32 +165,31 @@ def test_score():
     assert not score([], answer)
 
 
-def _task_of(facts):
+def _tasks_of(facts):
+    """The training task instances the facts come from (keys are distinct across instances)."""
     if any(f[1] == VAR for f in facts):
-        return "vartrack"
-    if len(facts) == 3 and len({f[2] for f in facts}) == 1:
-        return "multivalue"
-    return "passkey" if len(facts) == 1 else "multikey"
+        yield "vartrack"
+    groups = Counter(f[2] for f in facts if f[1] == NEEDLE)
+    yield from {"passkey" if n == 1 else "multivalue" for n in groups.values()}
 
 
-@pytest.mark.parametrize("length", [256, 1000, 8192])
-def test_training_sequence(length):
+@pytest.mark.parametrize("length,queries", [(256, 2), (1000, 8), (8192, 64)])
+def test_training_sequence(length, queries):
     seen = set()
     for seed in range(24):
-        tokens, weights = training_sequence(np.random.default_rng(seed), length)
+        tokens, weights = training_sequence(np.random.default_rng(seed), length, queries)
         assert tokens.shape == weights.shape == (length,)
         assert tokens.dtype == np.int32 and weights.dtype == np.float32
         assert tokens[0] == BOS and weights[0] == 0.0
         spans = _spans(tokens)
-        queries = [s for s in spans if s[1] == QUERY]
+        asked = [s for s in spans if s[1] == QUERY]
         facts = [s for s in spans if s[1] != QUERY]
-        assert len(queries) == 8 and spans[-1] is queries[-1] and tokens[-1] == END
-        task = _task_of(facts)
-        seen.add(task)
-        if task == "multikey":
-            assert 4 <= len(facts) <= 8
+        assert len(asked) == queries and spans[-1] is asked[-1] and tokens[-1] == END
+        assert len({key for _, _, key, _ in asked}) == queries  # no question is repeated
+        assert set(Counter(f[2] for f in facts if f[1] == NEEDLE).values()) <= {1, 3}
+        seen.update(_tasks_of(facts))
         answer_weight = np.zeros(length, bool)
-        for pos, _, key, content in queries:
+        for pos, _, key, content in asked:
             start = pos + 4
             answer = (*content, END)
             assert answer == _resolve([f for f in facts if f[0] < pos], key)
@@ -203,7 +204,7 @@ def test_training_sequence(length):
         predictable = is_filler & np.r_[False, False, is_filler[:-2] & is_filler[1:-1]]
         np.testing.assert_array_equal(weights[is_filler], predictable[is_filler].astype(float))
         _check_chain(tokens)
-    assert seen == set(TASKS)
+    assert seen == set(TRAIN_TASKS)
 
 
 def test_training_sequence_arguments():
