@@ -77,7 +77,8 @@ def _randomise(k, v, kmin, kmax, key, stats: bool):
     return jax.lax.fori_loop(0, -(-k.shape[0] // chunk), body, (k, v, kmin, kmax))
 
 
-def decode_row(cfg, params, weights, name, sparsity, gates, batch, context, steps, backend):
+def decode_row(cfg, params, weights, name, sparsity, gates, batch, context, steps, backend,
+               profile=False):
     max_seq = context + steps + 8
     probe = Engine(cfg, params, sparsity, CacheConfig(max_seq_len=max_seq, max_batch=1,
                                                       num_pages=2), gates)
@@ -100,6 +101,13 @@ def decode_row(cfg, params, weights, name, sparsity, gates, batch, context, step
         jax.block_until_ready(out)
         timings.append(1e3 * (time.perf_counter() - start) / n)
     read = batch * attended_tokens(engine.modes, context, sparsity) * cfg.kv_bytes_per_token
+    if profile:  # one more loop of `steps` tokens under the profiler
+        def once(cache):
+            cache = dataclasses.replace(cache, lengths=jnp.full((batch,), context, jnp.int32))
+            return (decode(cfg, sparsity, backend, steps + 1, params, cache, *args)[2],)
+
+        summary, (engine.cache,) = benchlib.kernel_summary(once, engine.cache, steps=1, top=20)
+        row["kernels_per_loop_of_steps"] = summary
     return {**row, "ms": round(timings[-1], 3),
             "floor_ms": round(benchlib.floor_ms(weights + read), 3),
             "peak_gib": round(_peak() / 2**30, 1)}
@@ -121,7 +129,7 @@ def ttft_row(cfg, params, name, sparsity, gates, context, backend, profile=False
             engine.generate([prompt], run)
             return ()
 
-        row["kernels"] = benchlib.kernel_summary(once, steps=1)[0]
+        row["kernels"] = benchlib.kernel_summary(once, steps=1, top=20)[0]
     return row
 
 
@@ -148,7 +156,7 @@ def main():
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=0,
                         help="prefill chunk for TTFT (0: one prefill; 128K fits unchunked)")
-    parser.add_argument("--profile", action="store_true", help="kernel summary of TTFT rows")
+    parser.add_argument("--profile", action="store_true", help="kernel summaries of every row")
     parser.add_argument("--policies", nargs="+", default=["dense", "lserve", "duo", "quest"])
     parser.add_argument("--backend", default="pallas")
     parser.add_argument("--decode", nargs="*", default=None, help="BATCHxCONTEXT ...")
@@ -163,7 +171,7 @@ def main():
     jobs = []  # shape by shape, every policy next to each other (partial runs still compare)
     for b, t in shapes:
         jobs += [(name, decode_row, (cfg, params, weights, name, sp, gates, b, t, args.steps,
-                               args.backend)) for name, sp in configs.items()]
+                               args.backend, args.profile)) for name, sp in configs.items()]
     for t in args.ttft:
         jobs += [(name, ttft_row, (cfg, params, name, sp, gates, t, args.backend, args.profile))
                  for name, sp in configs.items()]
@@ -173,7 +181,7 @@ def main():
     for name, fn, job in jobs:
         try:
             row = fn(*job)
-        except Exception as err:  # report it as a row; keep measuring the rest
+        except Exception as err:  # noqa: BLE001 - report it as a row; keep measuring the rest
             row = {"name": f"{fn.__name__}_{name}", "policy": name, "error": repr(err)[:300]}
         rows.append(row)
         print(row, flush=True)
