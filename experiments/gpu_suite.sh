@@ -26,8 +26,10 @@ for step in $steps; do
              --backends ${DENSE_BACKENDS:-pallas cudnn} ${DENSE_SHAPES:+--shapes $DENSE_SHAPES} ;;
     e2e) timeout ${E2E_S:-540} python3 experiments/bench_e2e.py --out "$out" \
            --pattern ${DUO_PATTERN:-.patterns/Llama-3-8B-Instruct-Gradient-1048k} ;;
-    testbed) timeout 540 python3 experiments/train_testbed.py experiments/configs/train_testbed.toml \
-               && timeout 120 python3 experiments/train_gates.py --steps 600 --local 64 ;;
+    testbed) timeout 330 python3 experiments/train_testbed.py experiments/configs/train_testbed.toml \
+               && timeout 270 python3 experiments/train_testbed.py \
+                    experiments/configs/train_testbed_stage2.toml \
+               && timeout 90 python3 experiments/train_gates.py --steps 600 --local 64 ;;
     ablations) timeout ${ABLATIONS_S:-580} python3 experiments/run_ablations.py \
                  experiments/configs/{policies,heads,reuse,page_size,budget,static_sparsity,sink_page,granularity}.toml ;;
     *) echo "unknown step $step" ;;

@@ -38,11 +38,10 @@ class GateConfig:
     lr: float = 0.02
     warmup: int = 30
     l1: float = 0.05  # weight of mean |gate|
-    query_every: int = 128  # tokens per question, as the testbed's training data
     seed: int = 0
 
     def __post_init__(self):
-        _positive(self, "steps", "length", "batch", "local", "warmup", "query_every")
+        _positive(self, "steps", "length", "batch", "local", "warmup")
 
 
 def train_gates(model_cfg: ModelConfig, params, cfg: GateConfig = GateConfig()
@@ -79,8 +78,7 @@ def train_gates(model_cfg: ModelConfig, params, cfg: GateConfig = GateConfig()
     rng = np.random.default_rng(cfg.seed)
     history = []
     for i in tqdm(range(cfg.steps), desc="gates", unit="step"):
-        rows = [tasks.training_sequence(rng, cfg.length, max(1, cfg.length // cfg.query_every))
-                for _ in range(cfg.batch)]
+        rows = [tasks.training_sequence(rng, cfg.length) for _ in range(cfg.batch)]
         tokens = jnp.asarray(np.stack([r[0] for r in rows]))
         answers = jnp.asarray(np.stack([r[1] for r in rows]) == tasks.ANSWER_WEIGHT)
         # a hidden state at position i predicts token i + 1: score the states before answers

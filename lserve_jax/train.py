@@ -4,8 +4,7 @@ The mixture comes from `lserve_jax.eval.tasks.training_sequence` (answers weight
 1x, unpredictable tokens 0x). Master weights are f32; the forward runs in the model's dtype
 (bf16: cuDNN flash attention on the GPU). Each step draws one sequence length from
 `TrainConfig.lengths` and fills `tokens_per_step` with rows of that length, so every length
-is trained at the same token rate, with one question per `query_every` tokens, so every length
-also sees the same number of answers. Batches are built by worker processes (the Python task
+is trained at the same token rate. Batches are built by worker processes (the Python task
 generator is slower than the small model's step); batch i depends only on (seed, i). The result is an orbax checkpoint (`save_checkpoint`) that
 `lserve_jax.model.load_model(name)` loads.
 
@@ -47,7 +46,8 @@ class TrainConfig:
     max_minutes: float = 0.0  # time budget: the schedule ends at steps or at this, first; 0: none
     tokens_per_step: int = 65536
     lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
-    query_every: int = 128  # tokens per question: a row of T tokens asks T // query_every
+    queries: int = 8  # questions per row, about one task instance (answers repeat)
+    query_every: int = 0  # > 0: the distinct layout instead, one new key per this many tokens
     data_workers: int = 0  # processes building batches; 0: one per CPU core but one (max 12)
     lr: float = 2e-3
     warmup: int = 150
@@ -56,7 +56,7 @@ class TrainConfig:
     log_every: int = 25
 
     def __post_init__(self):
-        _positive(self, "steps", "tokens_per_step", "query_every", "warmup", "log_every")
+        _positive(self, "steps", "tokens_per_step", "queries", "warmup", "log_every")
         for n in self.lengths:
             _require(self.tokens_per_step % n == 0, "TrainConfig.lengths", n,
                      f"must divide tokens_per_step={self.tokens_per_step}")
@@ -80,7 +80,8 @@ def make_batch(cfg: TrainConfig, index: int) -> tuple[np.ndarray, np.ndarray]:
     """Batch `index` of a run: (tokens, weights), [tokens_per_step / T, T + 1] each."""
     rng = np.random.default_rng([cfg.seed, index])
     length = int(rng.choice(cfg.lengths))
-    rows = [tasks.training_sequence(rng, length + 1, max(1, length // cfg.query_every))
+    queries = max(1, length // cfg.query_every) if cfg.query_every > 0 else cfg.queries
+    rows = [tasks.training_sequence(rng, length + 1, queries, distinct=cfg.query_every > 0)
             for _ in range(cfg.tokens_per_step // length)]
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 

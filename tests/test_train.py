@@ -16,7 +16,7 @@ from lserve_jax.eval import tasks
 from lserve_jax.model import CHECKPOINTS, load_model
 from lserve_jax.model.llama import init_params
 from lserve_jax.sparsity.heads import load_pattern, save_pattern
-from lserve_jax.train import TrainConfig, load_checkpoint, save_checkpoint, train
+from lserve_jax.train import TrainConfig, load_checkpoint, make_batch, save_checkpoint, train
 from pallas_kernels.sparse_prefill.reference import sparse_prefill_reference
 
 PATTERN = "experiments/patterns/testbed"
@@ -95,3 +95,16 @@ def test_committed_pattern_round_trips(tmp_path):
     again = load_pattern(tmp_path)
     np.testing.assert_array_equal(again.gates, pattern.gates)
     assert (again.sink_size, again.recent_size) == (pattern.sink_size, pattern.recent_size)
+
+
+@pytest.mark.parametrize("query_every", [0, 128])
+def test_batches_depend_only_on_seed_and_index(query_every):
+    cfg = TrainConfig(model="tiny", tokens_per_step=1024, lengths=(256, 512),
+                      query_every=query_every)
+    tokens, weights = make_batch(cfg, 3)
+    assert tokens.shape == weights.shape and tokens.shape[0] * (tokens.shape[1] - 1) == 1024
+    np.testing.assert_array_equal(make_batch(cfg, 3)[0], tokens)
+    assert not np.array_equal(make_batch(cfg, 4)[0], tokens)
+    asked = (tokens == tasks.QUERY).sum(axis=1)
+    want = (tokens.shape[1] - 1) // query_every if query_every else cfg.queries
+    np.testing.assert_array_equal(asked, want)

@@ -35,6 +35,7 @@ KEY_LEN, VALUE_LEN = 2, 4
 LANGUAGE_SEED, SUCCESSOR_PROBS = 0, (0.6, 0.3, 0.1)
 ANSWER_WEIGHT = 5.0
 TASKS = ("passkey", "multikey", "multivalue", "vartrack")
+_FACT_LEN = KEY_LEN + VALUE_LEN + 3  # a needle, an assignment, a query with a 1-group answer
 
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: numpy fields do not compare as bools
@@ -157,8 +158,7 @@ def make_sample(task: str, context: int, depth: float, seed: int) -> Sample:
     if not 0.0 <= depth <= 1.0:  # also rejects NaN
         raise ValueError(f"depth={depth} must lie in [0, 1]")
     rng = np.random.default_rng([seed, TASKS.index(task)])
-    world = _world(task, rng, _distinct_symbol_keys(rng, {"passkey": 1, "multivalue": 3}.get(
-        task, 4)))
+    world = _world(task, rng, _distinct_symbol_keys(rng, _keys_for(task, 4)))
     question = world.questions[0]
     query = _span(QUERY, question.key, ())
     target, *after = world.spans[:1 + world.n_after]
@@ -195,55 +195,92 @@ def score(generated: Sequence[int], answer: np.ndarray) -> bool:
     return len(generated) >= len(answer) and np.array_equal(generated[:len(answer)], answer)
 
 
-def _instance(task: str, rng: np.random.Generator,
-              codes: list[int]) -> tuple[_World, list[_Question]]:
-    """A training task instance on keys popped from `codes` (2-symbol key codes), and the
-    questions asked about it: its eval question, plus each vartrack distractor w.p. 1/3."""
-    n = {"passkey": 1, "multivalue": 1}.get(task, 4)
-    keys = [(KEY_START + c // NUM_KEYS, KEY_START + c % NUM_KEYS) for c in codes[-n:]]
-    del codes[-n:]
-    world = _world(task, rng, keys)
-    extra = [q for q in world.questions[1:] if task == "vartrack" and rng.random() < 1 / 3]
-    return world, [world.questions[0], *extra]
+def _keys_for(task: str, n_needles: int) -> int:
+    return {"passkey": 1, "multikey": n_needles, "multivalue": 3}.get(task, 4)
 
 
-TRAIN_TASKS = ("passkey", "multivalue", "vartrack")  # multikey's distractors: other needles
-_WORST = max(sum(len(s) for s in w.spans) + 2 + len(w.questions[0].key) + len(w.questions[0].answer)
-             for w in (_instance(t, np.random.default_rng(0), list(range(4)))[0]
-                       for t in TRAIN_TASKS))  # tokens one question may bring: its facts + query
-
-
-def training_sequence(rng: np.random.Generator, length: int,
-                      queries: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens [length] int32, weights [length] f32): task instances (passkey, multivalue,
-    vartrack, uniformly) at random places, with `queries` query+answer spans, each after the
-    facts it asks about, the last ending the sequence. Every query asks a different key, as an
-    eval prompt does (an answer repeated from an earlier query would be copied, not
-    retrieved); keys are distinct across instances, so every other needle is a distractor, as
-    in multikey. weights[i] weighs predicting tokens[i] from tokens[:i]: ANSWER_WEIGHT on
-    answers, 1 on chain-predictable filler and IS/END, 0 on BOS, span openers, keys, needle
-    values, filler-run starts."""
-    if queries < 1:
-        raise ValueError(f"queries={queries} must be >= 1")
-    if length < 1 + _WORST * queries:
-        raise ValueError(f"length={length} is too short for queries={queries}: needs at least "
-                         f"{1 + _WORST * queries}; raise length or lower queries")
-    codes = [int(c) for c in rng.choice(NUM_KEYS ** KEY_LEN, size=4 * queries, replace=False)]
-    times, spans, asked_at, asked = [], [], [], []
-    while len(asked) < queries:
-        world, questions = _instance(TRAIN_TASKS[int(rng.integers(len(TRAIN_TASKS)))], rng, codes)
+def _place(rng: np.random.Generator, length: int, worlds: Sequence[_World],
+           asked: Sequence[Sequence[_Question]]) -> tuple[np.ndarray, np.ndarray]:
+    """Each world's spans at random times (its target and following spans in order), each of
+    its asked questions at a random time after the span it needs; the latest question ends the
+    sequence. Returns `_assemble`'s (tokens, weights)."""
+    times, spans, query_times, queries = [], [], [], []
+    for world, questions in zip(worlds, asked):
         t = rng.random(len(world.spans))
         t[:1 + world.n_after] = np.sort(t[:1 + world.n_after])
         times.extend(t)
         spans.extend(world.spans)
-        for q in questions[:queries - len(asked)]:
-            asked_at.append(rng.uniform(t[q.after], 1.0))
-            asked.append(_span(QUERY, q.key, q.answer))
-    asked_at[int(np.argmax(asked_at))] = 1.0  # the latest query ends the sequence
-    order = np.argsort(np.concatenate([times, asked_at]), kind="stable")
-    every = spans + asked
+        query_times += [rng.uniform(t[q.after], 1.0) for q in questions]
+        queries += [_span(QUERY, q.key, q.answer) for q in questions]
+    query_times[int(np.argmax(query_times))] = 1.0
+    order = np.argsort(np.concatenate([times, query_times]), kind="stable")
+    every = spans + queries
     placed = _layout(1, length - 1, [every[i] for i in order], rng, flush_end=True)
     return _assemble(length, placed, rng)
+
+
+def _repeating(rng: np.random.Generator, length: int, queries: int):
+    """One task instance (multikey: 4-8 needles, fewer if length is short) and `queries`
+    questions drawn from its questions with replacement."""
+    minimum = max(1 + sum(len(s) for s in w.spans)
+                  + queries * max(len(q.key) + 2 + len(q.answer) for q in w.questions)
+                  for w in (_world(task, np.random.default_rng(0),
+                                   _distinct_symbol_keys(np.random.default_rng(0),
+                                                         _keys_for(task, 4)))
+                            for task in TASKS))
+    if length < minimum:
+        raise ValueError(f"length={length} is too short for queries={queries}: needs at least "
+                         f"{minimum}; raise length or lower queries")
+    task = TASKS[int(rng.integers(len(TASKS)))]
+    n_needles = min(int(rng.integers(4, 9)), (length - 1) // _FACT_LEN - queries)
+    world = _world(task, rng, _distinct_symbol_keys(rng, _keys_for(task, n_needles)))
+    picks = [world.questions[int(i)] for i in rng.integers(len(world.questions), size=queries)]
+    return [world], [picks]
+
+
+def _distinct(rng: np.random.Generator, length: int, queries: int):
+    """Task instances (passkey, multivalue, vartrack, uniformly; keys distinct across them) until
+    `queries` questions are asked, each about a different key: an instance's eval question,
+    plus each vartrack distractor w.p. 1/3."""
+    if length < 1 + _WORST * queries:
+        raise ValueError(f"length={length} is too short for queries={queries}: needs at least "
+                         f"{1 + _WORST * queries}; raise length or lower queries")
+    codes = [int(c) for c in rng.choice(NUM_KEYS ** KEY_LEN, size=4 * queries, replace=False)]
+    worlds, asked, n_asked = [], [], 0
+    while n_asked < queries:
+        task = TRAIN_TASKS[int(rng.integers(len(TRAIN_TASKS)))]
+        n = 4 if task == "vartrack" else 1
+        keys = [(KEY_START + c // NUM_KEYS, KEY_START + c % NUM_KEYS) for c in codes[-n:]]
+        del codes[-n:]
+        world = _world(task, rng, keys)
+        extra = [q for q in world.questions[1:] if task == "vartrack" and rng.random() < 1 / 3]
+        questions = [world.questions[0], *extra][:queries - n_asked]
+        worlds.append(world)
+        asked.append(questions)
+        n_asked += len(questions)
+    return worlds, asked
+
+
+TRAIN_TASKS = ("passkey", "multivalue", "vartrack")  # distinct layout; multikey comes free
+_WORST = max(sum(len(s) for s in w.spans) + 2 + KEY_LEN + len(w.questions[0].answer)
+             for w in (_world(t, np.random.default_rng(0), [(KEY_START,) * KEY_LEN] * 4)
+                       for t in TRAIN_TASKS))  # tokens one distinct-layout question may bring
+
+
+def training_sequence(rng: np.random.Generator, length: int, queries: int = 8,
+                      distinct: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [length] int32, weights [length] f32): task spans at random places and `queries`
+    query+answer spans, each after the spans it asks about, the last ending the sequence.
+    Layouts: repeating (default; the committed testbed's recipe): one task instance, questions
+    drawn with replacement, so most answers repeat an earlier one and can be copied; distinct:
+    several instances, every question about a different key, as in an eval prompt (from
+    scratch, 5 H200 minutes of it did not learn retrieval: see the README). weights[i] weighs
+    predicting tokens[i] from tokens[:i]: ANSWER_WEIGHT on answers, 1 on chain-predictable
+    filler and IS/END, 0 on BOS, span openers, keys, needle values, filler-run starts."""
+    if queries < 1:
+        raise ValueError(f"queries={queries} must be >= 1")
+    worlds, asked = (_distinct if distinct else _repeating)(rng, length, queries)
+    return _place(rng, length, worlds, asked)
 
 
 _WORDS = ("the", "grass", "is", "green", "sky", "blue", "sun", "warm", "river", "runs", "past",

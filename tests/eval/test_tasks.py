@@ -165,6 +165,49 @@ def test_score():
     assert not score([], answer)
 
 
+def _task_of(facts):
+    if any(f[1] == VAR for f in facts):
+        return "vartrack"
+    if len(facts) == 3 and len({f[2] for f in facts}) == 1:
+        return "multivalue"
+    return "passkey" if len(facts) == 1 else "multikey"
+
+
+@pytest.mark.parametrize("length", [256, 1000, 8192])
+def test_training_sequence(length):
+    seen = set()
+    for seed in range(24):
+        tokens, weights = training_sequence(np.random.default_rng(seed), length)
+        assert tokens.shape == weights.shape == (length,)
+        assert tokens.dtype == np.int32 and weights.dtype == np.float32
+        assert tokens[0] == BOS and weights[0] == 0.0
+        spans = _spans(tokens)
+        queries = [s for s in spans if s[1] == QUERY]
+        facts = [s for s in spans if s[1] != QUERY]
+        assert len(queries) == 8 and spans[-1] is queries[-1] and tokens[-1] == END
+        task = _task_of(facts)
+        seen.add(task)
+        if task == "multikey":
+            assert 4 <= len(facts) <= 8
+        answer_weight = np.zeros(length, bool)
+        for pos, _, key, content in queries:
+            start = pos + 4
+            answer = (*content, END)
+            assert answer == _resolve([f for f in facts if f[0] < pos], key)
+            answer_weight[start:start + len(answer)] = True
+            assert (weights[pos:pos + 3] == 0).all() and weights[pos + 3] == 1  # QUERY k k | IS
+        for pos, _, key, content in facts:
+            assert (weights[pos:pos + 3] == 0).all() and weights[pos + 3] == 1
+            end = pos + 4 + len(content)
+            assert (weights[pos + 4:end] == 0).all() and weights[end] == 1  # content | END
+        np.testing.assert_array_equal(weights == ANSWER_WEIGHT, answer_weight)
+        is_filler = tokens >= FILLER_START
+        predictable = is_filler & np.r_[False, False, is_filler[:-2] & is_filler[1:-1]]
+        np.testing.assert_array_equal(weights[is_filler], predictable[is_filler].astype(float))
+        _check_chain(tokens)
+    assert seen == set(TASKS)
+
+
 def _tasks_of(facts):
     """The training task instances the facts come from (keys are distinct across instances)."""
     if any(f[1] == VAR for f in facts):
@@ -174,10 +217,11 @@ def _tasks_of(facts):
 
 
 @pytest.mark.parametrize("length,queries", [(256, 2), (1000, 8), (8192, 64)])
-def test_training_sequence(length, queries):
+def test_distinct_training_sequence(length, queries):
     seen = set()
     for seed in range(24):
-        tokens, weights = training_sequence(np.random.default_rng(seed), length, queries)
+        tokens, weights = training_sequence(np.random.default_rng(seed), length, queries,
+                                            distinct=True)
         assert tokens.shape == weights.shape == (length,)
         assert tokens.dtype == np.int32 and weights.dtype == np.float32
         assert tokens[0] == BOS and weights[0] == 0.0
@@ -218,6 +262,8 @@ def test_training_sequence_arguments():
         training_sequence(np.random.default_rng(0), 100)
     with pytest.raises(ValueError, match="queries=0"):
         training_sequence(np.random.default_rng(0), 1000, queries=0)
+    with pytest.raises(ValueError, match="length=300"):
+        training_sequence(np.random.default_rng(0), 300, queries=8, distinct=True)
 
 
 class _Whitespace:
