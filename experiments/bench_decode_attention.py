@@ -5,9 +5,12 @@ LServe page lists, on the same random data.
 Every variant runs `--reps` times inside one jitted loop (as layers run inside the model), and
 the median of `--iters` such loops / reps is reported, so launch gaps are those of a real
 decode step, not of Python dispatch. Selection (page scores + top-k) is timed separately and
-amortised over the reuse interval R (Quest: R = 1, LServe: R = 4).
+amortised over the reuse interval R (Quest: R = 1, LServe: R = 4). `--sweep-select` also
+times selection alone (lserve_query_head) over score-kernel blocks and top-k radix widths at
+SELECT_SHAPES (or --shapes), into the JSON's `select_sweep`.
 
-    python experiments/bench_decode_attention.py [--out DIR] [--quick]
+    python experiments/bench_decode_attention.py [--out DIR] [--shapes 1x4096 ...]
+        [--sweep] [--sweep-select]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from lserve_jax.config import SparsityConfig
 from lserve_jax.sparsity.pages import group_reduce
 from lserve_jax.sparsity.policy import DENSE, SELECT, STREAM
 from pallas_kernels.page_select.api import select_pages
+from pallas_kernels.page_select.kernel import DEFAULT_RADIX_BITS, ScoreBlocks
 from pallas_kernels.sparse_decode.api import sparse_decode
 from pallas_kernels.sparse_decode.kernel import DecodeBlocks
 from pallas_kernels.sparse_decode.reference import decode_page_lists
@@ -83,17 +87,12 @@ def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms, sweep=(
     kw = dict(layer=0, sink=sparsity.decode_sink, local=sparsity.decode_local,
               budget_pages=sparsity.budget_pages, interpret=interpret,
               max_listed=max(sparsity.budget_pages, sparsity.stream_pages))
-
-    def select(q, kmin, kmax, table, lengths):
-        return select_pages(q, kmin, kmax, table, lengths, layer=0,
-                            k=sparsity.budget_pages - 1, width=sparsity.selection_width,
-                            page_size=sparsity.page_size, group_reduce=group_reduce(sparsity),
-                            interpret=interpret)
+    select = selector(sparsity)
 
     def attend(q, k_pool, v_pool, table, selected, lengths, modes):
         return sparse_decode(q, k_pool, v_pool, table, selected, lengths, modes, **kw)
 
-    selected = jax.jit(select)(q, kmin, kmax, table, lengths)[None]
+    selected = jax.jit(select)(q, kmin, kmax, table, lengths, modes)[None]
     swept = {}
     for blocks in sweep:
         def attend_with(q, k_pool, v_pool, table, selected, lengths, modes, blocks=blocks):
@@ -103,7 +102,7 @@ def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms, sweep=(
                                                  table, selected, lengths, modes), 4)
     attn_ms = time_per_call(attend, reps, iters, q, k_pool, v_pool, table, selected, lengths,
                             modes)
-    sel_ms = time_per_call(select, reps, iters, q, kmin, kmax, table, lengths)
+    sel_ms = time_per_call(select, reps, iters, q, kmin, kmax, table, lengths, modes)
     n_p = sparsity.page_size
     _, counts = decode_page_lists(selected[0], lengths, modes[0], width=t // n_p, page_size=n_p,
                                   local=sparsity.decode_local, sink_pages=sparsity.sink_pages,
@@ -111,7 +110,7 @@ def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms, sweep=(
     gs = counts.shape[2]
     work = jnp.where((modes[0] != SELECT)[None, :, None] & (jnp.arange(gs) > 0), 0, counts)
     attn_bytes = int(jnp.sum(work)) * 2 * n_p * HEAD_DIM * 2
-    score_bytes = 2 * kmin[0].size * 2 * b * KV_HEADS * (t // n_p)
+    score_bytes = stats_bytes(kmin, modes, b, t // n_p)
     total = attn_ms + sel_ms / sparsity.reuse_interval
     return [{"name": name, "policy": name.split("_")[0], "batch": b, "context": t,
              "ms": round(total, 4), "attention_ms": round(attn_ms, 4),
@@ -122,6 +121,41 @@ def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms, sweep=(
              "floor_ms": round(benchlib.floor_ms(attn_bytes + score_bytes
                                                  / sparsity.reuse_interval), 4),
              **({"attention_ms_by_blocks": swept} if swept else {})}]
+
+
+def selector(sparsity, blocks=None, radix_bits=DEFAULT_RADIX_BITS):
+    """select_pages of one layer under `sparsity`: (q, kmin, kmax, table, lengths, modes)."""
+    def select(q, kmin, kmax, table, lengths, modes):
+        return select_pages(q, kmin, kmax, table, lengths, modes, layer=0,
+                            k=sparsity.budget_pages - 1, width=sparsity.selection_width,
+                            page_size=sparsity.page_size, group_reduce=group_reduce(sparsity),
+                            blocks=blocks, radix_bits=radix_bits, interpret=not ON_GPU)
+    return select
+
+
+def stats_bytes(kmin, modes, b, pages):
+    """Page statistics (kmin + kmax) the SELECT heads of one layer read: [L=1, K] modes."""
+    return 2 * kmin[0].nbytes * b * int(jnp.sum(modes == SELECT)) * pages
+
+
+def select_sweep(b, t, modes, reps, iters, key):
+    """Selection alone (lserve_query_head) for each (ScoreBlocks, radix_bits) of
+    SELECT_SWEEP; blocks None is ScoreBlocks.for_shape."""
+    sparsity = LSERVE
+    _, _, table, kmin, kmax = paged_layer(b, t, sparsity.page_size, sparsity.logical_page_size,
+                                          key)
+    q = jax.random.normal(jax.random.key(9), (b, KV_HEADS, G, HEAD_DIM), jnp.bfloat16)
+    lengths = jnp.full((b,), t, jnp.int32)
+    table, modes = table[:, None], modes[None]
+    moved = stats_bytes(kmin, modes, b, t // sparsity.page_size)
+    rows = []
+    for blocks, radix_bits in SELECT_SWEEP:
+        ms = time_per_call(selector(sparsity, blocks, radix_bits), reps, iters, q, kmin, kmax,
+                           table, lengths, modes)
+        rows.append({"batch": b, "context": t, "blocks": str(blocks), "radix_bits": radix_bits,
+                     "ms": round(ms, 4), "gbps": round(moved / ms / 1e6, 1)})
+        print(rows[-1], flush=True)
+    return rows
 
 
 def dense_paged(q, k_pool, v_pool, table, blocks=None):
@@ -167,6 +201,12 @@ SWEEP = [DecodeBlocks(pages_per_block=ppb, pages_per_split=pps, num_warps=4, num
 SPARSE_SWEEP = [DecodeBlocks(pages_per_block=ppb, pages_per_split=pps, num_warps=4,
                              num_stages=st)
                 for ppb, pps in ((1, 8), (1, 16), (1, 64), (2, 16), (4, 64)) for st in (2, 3)]
+SELECT_SHAPES = [(1, 262144), (8, 131072), (1, 32768)]
+# score blocks are timed with the default top-k, radix widths with the default blocks
+SELECT_SWEEP = ([(ScoreBlocks(pages_per_block=ppb, pages_per_program=ppp, num_warps=w),
+                  DEFAULT_RADIX_BITS)
+                 for ppb in (16, 32) for ppp in (32, 64, 128, 256) for w in (4, 8)]
+                + [(None, bits) for bits in (1, 2, 4)])
 
 
 def main():
@@ -176,6 +216,8 @@ def main():
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--shapes", nargs="+", default=None, help="BATCHxCONTEXT, e.g. 8x131072")
     parser.add_argument("--sweep", action="store_true", help="also sweep dense kernel blocks")
+    parser.add_argument("--sweep-select", action="store_true",
+                        help="also sweep selection blocks and radix widths (select_sweep)")
     args = parser.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
     half = jnp.asarray([STREAM] * 4 + [SELECT] * 4, jnp.int8)  # 50% streaming heads
@@ -207,11 +249,21 @@ def main():
             rows += new
             print(new[0], flush=True)
         write(rows, args.out)
-    print("wrote", write(rows, args.out))
+    swept = []
+    select_shapes = (shapes if args.shapes else SELECT_SHAPES) if args.sweep_select else ()
+    for b, t in select_shapes:
+        try:
+            swept += select_sweep(b, t, half, args.reps, args.iters, jax.random.key(b * 7 + t))
+        except Exception as err:  # e.g. out of memory: report it, keep going
+            swept.append({"batch": b, "context": t, "error": repr(err)[:300]})
+            print(swept[-1], flush=True)
+        write(rows, args.out, swept)
+    print("wrote", write(rows, args.out, swept))
 
 
-def write(rows, out):
-    return benchlib.write_results("decode_attention", rows, out,
+def write(rows, out, select_rows=()):
+    extra = {"select_sweep": list(select_rows)} if select_rows else {}
+    return benchlib.write_results("decode_attention", rows, out, **extra,
                                   shape="32 q heads, 8 KV heads, d 128, bf16, one layer",
                                   lserve="50% streaming heads (128 + 256), budget 4096, N_P 64, "
                                          "N_L 16, R 4", quest="flat pages of 16, budget 4096, R 1")

@@ -123,11 +123,12 @@ def _kernels(backend: str):
     return write_tokens_reference, _select_reference, decode_ref.sparse_decode_reference
 
 
-def _select_reference(q, kmin, kmax, table, lengths, *, layer, k, width, page_size,
+def _select_reference(q, kmin, kmax, table, lengths, modes, *, layer, k, width, page_size,
                       group_reduce, keep_sink_page):
-    scores = page_scores_reference(q, kmin, kmax, table, layer=layer, group_reduce=group_reduce)
-    return select_pages_reference(scores, lengths, k=k, width=width, page_size=page_size,
-                                  keep_sink_page=keep_sink_page)
+    scores = page_scores_reference(q, kmin, kmax, table, lengths, modes, layer=layer,
+                                   page_size=page_size, group_reduce=group_reduce)
+    return select_pages_reference(scores, lengths, modes[layer], k=k, width=width,
+                                  page_size=page_size, keep_sink_page=keep_sink_page)
 
 
 def _write(cache, layer, k, v, new_lens, streaming, sparsity, backend, aligned) -> KVCache:
@@ -194,8 +195,9 @@ def _decode(q, cache, layer, meta, sparsity, backend):
     qg = q.reshape(b, kh, n // kh, h)
     if sparsity.dynamic:
         def fresh():
-            return select(qg, cache.kmin, cache.kmax, cache.page_table, lengths, layer=layer,
-                          k=sparsity.budget_pages - 1, width=cache.selected.shape[-1],
+            return select(qg, cache.kmin, cache.kmax, cache.page_table, lengths, meta.modes,
+                          layer=layer, k=sparsity.budget_pages - 1,
+                          width=cache.selected.shape[-1],
                           page_size=sparsity.page_size,
                           group_reduce=selector.group_reduce(sparsity),
                           keep_sink_page=sparsity.keep_sink_page)

@@ -7,47 +7,64 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._compat import next_power_of_two
-from pallas_kernels.page_select.kernel import ScoreBlocks, score_pages, top_pages
+from pallas_kernels._compat import check_power_of_two, next_power_of_two
+from pallas_kernels.page_select.kernel import (
+    DEFAULT_RADIX_BITS,
+    RADIX_BITS,
+    ScoreBlocks,
+    score_pages,
+    top_pages,
+)
 
 
-def _scores(q, kmin, kmax, table, layer, group_reduce, blocks, interpret):
+def _scores(q, kmin, kmax, table, lengths, modes, layer, group_reduce, page_size, blocks,
+            min_width, interpret):
     b, kh, g, h = q.shape
     if kmin.shape != kmax.shape or kmin.shape[2] != h:
         raise ValueError(f"kmin {kmin.shape} and kmax {kmax.shape} must be [P, R, {h}]")
     if table.ndim != 4 or (table.shape[0], table.shape[2]) != (b, kh):
         raise ValueError(f"table has shape {table.shape}, expected ({b}, L, {kh}, M)")
+    if modes.shape != (table.shape[1], kh):
+        raise ValueError(f"modes has shape {modes.shape}, expected {(table.shape[1], kh)}")
+    if lengths.shape != (b,):
+        raise ValueError(f"lengths has shape {lengths.shape}, expected ({b},)")
+    if not 0 <= layer < table.shape[1]:
+        raise ValueError(f"layer={layer} is outside [0, {table.shape[1]})")
     if group_reduce not in ("none", "sum", "max"):
         raise ValueError(f"group_reduce={group_reduce!r} is invalid: use 'none', 'sum' or 'max'")
-    width = next_power_of_two(table.shape[3])
-    blocks = blocks or ScoreBlocks(pages_per_block=min(32, max(16, width)),
-                                   pages_per_program=min(256, max(16, width)))
-    width = max(width, blocks.pages_per_program)
+    width = next_power_of_two(max(table.shape[3], min_width))
+    blocks = blocks or ScoreBlocks.for_shape(width, b * kh)
     gp = max(16, next_power_of_two(g))  # Triton dots need >= 16 rows
     return score_pages(jnp.pad(q, ((0, 0), (0, 0), (0, gp - g), (0, 0))), kmin, kmax,
-                       table.astype(jnp.int32), layer=layer, groups=g,
-                       group_reduce=group_reduce, width=width, blocks=blocks,
+                       table.astype(jnp.int32), lengths.astype(jnp.int32),
+                       modes.astype(jnp.int32), layer=layer, groups=g,
+                       group_reduce=group_reduce, page_size=page_size,
+                       width=max(width, blocks.pages_per_program), blocks=blocks,
                        interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "group_reduce", "blocks", "interpret"))
-def page_scores(q, kmin, kmax, table, *, layer: int, group_reduce: str = "none",
-                blocks: ScoreBlocks | None = None, interpret: bool = False) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("layer", "page_size", "group_reduce", "blocks",
+                                             "interpret"))
+def page_scores(q, kmin, kmax, table, lengths, modes, *, layer: int, page_size: int,
+                group_reduce: str = "none", blocks: ScoreBlocks | None = None,
+                interpret: bool = False) -> jax.Array:
     """Same result as `page_scores_reference`: [B, K, Gs, M] f32."""
-    scores = _scores(q, kmin, kmax, table, layer, group_reduce, blocks, interpret)
+    scores = _scores(q, kmin, kmax, table, lengths, modes, layer, group_reduce, page_size,
+                     blocks, 1, interpret)
     gs = q.shape[2] if group_reduce == "none" else 1
     return scores[:, :, :gs, : table.shape[3]]
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "k", "width", "page_size",
                                              "group_reduce", "keep_sink_page", "blocks",
-                                             "interpret"))
+                                             "radix_bits", "interpret"))
 def select_pages(
     q: jax.Array,  # [B, K, G, H]
     kmin: jax.Array,  # [P, Np/Nl, H]
     kmax: jax.Array,  # [P, Np/Nl, H]
     table: jax.Array,  # [B, L, K, M] int32
     lengths: jax.Array,  # [B] int32 tokens held
+    modes: jax.Array,  # [L, K] int DENSE / SELECT / STREAM
     *,
     layer: int,
     k: int,
@@ -56,14 +73,22 @@ def select_pages(
     group_reduce: str = "none",
     keep_sink_page: bool = False,
     blocks: ScoreBlocks | None = None,
+    radix_bits: int = DEFAULT_RADIX_BITS,
     interpret: bool = False,
 ) -> jax.Array:
     """The k best pages per selection row, as `select_pages_reference(page_scores_reference(
-    ...))`: [B, K, Gs, width] int32, ascending, -1 padded. Scores and top-k are two kernels;
-    no sort runs."""
+    ...), lengths, modes[layer], ...)`: [B, K, Gs, width] int32, ascending, -1 padded; all -1
+    for heads whose mode is not SELECT (nothing of theirs is read). Scores and top-k are two
+    kernels; no sort runs. `blocks` tiles the score kernel (default: ScoreBlocks.for_shape);
+    the top-k finds the k-th best score `radix_bits` (1, 2 or 4) bits per pass."""
     if not 0 < k <= width:
         raise ValueError(f"k={k} must lie in (0, width={width}]")
-    scores = _scores(q, kmin, kmax, table, layer, group_reduce, blocks, interpret)
-    return top_pages(scores, lengths.astype(jnp.int32),
+    check_power_of_two("select_pages", width=width)
+    if radix_bits not in RADIX_BITS:
+        raise ValueError(f"radix_bits={radix_bits} is invalid: use one of {RADIX_BITS}")
+    scores = _scores(q, kmin, kmax, table, lengths, modes, layer, group_reduce, page_size,
+                     blocks, width, interpret)
+    return top_pages(scores, lengths.astype(jnp.int32), modes.astype(jnp.int32), layer=layer,
                      groups=q.shape[2] if group_reduce == "none" else 1, k=k, width=width,
-                     page_size=page_size, keep_sink_page=keep_sink_page, interpret=interpret)
+                     page_size=page_size, keep_sink_page=keep_sink_page,
+                     radix_bits=radix_bits, interpret=interpret)

@@ -2,13 +2,18 @@
 
 A logical page's score is sum_h max(q_h * kmax_h, q_h * kmin_h) (no 1/sqrt(H)): an upper bound
 of q.k over the page's keys. A physical page scores the max over its logical pages. Scores are
-per query head, or reduced over the G query heads of a KV head (sum or max).
+per query head, or reduced over the G query heads of a KV head (sum or max). Only heads whose
+mode is SELECT are scored, and only over the pages their row holds; selection lists of the
+other heads are all -1.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels._compat import NEG_INF
+from pallas_kernels.sparse_decode.reference import SELECT
 
 
 def reduce_groups(scores: jax.Array, group_reduce: str) -> jax.Array:
@@ -27,22 +32,32 @@ def page_scores_reference(
     kmin: jax.Array,  # [P, Np/Nl, H]
     kmax: jax.Array,  # [P, Np/Nl, H]
     table: jax.Array,  # [B, L, K, M] int32 logical -> physical page
+    lengths: jax.Array,  # [B] int32 tokens held
+    modes: jax.Array,  # [L, K] int DENSE / SELECT / STREAM
     *,
     layer: int,
+    page_size: int,
     group_reduce: str = "none",
 ) -> jax.Array:
-    """[B, K, Gs, M] f32 physical-page scores (garbage for pages the row does not hold)."""
+    """[B, K, Gs, M] f32 physical-page scores; NEG_INF for pages at or past
+    ceil(length / page_size) and for heads whose mode is not SELECT (their statistics may be
+    garbage: they are masked, never used)."""
+    n_pages = (lengths + page_size - 1) // page_size
+    scored = ((jnp.arange(table.shape[3]) < n_pages[:, None])[:, None, None]
+              & (modes[layer] == SELECT)[None, :, None, None])  # [B, K, 1, M]
     table = table[:, layer]
     lo = kmin[table].astype(jnp.float32)  # [B, K, M, R, H]
     hi = kmax[table].astype(jnp.float32)
     qf = q.astype(jnp.float32)[:, :, :, None, None, :]  # [B, K, G, 1, 1, H]
     logical = jnp.sum(jnp.maximum(qf * hi[:, :, None], qf * lo[:, :, None]), axis=-1)
-    return reduce_groups(jnp.max(logical, axis=-1), group_reduce)  # max over logical pages
+    scores = reduce_groups(jnp.max(logical, axis=-1), group_reduce)  # max over logical pages
+    return jnp.where(scored, scores, NEG_INF)
 
 
 def select_pages_reference(
     scores: jax.Array,  # [B, K, Gs, M'] f32 (M' >= pages any row holds)
     lengths: jax.Array,  # [B] int32 tokens held (the page of the last one is current)
+    modes: jax.Array,  # [K] int this layer's DENSE / SELECT / STREAM
     *,
     k: int,
     width: int,
@@ -50,11 +65,12 @@ def select_pages_reference(
     keep_sink_page: bool,
 ) -> jax.Array:
     """[B, K, Gs, width] int32: the k best pages among 0 .. n_pages-2 (the current page is kept
-    apart) in ascending page order, then -1. With keep_sink_page page 0 is always chosen. Ties
-    go to the lower page."""
+    apart) in ascending page order, then -1; all -1 for heads whose mode is not SELECT. With
+    keep_sink_page page 0 is always chosen. Ties go to the lower page."""
     n_pages = (lengths + page_size - 1) // page_size
     page = jnp.arange(scores.shape[-1])
-    valid = (page[None, :] < (n_pages - 1)[:, None])[:, None, None]  # [B, 1, 1, M']
+    valid = ((page[None, :] < (n_pages - 1)[:, None])[:, None, None]
+             & (modes == SELECT)[None, :, None, None])  # [B, K, 1, M']
     s = jnp.where(valid, scores, -jnp.inf)
     if keep_sink_page:
         s = jnp.where((page == 0) & valid, jnp.inf, s)
