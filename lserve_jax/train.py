@@ -48,6 +48,7 @@ class TrainConfig:
     lengths: tuple[int, ...] = (512, 1024, 2048, 4096, 8192)
     queries: int = 8  # questions per row, about one task instance (answers repeat)
     query_every: int = 0  # > 0: the distinct layout instead, one new key per this many tokens
+                          # (at most tasks.MAX_DISTINCT = 32 a row)
     data_workers: int = 0  # processes building batches; 0: one per CPU core but one (max 12)
     lr: float = 2e-3
     warmup: int = 150
@@ -80,7 +81,9 @@ def make_batch(cfg: TrainConfig, index: int) -> tuple[np.ndarray, np.ndarray]:
     """Batch `index` of a run: (tokens, weights), [tokens_per_step / T, T + 1] each."""
     rng = np.random.default_rng([cfg.seed, index])
     length = int(rng.choice(cfg.lengths))
-    queries = max(1, length // cfg.query_every) if cfg.query_every > 0 else cfg.queries
+    queries = cfg.queries
+    if cfg.query_every > 0:
+        queries = min(max(1, length // cfg.query_every), tasks.MAX_DISTINCT)
     rows = [tasks.training_sequence(rng, length + 1, queries, distinct=cfg.query_every > 0)
             for _ in range(cfg.tokens_per_step // length)]
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])

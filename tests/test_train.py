@@ -2,6 +2,8 @@
 testbed checkpoint + pattern."""
 
 import dataclasses
+import pathlib
+import tomllib
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 
 from lserve_jax.attention import TrainMetadata, attend_train
-from lserve_jax.config import CacheConfig, ModelConfig, RunConfig, SparsityConfig
+from lserve_jax.config import CacheConfig, ModelConfig, RunConfig, SparsityConfig, from_dict
 from lserve_jax.duo import GateConfig, train_gates
 from lserve_jax.engine import Engine
 from lserve_jax.eval import tasks
@@ -108,3 +110,12 @@ def test_batches_depend_only_on_seed_and_index(query_every):
     asked = (tokens == tasks.QUERY).sum(axis=1)
     want = (tokens.shape[1] - 1) // query_every if query_every else cfg.queries
     np.testing.assert_array_equal(asked, want)
+
+
+@pytest.mark.parametrize("path", sorted(
+    (pathlib.Path(__file__).parents[1] / "experiments" / "configs").glob("train_*.toml")),
+    ids=lambda p: p.stem)
+def test_training_configs_parse(path):
+    cfg = from_dict(TrainConfig, tomllib.loads(path.read_text()))
+    assert ModelConfig.from_name(cfg.model)
+    assert not cfg.init_from or (pathlib.Path(__file__).parents[1] / cfg.init_from).exists()

@@ -239,20 +239,27 @@ def _repeating(rng: np.random.Generator, length: int, queries: int):
 
 
 def _distinct(rng: np.random.Generator, length: int, queries: int):
-    """Task instances (passkey, multivalue, vartrack, uniformly; keys distinct across them) until
-    `queries` questions are asked, each about a different key: an instance's eval question,
-    plus each vartrack distractor w.p. 1/3."""
+    """Task instances (passkey, multivalue, vartrack, uniformly while keys last) until `queries`
+    questions are asked, each about a different key: an instance's eval question, plus each
+    vartrack distractor w.p. 1/3. All keys of the row use distinct KEY symbols, as in an eval
+    prompt, so one matching symbol identifies a key (at most MAX_DISTINCT keys)."""
+    if queries > MAX_DISTINCT:
+        raise ValueError(f"queries={queries} exceeds the {MAX_DISTINCT} symbol-distinct keys a "
+                         "row holds; lower queries")
     if length < 1 + _WORST * queries:
         raise ValueError(f"length={length} is too short for queries={queries}: needs at least "
                          f"{1 + _WORST * queries}; raise length or lower queries")
-    codes = [int(c) for c in rng.choice(NUM_KEYS ** KEY_LEN, size=4 * queries, replace=False)]
+    keys = [tuple(int(k) for k in pair + KEY_START)
+            for pair in rng.permutation(NUM_KEYS).reshape(MAX_DISTINCT, KEY_LEN)]
     worlds, asked, n_asked = [], [], 0
     while n_asked < queries:
-        task = TRAIN_TASKS[int(rng.integers(len(TRAIN_TASKS)))]
+        # a vartrack instance takes 4 keys for >= 1 question: only if the rest still suffice
+        fits = len(keys) - 4 >= queries - n_asked - 1
+        options = TRAIN_TASKS if fits else ("passkey", "multivalue")
+        task = options[int(rng.integers(len(options)))]
         n = 4 if task == "vartrack" else 1
-        keys = [(KEY_START + c // NUM_KEYS, KEY_START + c % NUM_KEYS) for c in codes[-n:]]
-        del codes[-n:]
-        world = _world(task, rng, keys)
+        world = _world(task, rng, keys[-n:])
+        del keys[-n:]
         extra = [q for q in world.questions[1:] if task == "vartrack" and rng.random() < 1 / 3]
         questions = [world.questions[0], *extra][:queries - n_asked]
         worlds.append(world)
@@ -262,6 +269,7 @@ def _distinct(rng: np.random.Generator, length: int, queries: int):
 
 
 TRAIN_TASKS = ("passkey", "multivalue", "vartrack")  # distinct layout; multikey comes free
+MAX_DISTINCT = NUM_KEYS // KEY_LEN  # questions a distinct-layout row can hold
 _WORST = max(sum(len(s) for s in w.spans) + 2 + KEY_LEN + len(w.questions[0].answer)
              for w in (_world(t, np.random.default_rng(0), [(KEY_START,) * KEY_LEN] * 4)
                        for t in TRAIN_TASKS))  # tokens one distinct-layout question may bring

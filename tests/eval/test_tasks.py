@@ -11,6 +11,7 @@ from lserve_jax.eval.tasks import (
     END,
     FILLER_START,
     IS,
+    KEY_LEN,
     KEY_START,
     NEEDLE,
     NUM_FILLER,
@@ -216,7 +217,7 @@ def _tasks_of(facts):
     yield from {"passkey" if n == 1 else "multivalue" for n in groups.values()}
 
 
-@pytest.mark.parametrize("length,queries", [(256, 2), (1000, 8), (8192, 64)])
+@pytest.mark.parametrize("length,queries", [(256, 2), (1000, 8), (8192, 20)])
 def test_distinct_training_sequence(length, queries):
     seen = set()
     for seed in range(24):
@@ -230,6 +231,8 @@ def test_distinct_training_sequence(length, queries):
         facts = [s for s in spans if s[1] != QUERY]
         assert len(asked) == queries and spans[-1] is asked[-1] and tokens[-1] == END
         assert len({key for _, _, key, _ in asked}) == queries  # no question is repeated
+        keys = {key for _, _, key, _ in facts}
+        assert len({symbol for key in keys for symbol in key}) == KEY_LEN * len(keys)
         assert set(Counter(f[2] for f in facts if f[1] == NEEDLE).values()) <= {1, 3}
         seen.update(_tasks_of(facts))
         answer_weight = np.zeros(length, bool)
@@ -264,6 +267,8 @@ def test_training_sequence_arguments():
         training_sequence(np.random.default_rng(0), 1000, queries=0)
     with pytest.raises(ValueError, match="length=300"):
         training_sequence(np.random.default_rng(0), 300, queries=8, distinct=True)
+    with pytest.raises(ValueError, match="queries=33"):
+        training_sequence(np.random.default_rng(0), 8192, queries=33, distinct=True)
 
 
 class _Whitespace:
