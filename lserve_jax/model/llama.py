@@ -72,14 +72,16 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, cache: KVCache, meta: attention.AttentionMetadata):
         c = self.cfg
-        wq = self.param("q", _init, (c.dim, c.n_heads, c.head_dim), c.dtype)
-        wk = self.param("k", _init, (c.dim, c.n_kv_heads, c.head_dim), c.dtype)
-        wv = self.param("v", _init, (c.dim, c.n_kv_heads, c.head_dim), c.dtype)
-        wo = self.param("o", _init, (c.n_heads, c.head_dim, c.dim), c.dtype)
+        n, kh = c.n_heads, c.n_kv_heads
+        # q, k and v heads side by side: one projection. Apart, the narrow k/v projections of a
+        # decode step ran as slow XLA reduce fusions (0.69 ms of a 4.95 ms Llama-3-8B step).
+        wqkv = self.param("qkv", _init, (c.dim, n + 2 * kh, c.head_dim), c.dtype)
+        wo = self.param("o", _init, (n, c.head_dim, c.dim), c.dtype)
         inv_freq = rope_inv_freq(c)
-        q = apply_rope(jnp.einsum("BTD,DNH->BTNH", x, wq), positions, inv_freq)
-        k = apply_rope(jnp.einsum("BTD,DKH->BTKH", x, wk), positions, inv_freq)
-        v = jnp.einsum("BTD,DKH->BTKH", x, wv)
+        qkv = jnp.einsum("BTD,DMH->BTMH", x, wqkv)
+        q = apply_rope(qkv[:, :, :n], positions, inv_freq)
+        k = apply_rope(qkv[:, :, n:n + kh], positions, inv_freq)
+        v = qkv[:, :, n + kh:]
         if cache is None:  # whole sequences, no cache (training)
             out = attention.attend_train(q, k, v, self.layer, meta)
         else:

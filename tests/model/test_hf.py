@@ -50,9 +50,12 @@ def _write_checkpoint(directory: pathlib.Path, drop=None, reshape=None, extra=No
 def test_sharded_checkpoint_loads_into_our_layouts(tmp_path):
     arrays = _write_checkpoint(tmp_path)
     cfg, params = load_hf_params(tmp_path)
-    q = np.asarray(params["layers_1"]["attn"]["q"])  # [D, N, H]
-    hf_q = arrays["model.layers.1.self_attn.q_proj.weight"]  # [N*H, D]
-    np.testing.assert_array_equal(q[:, 2, 3], hf_q[2 * cfg.head_dim + 3])
+    qkv = np.asarray(params["layers_1"]["attn"]["qkv"])  # [D, N + 2K, H]
+    n, kh, h = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    assert qkv.shape == (cfg.dim, n + 2 * kh, h)
+    for offset, name in ((0, "q"), (n, "k"), (n + kh, "v")):
+        hf = arrays[f"model.layers.1.self_attn.{name}_proj.weight"]  # [heads*H, D]
+        np.testing.assert_array_equal(qkv[:, offset + 1, 3], hf[h + 3])
     o = np.asarray(params["layers_0"]["attn"]["o"])  # [N, H, D]
     np.testing.assert_array_equal(o[1, 2], arrays["model.layers.0.self_attn.o_proj.weight"][:, 6])
     np.testing.assert_array_equal(np.asarray(params["lm_head"]),
