@@ -174,38 +174,45 @@ def _task_of(facts):
     return "passkey" if len(facts) == 1 else "multikey"
 
 
+def _check_training_row(tokens, weights, length, queries):
+    """Shapes, answers that resolve from the facts before them, loss weights, filler chain.
+    Returns (queries, facts) as `_spans` tuples."""
+    assert tokens.shape == weights.shape == (length,)
+    assert tokens.dtype == np.int32 and weights.dtype == np.float32
+    assert tokens[0] == BOS and weights[0] == 0.0
+    spans = _spans(tokens)
+    asked = [s for s in spans if s[1] == QUERY]
+    facts = [s for s in spans if s[1] != QUERY]
+    assert len(asked) == queries and spans[-1] is asked[-1] and tokens[-1] == END
+    answer_weight = np.zeros(length, bool)
+    for pos, _, key, content in asked:
+        start = pos + 4
+        answer = (*content, END)
+        assert answer == _resolve([f for f in facts if f[0] < pos], key)
+        answer_weight[start:start + len(answer)] = True
+        assert (weights[pos:pos + 3] == 0).all() and weights[pos + 3] == 1  # QUERY k k | IS
+    for pos, _, key, content in facts:
+        assert (weights[pos:pos + 3] == 0).all() and weights[pos + 3] == 1
+        end = pos + 4 + len(content)
+        assert (weights[pos + 4:end] == 0).all() and weights[end] == 1  # content | END
+    np.testing.assert_array_equal(weights == ANSWER_WEIGHT, answer_weight)
+    is_filler = tokens >= FILLER_START
+    predictable = is_filler & np.r_[False, False, is_filler[:-2] & is_filler[1:-1]]
+    np.testing.assert_array_equal(weights[is_filler], predictable[is_filler].astype(float))
+    _check_chain(tokens)
+    return asked, facts
+
+
 @pytest.mark.parametrize("length", [256, 1000, 8192])
 def test_training_sequence(length):
     seen = set()
     for seed in range(24):
         tokens, weights = training_sequence(np.random.default_rng(seed), length)
-        assert tokens.shape == weights.shape == (length,)
-        assert tokens.dtype == np.int32 and weights.dtype == np.float32
-        assert tokens[0] == BOS and weights[0] == 0.0
-        spans = _spans(tokens)
-        queries = [s for s in spans if s[1] == QUERY]
-        facts = [s for s in spans if s[1] != QUERY]
-        assert len(queries) == 8 and spans[-1] is queries[-1] and tokens[-1] == END
+        _, facts = _check_training_row(tokens, weights, length, 8)
         task = _task_of(facts)
         seen.add(task)
         if task == "multikey":
             assert 4 <= len(facts) <= 8
-        answer_weight = np.zeros(length, bool)
-        for pos, _, key, content in queries:
-            start = pos + 4
-            answer = (*content, END)
-            assert answer == _resolve([f for f in facts if f[0] < pos], key)
-            answer_weight[start:start + len(answer)] = True
-            assert (weights[pos:pos + 3] == 0).all() and weights[pos + 3] == 1  # QUERY k k | IS
-        for pos, _, key, content in facts:
-            assert (weights[pos:pos + 3] == 0).all() and weights[pos + 3] == 1
-            end = pos + 4 + len(content)
-            assert (weights[pos + 4:end] == 0).all() and weights[end] == 1  # content | END
-        np.testing.assert_array_equal(weights == ANSWER_WEIGHT, answer_weight)
-        is_filler = tokens >= FILLER_START
-        predictable = is_filler & np.r_[False, False, is_filler[:-2] & is_filler[1:-1]]
-        np.testing.assert_array_equal(weights[is_filler], predictable[is_filler].astype(float))
-        _check_chain(tokens)
     assert seen == set(TASKS)
 
 
@@ -223,34 +230,12 @@ def test_distinct_training_sequence(length, queries):
     for seed in range(24):
         tokens, weights = training_sequence(np.random.default_rng(seed), length, queries,
                                             distinct=True)
-        assert tokens.shape == weights.shape == (length,)
-        assert tokens.dtype == np.int32 and weights.dtype == np.float32
-        assert tokens[0] == BOS and weights[0] == 0.0
-        spans = _spans(tokens)
-        asked = [s for s in spans if s[1] == QUERY]
-        facts = [s for s in spans if s[1] != QUERY]
-        assert len(asked) == queries and spans[-1] is asked[-1] and tokens[-1] == END
+        asked, facts = _check_training_row(tokens, weights, length, queries)
         assert len({key for _, _, key, _ in asked}) == queries  # no question is repeated
         keys = {key for _, _, key, _ in facts}
         assert len({symbol for key in keys for symbol in key}) == KEY_LEN * len(keys)
         assert set(Counter(f[2] for f in facts if f[1] == NEEDLE).values()) <= {1, 3}
         seen.update(_tasks_of(facts))
-        answer_weight = np.zeros(length, bool)
-        for pos, _, key, content in asked:
-            start = pos + 4
-            answer = (*content, END)
-            assert answer == _resolve([f for f in facts if f[0] < pos], key)
-            answer_weight[start:start + len(answer)] = True
-            assert (weights[pos:pos + 3] == 0).all() and weights[pos + 3] == 1  # QUERY k k | IS
-        for pos, _, key, content in facts:
-            assert (weights[pos:pos + 3] == 0).all() and weights[pos + 3] == 1
-            end = pos + 4 + len(content)
-            assert (weights[pos + 4:end] == 0).all() and weights[end] == 1  # content | END
-        np.testing.assert_array_equal(weights == ANSWER_WEIGHT, answer_weight)
-        is_filler = tokens >= FILLER_START
-        predictable = is_filler & np.r_[False, False, is_filler[:-2] & is_filler[1:-1]]
-        np.testing.assert_array_equal(weights[is_filler], predictable[is_filler].astype(float))
-        _check_chain(tokens)
     assert seen == set(TRAIN_TASKS)
 
 
