@@ -5,8 +5,9 @@ The mixture comes from `lserve_jax.eval.tasks.training_sequence` (answers weight
 (bf16: cuDNN flash attention on the GPU). Each step draws one sequence length from
 `TrainConfig.lengths` and fills `tokens_per_step` with rows of that length, so every length
 is trained at the same token rate. Batches are built by worker processes (the Python task
-generator is slower than the small model's step); batch i depends only on (seed, i). The result is an orbax checkpoint (`save_checkpoint`) that
-`lserve_jax.model.load_model(name)` loads.
+generator is slower than the small model's step); batch i depends only on (seed, i). The
+result is an orbax checkpoint (`save_checkpoint`) that `lserve_jax.model.load_model(name)`
+loads.
 
     python experiments/train_testbed.py experiments/configs/train_testbed.toml
 """

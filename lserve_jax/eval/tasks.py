@@ -196,7 +196,19 @@ def score(generated: Sequence[int], answer: np.ndarray) -> bool:
 
 
 def _keys_for(task: str, n_needles: int) -> int:
+    """Keys an eval-style instance draws (multivalue draws 3 and uses the first)."""
     return {"passkey": 1, "multikey": n_needles, "multivalue": 3}.get(task, 4)
+
+
+@functools.lru_cache(maxsize=None)
+def _repeating_minimum(queries: int) -> int:
+    """The shortest row that holds any task instance (multikey: 4 needles) and `queries`
+    of its longest question."""
+    rng = np.random.default_rng(0)
+    worlds = [_world(t, rng, _distinct_symbol_keys(rng, _keys_for(t, 4))) for t in TASKS]
+    return max(1 + sum(len(s) for s in w.spans)
+               + queries * max(len(q.key) + 2 + len(q.answer) for q in w.questions)
+               for w in worlds)
 
 
 def _place(rng: np.random.Generator, length: int, worlds: Sequence[_World],
@@ -222,12 +234,7 @@ def _place(rng: np.random.Generator, length: int, worlds: Sequence[_World],
 def _repeating(rng: np.random.Generator, length: int, queries: int):
     """One task instance (multikey: 4-8 needles, fewer if length is short) and `queries`
     questions drawn from its questions with replacement."""
-    minimum = max(1 + sum(len(s) for s in w.spans)
-                  + queries * max(len(q.key) + 2 + len(q.answer) for q in w.questions)
-                  for w in (_world(task, np.random.default_rng(0),
-                                   _distinct_symbol_keys(np.random.default_rng(0),
-                                                         _keys_for(task, 4)))
-                            for task in TASKS))
+    minimum = _repeating_minimum(queries)
     if length < minimum:
         raise ValueError(f"length={length} is too short for queries={queries}: needs at least "
                          f"{minimum}; raise length or lower queries")
