@@ -56,6 +56,11 @@ def test_training_lowers_the_loss_and_checkpoints_round_trip(tmp_path):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(c, np.float32))
     _, again = train(dataclasses.replace(cfg, steps=1, init_from=str(tmp_path)))
     assert again[0]["loss"] < history[0]["loss"]  # continues from the trained weights
+    by_path_cfg, by_path, _ = load_model(str(tmp_path))  # `--model DIR` evaluates it
+    assert by_path_cfg == model_cfg
+    assert jax.tree.structure(by_path) == jax.tree.structure(loaded)
+    with pytest.raises(ValueError, match="checkpoint name"):
+        load_model(str(tmp_path / "missing"))
 
 
 def test_gate_training_returns_clipped_gates(tmp_path):
