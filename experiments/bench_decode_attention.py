@@ -200,7 +200,8 @@ SWEEP = [DecodeBlocks(pages_per_block=ppb, pages_per_split=pps, num_warps=4, num
          for ppb, pps in ((1, 16), (1, 32), (1, 64), (2, 32)) for st in (2, 3, 4)]
 SPARSE_SWEEP = [DecodeBlocks(pages_per_block=ppb, pages_per_split=pps, num_warps=4,
                              num_stages=st)
-                for ppb, pps in ((1, 8), (1, 16), (1, 64), (2, 16), (4, 64)) for st in (2, 3)]
+                for ppb, pps in ((1, 2), (1, 4), (1, 8), (1, 16), (1, 64), (2, 16), (4, 64))
+                for st in (2, 3)]  # 2 and 4: small batches are latency-bound (fewer steps each)
 SELECT_SHAPES = [(1, 262144), (8, 131072), (1, 32768)]
 # score blocks are timed with the default top-k, radix widths with the default blocks
 SELECT_SWEEP = ([(ScoreBlocks(pages_per_block=ppb, pages_per_program=ppp, num_warps=w),
