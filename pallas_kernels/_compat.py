@@ -1,5 +1,6 @@
 """Things every kernel shares: the one place that silences Pallas Triton's deprecation
-warning, block-size checks, and an abstract H200 for lowering kernels on a machine without one.
+warning, block-size checks, whole-array blocks, and an abstract H200 for lowering kernels on a
+machine without one.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import math
 import warnings
 
 import jax
+from jax.experimental import pallas as pl
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
 # Pallas' Triton lowering is deprecated upstream in favour of Mosaic GPU; we pin jax 0.11.2 and
@@ -32,6 +34,12 @@ def check_power_of_two(owner: str, **values: int) -> None:
     for name, value in values.items():
         if not is_power_of_two(value):
             raise ValueError(f"{owner}.{name}={value} must be a power of two (Triton tiles)")
+
+
+def whole(x) -> pl.BlockSpec:
+    """Every program sees all of `x` (a pointer to it: nothing is copied); kernels index it
+    themselves, e.g. by a layer read from data so that one compiled kernel serves every layer."""
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
 @contextlib.contextmanager

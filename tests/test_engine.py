@@ -1,5 +1,6 @@
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 from lserve_jax.config import CacheConfig, ModelConfig, RunConfig, SparsityConfig
 from lserve_jax.engine import DecodeState, Engine, decode, decode_step
 from lserve_jax.model.llama import Llama, init_params
+from pallas_kernels._compat import lower_for_cuda
 
 CFG = ModelConfig()
 SP = SparsityConfig(policy="dense", page_size=16, logical_page_size=16)
@@ -99,6 +101,25 @@ def test_decode_does_not_copy_the_cache(params, policy):
         memory = compiled.memory_analysis()
         assert memory.alias_size_in_bytes >= cache_bytes  # the cache is updated in place
         assert memory.temp_size_in_bytes < cache_bytes / 4  # and never copied (K alone: ~1/2)
+
+
+@pytest.mark.parametrize("policy", ["dense", "lserve"])
+def test_each_kernel_lowers_once_for_every_layer(params, policy):
+    """The layer reaches the kernels as data, so a decode step holds one Triton kernel per op
+    whatever the depth (a static layer would compile L copies of each on the GPU)."""
+    sparsity = SparsityConfig(policy=policy, page_size=16, logical_page_size=16, token_budget=64)
+    engine = Engine(CFG, params, sparsity, CacheConfig(max_seq_len=256, max_batch=1),
+                    gates=np.random.default_rng(0).random((CFG.n_layers, CFG.n_kv_heads)))
+    model = Llama(CFG, sparsity, "pallas")
+    state = DecodeState(jnp.zeros((1, 4), jnp.int32), jnp.ones(1, jnp.int32),
+                        jnp.zeros(1, bool), jax.random.key(1))
+    text = lower_for_cuda(functools.partial(decode_step, model), params, engine.cache, state,
+                          jnp.asarray(engine.modes), jnp.asarray([-1]), jnp.float32(0),
+                          jnp.float32(1))
+    kernels = re.findall(r'triton.*?name = "(\w+)"', text)
+    expected = {"kv_append", "sparse_paged_decode"} | (
+        {"page_scores", "top_pages"} if policy == "lserve" else set())
+    assert CFG.n_layers > 1 and sorted(kernels) == sorted(expected)
 
 
 @pytest.mark.parametrize("policy", ["dense", "streaming", "lserve"])

@@ -37,7 +37,7 @@ def _scores(q, kmin, kmax, table, lengths, modes, layer, group_reduce, page_size
     gp = max(16, next_power_of_two(g))  # Triton dots need >= 16 rows
     return score_pages(jnp.pad(q, ((0, 0), (0, 0), (0, gp - g), (0, 0))), kmin, kmax,
                        table.astype(jnp.int32), lengths.astype(jnp.int32),
-                       modes.astype(jnp.int32), layer=layer, groups=g,
+                       modes.astype(jnp.int32), jnp.full((1,), layer, jnp.int32), groups=g,
                        group_reduce=group_reduce, page_size=page_size,
                        width=max(width, blocks.pages_per_program), blocks=blocks,
                        interpret=interpret)
@@ -88,7 +88,8 @@ def select_pages(
         raise ValueError(f"radix_bits={radix_bits} is invalid: use one of {RADIX_BITS}")
     scores = _scores(q, kmin, kmax, table, lengths, modes, layer, group_reduce, page_size,
                      blocks, width, interpret)
-    return top_pages(scores, lengths.astype(jnp.int32), modes.astype(jnp.int32), layer=layer,
+    return top_pages(scores, lengths.astype(jnp.int32), modes.astype(jnp.int32),
+                     jnp.full((1,), layer, jnp.int32),
                      groups=q.shape[2] if group_reduce == "none" else 1, k=k, width=width,
                      page_size=page_size, keep_sink_page=keep_sink_page,
                      radix_bits=radix_bits, interpret=interpret)

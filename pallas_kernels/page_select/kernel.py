@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._compat import NEG_INF, check_power_of_two, next_power_of_two
+from pallas_kernels._compat import NEG_INF, check_power_of_two, next_power_of_two, whole
 from pallas_kernels.sparse_decode.reference import SELECT
 
 # H200, one Llama-3-8B layer, half the heads streaming (B=1 256K, B=8 128K, B=1 32K): ~2048
@@ -69,9 +69,10 @@ def _score_kernel(
     q_ref,  # [Gp, H] the KV head's query heads (rows >= G are zero)
     kmin_ref,  # [P * R, H] per-logical-page key minima (R logical pages per physical page)
     kmax_ref,  # [P * R, H] maxima
-    table_ref,  # [M] int32 physical page of each logical page of this (row, layer, KV head)
+    table_ref,  # [B, L, K, M] int32 physical page of each logical page
     lengths_ref,  # [B] int32 tokens held per row
-    modes_ref,  # [K] int32 this layer's head modes
+    modes_ref,  # [L, K] int32 head modes
+    layer_ref,  # [1] int32 the layer (data, so that one compiled kernel serves every layer)
     # outputs
     s_ref,  # [Gs, pages_per_program] f32 physical-page scores (Gs = Gp, or 1 when reduced)
     *,
@@ -85,11 +86,12 @@ def _score_kernel(
     gp = q_ref.shape[0]
     per_program = s_ref.shape[1]
     n_blocks = per_program // pages_per_block
-    last = table_ref.shape[0] - 1
+    layer = layer_ref[0]
+    last = table_ref.shape[3] - 1
     n_pages = (lengths_ref[b] + page_size - 1) // page_size
     start = chunk * per_program
     live = jnp.clip(pl.cdiv(n_pages - start, pages_per_block), 0, n_blocks)
-    live = jnp.where(modes_ref[kh] == SELECT, live, 0)  # blocks holding a page of the row
+    live = jnp.where(modes_ref[layer, kh] == SELECT, live, 0)  # blocks holding a page of the row
     real = jax.lax.broadcasted_iota(jnp.int32, (gp, pages_per_block), 0) < groups
 
     def out(blk):
@@ -106,7 +108,7 @@ def _score_kernel(
             index = start + blk * pages_per_block + jax.lax.broadcasted_iota(
                 jnp.int32, (pages_per_block,), 0)
             held = index < n_pages
-            ids = jnp.where(held, table_ref[jnp.minimum(index, last)], 0)  # 0: the trash page
+            ids = jnp.where(held, table_ref[b, layer, kh, jnp.minimum(index, last)], 0)  # 0: trash
             best = jnp.full((gp, pages_per_block), NEG_INF, jnp.float32)
             for r in range(rows):
                 hi = kmax_ref[ids * rows + r]  # [pages_per_block, H]
@@ -128,13 +130,13 @@ def _score_kernel(
     jax.lax.fori_loop(live, n_blocks, skip, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "groups", "group_reduce", "page_size",
+@functools.partial(jax.jit, static_argnames=("groups", "group_reduce", "page_size",
                                              "width", "blocks", "interpret"))
-def score_pages(q, kmin, kmax, table, lengths, modes, *, layer: int, groups: int,
+def score_pages(q, kmin, kmax, table, lengths, modes, layer, *, groups: int,
                 group_reduce: str, page_size: int, width: int, blocks: ScoreBlocks,
                 interpret: bool = False):
     """q: [B, K, Gp, H]; kmin, kmax: [P, R, H]; table: [B, L, K, M]; lengths: [B] int32;
-    modes: [L, K] int32. Returns [B, K, Gs, width] f32 (width a multiple of
+    modes: [L, K] int32; layer: [1] int32. Returns [B, K, Gs, width] f32 (width a multiple of
     blocks.pages_per_program): NEG_INF at pages >= ceil(length / page_size) and for every
     head whose mode is not SELECT."""
     b, kh, gp, h = q.shape
@@ -151,23 +153,22 @@ def score_pages(q, kmin, kmax, table, lengths, modes, *, layer: int, groups: int
         kernel,
         grid=(b, kh, width // per),
         in_specs=[pl.BlockSpec((None, None, gp, h), lambda i, j, c: (i, j, 0, 0)), flat, flat,
-                  pl.BlockSpec((None, None, None, m), lambda i, j, c: (i, layer, j, 0)),
-                  pl.BlockSpec((b,), lambda *_: (0,)),
-                  pl.BlockSpec((None, kh), lambda *_: (layer, 0))],
+                  whole(table), whole(lengths), whole(modes), whole(layer)],
         out_specs=pl.BlockSpec((None, None, gs, per), lambda i, j, c: (i, j, 0, c)),
         out_shape=jax.ShapeDtypeStruct((b, kh, gs, width), jnp.float32),
         compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
                                              num_stages=blocks.num_stages),
         interpret=interpret,
         name="page_scores",
-    )(q, kmin.reshape(p * rows, h), kmax.reshape(p * rows, h), table, lengths, modes)
+    )(q, kmin.reshape(p * rows, h), kmax.reshape(p * rows, h), table, lengths, modes, layer)
 
 
 def _topk_kernel(
     # inputs
     s_ref,  # [M'] f32 scores of one selection row (M' a power of two, >= W)
     lengths_ref,  # [B] int32 tokens held per row
-    modes_ref,  # [K] int32 this layer's head modes
+    modes_ref,  # [L, K] int32 head modes
+    layer_ref,  # [1] int32 the layer
     # outputs
     o_ref,  # [W] int32 chosen pages, ascending, then -1
     *,
@@ -180,11 +181,13 @@ def _topk_kernel(
     b, kh = pl.program_id(0), pl.program_id(1)
     width = o_ref.shape[0]
 
-    @pl.when(modes_ref[kh] != SELECT)
+    selecting = modes_ref[layer_ref[0], kh] == SELECT
+
+    @pl.when(~selecting)
     def _():
         o_ref[...] = jnp.full(o_ref.shape, -1, jnp.int32)
 
-    @pl.when(modes_ref[kh] == SELECT)
+    @pl.when(selecting)
     def _():
         candidates = (lengths_ref[b] + page_size - 1) // page_size - 1  # the current page apart
         live = jnp.clip(pl.cdiv(candidates, chunk), 0, s_ref.shape[0] // chunk)
@@ -239,14 +242,15 @@ def _topk_kernel(
                           (jnp.int32(0), jnp.int32(0)))
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "groups", "k", "width", "page_size",
+@functools.partial(jax.jit, static_argnames=("groups", "k", "width", "page_size",
                                              "keep_sink_page", "radix_bits", "chunk",
                                              "interpret"))
-def top_pages(scores, lengths, modes, *, layer: int, groups: int, k: int, width: int,
+def top_pages(scores, lengths, modes, layer, *, groups: int, k: int, width: int,
               page_size: int, keep_sink_page: bool, radix_bits: int = DEFAULT_RADIX_BITS,
               chunk: int | None = None, interpret: bool = False):
     """scores: [B, K, >= groups, M'] (M' a power of two >= width; rows past `groups` are
-    ignored); lengths: [B] int32; modes: [L, K] int32 -> [B, K, groups, width] int32.
+    ignored); lengths: [B] int32; modes: [L, K] int32; layer: [1] int32 -> [B, K, groups,
+    width] int32.
     `chunk` (a power of two; default min(M', TOPK_CHUNK >> radix_bits)): pages per loop step."""
     b, kh, _, m = scores.shape
     chunk = chunk or min(m, TOPK_CHUNK >> radix_bits)
@@ -258,11 +262,10 @@ def top_pages(scores, lengths, modes, *, layer: int, groups: int, k: int, width:
         kernel,
         grid=(b, kh, groups),
         in_specs=[pl.BlockSpec((None, None, None, m), lambda i, j, g: (i, j, g, 0)),
-                  pl.BlockSpec((b,), lambda *_: (0,)),
-                  pl.BlockSpec((None, kh), lambda *_: (layer, 0))],
+                  whole(lengths), whole(modes), whole(layer)],
         out_specs=pl.BlockSpec((None, None, None, width), lambda i, j, g: (i, j, g, 0)),
         out_shape=jax.ShapeDtypeStruct((b, kh, groups, width), jnp.int32),
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="top_pages",
-    )(scores, lengths, modes)
+    )(scores, lengths, modes, layer)

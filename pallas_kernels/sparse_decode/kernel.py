@@ -21,7 +21,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._compat import LOG2_E, NEG_INF, check_power_of_two, next_power_of_two
+from pallas_kernels._compat import (
+    LOG2_E,
+    NEG_INF,
+    check_power_of_two,
+    next_power_of_two,
+    whole,
+)
 from pallas_kernels.sparse_decode.reference import SELECT, STREAM
 
 # Defaults from the H200 sweep in experiments/results/decode_attention.json: one 64-token page
@@ -61,10 +67,11 @@ def _decode_kernel(
     q_ref,  # [Gp, H] the KV head's query heads (rows >= G are zero padding)
     k_ref,  # [P, Np, H] key pool, gathered by physical page
     v_ref,  # [P, Np, H] value pool
-    table_ref,  # [M] int32 logical -> physical page of this (row, layer, KV head)
-    sel_ref,  # [W] int32 this list's selected logical pages (-1 padded)
+    table_ref,  # [B, L, K, M] int32 logical -> physical page
+    sel_ref,  # [L, B, K, Gs, W] int32 selected logical pages (-1 padded)
     lengths_ref,  # [B] int32 tokens held per row (the current token is the last)
-    modes_ref,  # [K] int32 this layer's head modes
+    modes_ref,  # [L, K] int32 head modes
+    layer_ref,  # [1] int32 the layer (data, so that one compiled kernel serves every layer)
     # outputs
     o_ref,  # [Gp, H] f32 unnormalised partial output of this split
     m_ref,  # [Gp] f32 running max of the logits (log2 units)
@@ -80,15 +87,16 @@ def _decode_kernel(
     b, kh, g, split = (pl.program_id(i) for i in range(4))
     gp, h = q_ref.shape
     n_p = k_ref.shape[1]
-    m_max, width = table_ref.shape[0], sel_ref.shape[0]
+    layer = layer_ref[0]
+    m_max, width = table_ref.shape[3], sel_ref.shape[4]
     block = pages_per_block * n_p
     sink_pages = -(-sink // n_p)
     t = lengths_ref[b] - 1
     n_pages = t // n_p + 1
-    mode = modes_ref[kh]
+    mode = modes_ref[layer, kh]
     streaming = mode == STREAM
     sparse = (mode == SELECT) & (n_pages > budget_pages)
-    n_sel = jnp.sum((sel_ref[...] >= 0).astype(jnp.int32))
+    n_sel = jnp.sum((sel_ref[layer, b, kh, g, pl.ds(0, width)] >= 0).astype(jnp.int32))
     n_sink = jnp.minimum(sink_pages, n_pages)
     first = jnp.minimum(jnp.maximum((t - local) // n_p, sink_pages), n_pages)
     count = jnp.where(sparse, n_sel + 1, jnp.where(streaming, n_sink + n_pages - first, n_pages))
@@ -108,13 +116,14 @@ def _decode_kernel(
         scalars when a block is one page (its keys then load as one contiguous tile)."""
         e = base if pages_per_block == 1 else base + entry
         if pages_per_block == 1:
-            chosen = sel_ref[jnp.minimum(base, width - 1)]
+            chosen = sel_ref[layer, b, kh, g, jnp.minimum(base, width - 1)]
         else:
-            chosen = sel_ref[pl.ds(jnp.minimum(base, width - pages_per_block), pages_per_block)]
+            chosen = sel_ref[layer, b, kh, g,
+                             pl.ds(jnp.minimum(base, width - pages_per_block), pages_per_block)]
         logical = jnp.where(sparse, jnp.where(e < n_sel, chosen, n_pages - 1),
                             jnp.where(streaming & (e >= n_sink), first + e - n_sink, e))
         logical = jnp.clip(logical, 0, m_max - 1)
-        return logical, table_ref[logical]
+        return logical, table_ref[b, layer, kh, logical]
 
     def step(i, carry, masked: bool):
         o, m, l = carry
@@ -152,34 +161,27 @@ def _decode_kernel(
     l_ref[...] = l
 
 
-@functools.partial(jax.jit, static_argnames=("layer", "scale", "sink", "local", "budget_pages",
+@functools.partial(jax.jit, static_argnames=("scale", "sink", "local", "budget_pages",
                                              "splits", "blocks", "interpret"))
-def decode_partials(q, k_pool, v_pool, table, selected, lengths, modes, *, layer: int,
+def decode_partials(q, k_pool, v_pool, table, selected, lengths, modes, layer, *,
                     scale: float, sink: int, local: int, budget_pages: int, splits: int,
                     blocks: DecodeBlocks, interpret: bool = False):
     """Runs the kernel. q: [B, K, Gp, H]; table: [B, L, K, M]; selected: [L, B, K, Gs, W];
-    lengths: [B]; modes: [L, K] int32. Returns o [B, K, Gs, splits, Gp, H] f32 and
+    lengths: [B]; modes: [L, K] int32; layer: [1] int32. Returns o [B, K, Gs, splits, Gp, H] f32 and
     m, l [B, K, Gs, splits, Gp] f32."""
     b, kh, gp, h = q.shape
-    gs, w = selected.shape[3], selected.shape[4]
-    m = table.shape[3]
+    gs = selected.shape[3]
     kernel = functools.partial(
         _decode_kernel, scale=scale, sink=sink, local=local, budget_pages=budget_pages,
         pages_per_block=blocks.pages_per_block, pages_per_split=blocks.pages_per_split)
-
-    def whole(x):
-        return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
     return pl.pallas_call(
         kernel,
         grid=(b, kh, gs, splits),
         in_specs=[
             pl.BlockSpec((None, None, gp, h), lambda i, j, g, _: (i, j, 0, 0)),
-            whole(k_pool), whole(v_pool),
-            pl.BlockSpec((None, None, None, m), lambda i, j, g, _: (i, layer, j, 0)),
-            pl.BlockSpec((None, None, None, None, w), lambda i, j, g, _: (layer, i, j, g, 0)),
-            whole(lengths),
-            pl.BlockSpec((None, kh), lambda *_: (layer, 0)),
+            whole(k_pool), whole(v_pool), whole(table), whole(selected), whole(lengths),
+            whole(modes), whole(layer),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, None, gp, h), lambda i, j, g, x: (i, j, g, x, 0, 0)),
@@ -195,4 +197,4 @@ def decode_partials(q, k_pool, v_pool, table, selected, lengths, modes, *, layer
                                              num_stages=blocks.num_stages),
         interpret=interpret,
         name="sparse_paged_decode",
-    )(q, k_pool, v_pool, table, selected, lengths, modes)
+    )(q, k_pool, v_pool, table, selected, lengths, modes, layer)

@@ -87,7 +87,7 @@ def test_radix_top_k_breaks_ties_like_the_reference(radix_bits, chunk):
     modes = jnp.asarray(MODES, jnp.int32)
     for k, width, keep_sink in ((5, 8, False), (6, 8, True), (8, 8, False)):
         kw = {"k": k, "width": width, "page_size": page_size, "keep_sink_page": keep_sink}
-        out = top_pages(scores, jnp.asarray(lengths), modes, layer=1, groups=gs,
+        out = top_pages(scores, jnp.asarray(lengths), modes, jnp.ones((1,), jnp.int32), groups=gs,
                         radix_bits=radix_bits, chunk=chunk, interpret=INTERPRET, **kw)
         ref = select_pages_reference(scores, jnp.asarray(lengths), modes[1], **kw)
         np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
