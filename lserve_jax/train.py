@@ -50,6 +50,8 @@ class TrainConfig:
     queries: int = 8  # questions per row, about one task instance (answers repeat)
     query_every: int = 0  # > 0: the distinct layout instead, one new key per this many tokens
                           # (at most tasks.MAX_DISTINCT = 32 a row)
+    distinct_share: float = 1.0  # with query_every > 0: the share of rows in the distinct
+                                 # layout, the rest repeating (keeps what copying taught)
     data_workers: int = 0  # processes building batches; 0: one per CPU core but one (max 12)
     lr: float = 2e-3
     warmup: int = 150
@@ -59,6 +61,8 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive(self, "steps", "tokens_per_step", "queries", "warmup", "log_every")
+        _require(0.0 <= self.distinct_share <= 1.0, "TrainConfig.distinct_share",
+                 self.distinct_share, "must lie in [0, 1]")
         for n in self.lengths:
             _require(self.tokens_per_step % n == 0, "TrainConfig.lengths", n,
                      f"must divide tokens_per_step={self.tokens_per_step}")
@@ -82,11 +86,13 @@ def make_batch(cfg: TrainConfig, index: int) -> tuple[np.ndarray, np.ndarray]:
     """Batch `index` of a run: (tokens, weights), [tokens_per_step / T, T + 1] each."""
     rng = np.random.default_rng([cfg.seed, index])
     length = int(rng.choice(cfg.lengths))
-    queries = cfg.queries
-    if cfg.query_every > 0:
-        queries = min(max(1, length // cfg.query_every), tasks.MAX_DISTINCT)
-    rows = [tasks.training_sequence(rng, length + 1, queries, distinct=cfg.query_every > 0)
-            for _ in range(cfg.tokens_per_step // length)]
+    n_rows = cfg.tokens_per_step // length
+    n_distinct = round(cfg.distinct_share * n_rows) if cfg.query_every > 0 else 0
+    per_row = min(max(1, length // max(cfg.query_every, 1)), tasks.MAX_DISTINCT)
+    rows = [tasks.training_sequence(rng, length + 1, per_row, distinct=True)
+            for _ in range(n_distinct)]
+    rows += [tasks.training_sequence(rng, length + 1, cfg.queries)
+             for _ in range(n_rows - n_distinct)]
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 

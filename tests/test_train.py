@@ -104,17 +104,20 @@ def test_committed_pattern_round_trips(tmp_path):
     assert (again.sink_size, again.recent_size) == (pattern.sink_size, pattern.recent_size)
 
 
-@pytest.mark.parametrize("query_every", [0, 128])
-def test_batches_depend_only_on_seed_and_index(query_every):
-    cfg = TrainConfig(model="tiny", tokens_per_step=1024, lengths=(256, 512),
-                      query_every=query_every)
+@pytest.mark.parametrize("query_every,share", [(0, 1.0), (128, 1.0), (128, 0.5)])
+def test_batches_depend_only_on_seed_and_index(query_every, share):
+    cfg = TrainConfig(model="tiny", tokens_per_step=2048, lengths=(256, 512),
+                      query_every=query_every, distinct_share=share)
     tokens, weights = make_batch(cfg, 3)
-    assert tokens.shape == weights.shape and tokens.shape[0] * (tokens.shape[1] - 1) == 1024
+    assert tokens.shape == weights.shape and tokens.shape[0] * (tokens.shape[1] - 1) == 2048
     np.testing.assert_array_equal(make_batch(cfg, 3)[0], tokens)
     assert not np.array_equal(make_batch(cfg, 4)[0], tokens)
     asked = (tokens == tasks.QUERY).sum(axis=1)
-    want = (tokens.shape[1] - 1) // query_every if query_every else cfg.queries
+    n_distinct = round(share * len(tokens)) if query_every else 0
+    want = [(tokens.shape[1] - 1) // 128] * n_distinct + [cfg.queries] * (len(tokens) - n_distinct)
     np.testing.assert_array_equal(asked, want)
+    with pytest.raises(ValueError, match="distinct_share"):
+        TrainConfig(distinct_share=1.5)
 
 
 @pytest.mark.parametrize("path", sorted(
