@@ -141,7 +141,6 @@ def score_pages(q, kmin, kmax, table, lengths, modes, layer, *, groups: int,
     head whose mode is not SELECT."""
     b, kh, gp, h = q.shape
     p, rows, _ = kmin.shape
-    m = table.shape[3]
     per = blocks.pages_per_program
     assert width % per == 0, (width, per)
     gs = gp if group_reduce == "none" else 1
