@@ -87,10 +87,12 @@ def make_batch(cfg: TrainConfig, index: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([cfg.seed, index])
     length = int(rng.choice(cfg.lengths))
     n_rows = cfg.tokens_per_step // length
-    n_distinct = round(cfg.distinct_share * n_rows) if cfg.query_every > 0 else 0
-    per_row = min(max(1, length // max(cfg.query_every, 1)), tasks.MAX_DISTINCT)
-    rows = [tasks.training_sequence(rng, length + 1, per_row, distinct=True)
-            for _ in range(n_distinct)]
+    n_distinct, rows = 0, []
+    if cfg.query_every > 0:
+        n_distinct = round(cfg.distinct_share * n_rows)
+        per_row = min(max(1, length // cfg.query_every), tasks.MAX_DISTINCT)
+        rows = [tasks.training_sequence(rng, length + 1, per_row, distinct=True)
+                for _ in range(n_distinct)]
     rows += [tasks.training_sequence(rng, length + 1, cfg.queries)
              for _ in range(n_rows - n_distinct)]
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])

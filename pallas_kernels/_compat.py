@@ -10,6 +10,7 @@ import math
 import warnings
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
@@ -37,9 +38,17 @@ def check_power_of_two(owner: str, **values: int) -> None:
 
 
 def whole(x) -> pl.BlockSpec:
-    """Every program sees all of `x` (a pointer to it: nothing is copied); kernels index it
-    themselves, e.g. by a layer read from data so that one compiled kernel serves every layer."""
-    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+    """Every program sees all of `x` (an array or a shape; a pointer to it: nothing is copied);
+    kernels index it themselves, e.g. by a `layer_operand` so that one compiled kernel serves
+    every layer."""
+    shape = tuple(getattr(x, "shape", x))
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+def layer_operand(layer: int) -> jax.Array:
+    """The layer as a [1] int32 kernel input rather than a static argument: a static layer in
+    a block index map makes a different Triton kernel (and GPU compile) for every layer."""
+    return jnp.full((1,), layer, jnp.int32)
 
 
 @contextlib.contextmanager

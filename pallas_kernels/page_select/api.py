@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._compat import check_power_of_two, next_power_of_two
+from pallas_kernels._compat import check_power_of_two, layer_operand, next_power_of_two
 from pallas_kernels.page_select.kernel import (
     DEFAULT_RADIX_BITS,
     RADIX_BITS,
@@ -37,7 +37,7 @@ def _scores(q, kmin, kmax, table, lengths, modes, layer, group_reduce, page_size
     gp = max(16, next_power_of_two(g))  # Triton dots need >= 16 rows
     return score_pages(jnp.pad(q, ((0, 0), (0, 0), (0, gp - g), (0, 0))), kmin, kmax,
                        table.astype(jnp.int32), lengths.astype(jnp.int32),
-                       modes.astype(jnp.int32), jnp.full((1,), layer, jnp.int32), groups=g,
+                       modes.astype(jnp.int32), layer_operand(layer), groups=g,
                        group_reduce=group_reduce, page_size=page_size,
                        width=max(width, blocks.pages_per_program), blocks=blocks,
                        interpret=interpret)
@@ -89,7 +89,7 @@ def select_pages(
     scores = _scores(q, kmin, kmax, table, lengths, modes, layer, group_reduce, page_size,
                      blocks, width, interpret)
     return top_pages(scores, lengths.astype(jnp.int32), modes.astype(jnp.int32),
-                     jnp.full((1,), layer, jnp.int32),
+                     layer_operand(layer),
                      groups=q.shape[2] if group_reduce == "none" else 1, k=k, width=width,
                      page_size=page_size, keep_sink_page=keep_sink_page,
                      radix_bits=radix_bits, interpret=interpret)

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels._compat import whole
+
 
 def _append_kernel(
     # inputs
@@ -56,17 +58,13 @@ def append_token(k, v, phys, slot, k_pool, v_pool, kmin, kmax, *, logical_page: 
     shape_stats = kmin.shape
     flat_stats = (shape_stats[0] * shape_stats[1], h)
 
-    def whole(shape):
-        return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
-
     row = pl.BlockSpec((None, None, h), lambda i, j: (i, j, 0))
     outs = pl.pallas_call(
         functools.partial(_append_kernel, logical_page=logical_page, stats=stats),
         grid=(b, kh),
-        in_specs=[row, row, whole(phys.shape), whole(slot.shape), whole(k_pool.shape),
-                  whole(v_pool.shape), whole(flat_stats), whole(flat_stats)],
-        out_specs=[whole(k_pool.shape), whole(v_pool.shape), whole(flat_stats),
-                   whole(flat_stats)],
+        in_specs=[row, row, whole(phys), whole(slot), whole(k_pool), whole(v_pool),
+                  whole(flat_stats), whole(flat_stats)],
+        out_specs=[whole(k_pool), whole(v_pool), whole(flat_stats), whole(flat_stats)],
         out_shape=[jax.ShapeDtypeStruct(k_pool.shape, k_pool.dtype),
                    jax.ShapeDtypeStruct(v_pool.shape, v_pool.dtype),
                    jax.ShapeDtypeStruct(flat_stats, kmin.dtype),

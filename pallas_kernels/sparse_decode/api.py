@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels._compat import next_power_of_two
+from pallas_kernels._compat import layer_operand, next_power_of_two
 from pallas_kernels.sparse_decode.kernel import DecodeBlocks, decode_partials
 from pallas_kernels.sparse_decode.reference import SELECT
 
@@ -69,8 +69,8 @@ def sparse_decode(
     o, mx, l = decode_partials(
         jnp.pad(q, ((0, 0), (0, 0), (0, gp - g), (0, 0))), k_pool, v_pool, table,
         selected.astype(jnp.int32), lengths.astype(jnp.int32), modes.astype(jnp.int32),
-        jnp.full((1,), layer, jnp.int32), scale=h ** -0.5 if scale is None else scale, sink=sink, local=local,
-        budget_pages=budget_pages, splits=splits, blocks=blocks, interpret=interpret)
+        layer_operand(layer), scale=h ** -0.5 if scale is None else scale, sink=sink,
+        local=local, budget_pages=budget_pages, splits=splits, blocks=blocks, interpret=interpret)
     # query head g reads list g // (G / Gs) where selections differ, list 0 elsewhere
     n_pages = (lengths + n_p - 1) // n_p
     sparse = (modes[layer] == SELECT)[None, :] & (n_pages > budget_pages)[:, None]  # [B, K]

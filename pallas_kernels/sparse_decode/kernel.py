@@ -21,13 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._compat import (
-    LOG2_E,
-    NEG_INF,
-    check_power_of_two,
-    next_power_of_two,
-    whole,
-)
+from pallas_kernels._compat import LOG2_E, NEG_INF, check_power_of_two, next_power_of_two, whole
 from pallas_kernels.sparse_decode.reference import SELECT, STREAM
 
 # Defaults from the H200 sweep in experiments/results/decode_attention.json: one 64-token page
@@ -167,8 +161,8 @@ def decode_partials(q, k_pool, v_pool, table, selected, lengths, modes, layer, *
                     scale: float, sink: int, local: int, budget_pages: int, splits: int,
                     blocks: DecodeBlocks, interpret: bool = False):
     """Runs the kernel. q: [B, K, Gp, H]; table: [B, L, K, M]; selected: [L, B, K, Gs, W];
-    lengths: [B]; modes: [L, K] int32; layer: [1] int32. Returns o [B, K, Gs, splits, Gp, H] f32 and
-    m, l [B, K, Gs, splits, Gp] f32."""
+    lengths: [B]; modes: [L, K] int32; layer: [1] int32. Returns o [B, K, Gs, splits, Gp, H]
+    f32 and m, l [B, K, Gs, splits, Gp] f32."""
     b, kh, gp, h = q.shape
     gs = selected.shape[3]
     kernel = functools.partial(
