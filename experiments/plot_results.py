@@ -78,20 +78,36 @@ def plot_e2e() -> pathlib.Path:
                 ax.plot(ctx, ms, marker="o", color=f"C{i}", label=policy)
                 ax.plot(ctx, floor, linestyle="--", marker="_", markersize=14, color=f"C{i}",
                         label=f"{policy} floor")
-        ax.set(xscale="log", xlabel="context (tokens)", ylabel="ms per token",
-               title=f"decode, batch {b}")
-        ax.grid(True, which="both", alpha=0.3)
+            for r in rows:
+                if (r["name"] == f"decode_{policy}" and r["batch"] == b and policy != "dense"
+                        and r.get("speedup")):
+                    ax.annotate(f"{r['speedup']:.2f}x", (r["context"], r["ms"]), fontsize=7,
+                                textcoords="offset points", xytext=(4, 4))
+        _context_axis(ax, [r["context"] for r in rows
+                          if r["name"].startswith("decode") and r["batch"] == b])
+        ax.set(ylabel="ms per token", title=f"decode, batch {b}")
         ax.legend(fontsize=7)
     for i, policy in enumerate(sorted({r["policy"] for r in rows})):
         pts = sorted((r["context"], r["ms"] / 1e3) for r in rows if r["name"] == f"ttft_{policy}")
         if pts:
             axes[-1].plot(*zip(*pts), marker="o", color=f"C{i}", label=policy)
-    axes[-1].set(xscale="log", xlabel="prompt (tokens)", ylabel="s", title="time to first token")
-    axes[-1].grid(True, which="both", alpha=0.3)
+    _context_axis(axes[-1], [r["context"] for r in rows if r["name"].startswith("ttft")])
+    axes[-1].set(xlabel="prompt (tokens)", ylabel="s", title="time to first token")
     axes[-1].legend(fontsize=7)
     fig.suptitle(f"Llama-3-8B shape, whole engine, {data['device']}, jax {data['jax_version']}, "
                  f"{data['date']}", fontsize=9)
     return _save(fig, "e2e")
+
+
+def _context_axis(ax, contexts) -> None:
+    """A log2 token axis ticked at the measured contexts only, labelled 16K, 128K, ..."""
+    ticks = sorted(set(contexts))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [f"{t // 1024}K" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlim(ticks[0] / 1.5, ticks[-1] * 1.5)
+    ax.set_xlabel("context (tokens)")
+    ax.grid(True, alpha=0.3)
 
 
 def _save(fig, name: str) -> pathlib.Path:
