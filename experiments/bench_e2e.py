@@ -7,7 +7,9 @@ Decode: the cache is filled with random K/V for `context` tokens plus exact page
 with the floor = (weights + the KV the policy must read) / 4.3 TB/s. A configuration whose
 pool does not fit next to the weights is reported as out of memory without allocating it.
 TTFT: `Engine.generate(max_new_tokens=1)` on random prompts (chunked when longer than
-`--chunk`), after a same-shape warm-up.
+`--chunk`), after a same-shape warm-up. `--min-pages-per-split 2 4 8` repeats the decode rows
+with the sparse decode kernel's split floor at each value (one process: on a fresh H200 this
+script takes ~2 minutes to reach its first row, so sweeping by relaunching wastes the budget).
 
     python experiments/bench_e2e.py --pattern ../shared/duo_patterns/Llama-3-8B-Instruct-Gradient-1048k
 """
@@ -29,6 +31,7 @@ from lserve_jax.engine import Engine, decode
 from lserve_jax.model.llama import init_params
 from lserve_jax.sparsity.heads import load_gates
 from lserve_jax.sparsity.policy import attended_tokens
+from pallas_kernels.sparse_decode import kernel as decode_kernel
 
 DECODE = [(1, t) for t in (16384, 32768, 65536, 131072, 262144)] + [
     (b, t) for b in (4, 8) for t in (32768, 65536, 131072)]
@@ -137,6 +140,26 @@ def ttft_row(cfg, params, name, sparsity, gates, context, backend, profile=False
     return row
 
 
+def with_split_floor(fn, floor: int | None):
+    """`fn` run with the decode kernel's MIN_PAGES_PER_SPLIT at `floor` (None: as it is); jit
+    caches are cleared around it so the decode loop is traced again with the new value."""
+    if floor is None:
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args):
+        saved = decode_kernel.MIN_PAGES_PER_SPLIT
+        decode_kernel.MIN_PAGES_PER_SPLIT = floor
+        jax.clear_caches()
+        try:
+            return {**fn(*args), "min_pages_per_split": floor}
+        finally:
+            decode_kernel.MIN_PAGES_PER_SPLIT = saved
+            jax.clear_caches()
+
+    return run
+
+
 def capacity_row(cfg, params, weights, name, sparsity, gates, context, headroom=8 * 2**30):
     """The largest batch whose pool fits beside the weights (computed from the allocator)."""
     probe = Engine(cfg, params, sparsity, CacheConfig(max_seq_len=context, max_batch=1,
@@ -165,6 +188,8 @@ def main():
     parser.add_argument("--backend", default="pallas")
     parser.add_argument("--decode", nargs="*", default=None, help="BATCHxCONTEXT ...")
     parser.add_argument("--ttft", type=int, nargs="*", default=list(TTFT))
+    parser.add_argument("--min-pages-per-split", type=int, nargs="*", default=[],
+                        help="decode rows once per value of the kernel's split floor")
     args = parser.parse_args()
     cfg = ModelConfig.from_name(args.model)
     gates = load_gates(args.pattern)[: cfg.n_layers, : cfg.n_kv_heads]
@@ -173,9 +198,12 @@ def main():
     shapes = DECODE if args.decode is None else [tuple(map(int, s.split("x"))) for s in args.decode]
     configs = policies(args.policies, args.chunk)
     jobs = []  # shape by shape, every policy next to each other (partial runs still compare)
-    for b, t in shapes:
-        jobs += [(name, decode_row, (cfg, params, weights, name, sp, gates, b, t, args.steps,
-                               args.backend, args.profile)) for name, sp in configs.items()]
+    for floor in args.min_pages_per_split or [None]:
+        row_fn = with_split_floor(decode_row, floor)
+        for b, t in shapes:
+            jobs += [(name, row_fn, (cfg, params, weights, name, sp, gates, b, t, args.steps,
+                                     args.backend, args.profile))
+                     for name, sp in configs.items()]
     for t in args.ttft:
         jobs += [(name, ttft_row, (cfg, params, name, sp, gates, t, args.backend, args.profile))
                  for name, sp in configs.items()]
@@ -197,12 +225,15 @@ def main():
 
 
 def _with_baselines(rows: list[dict]) -> list[dict]:
-    """speedup against the dense row of the same name and shape, where both exist."""
-    dense = {(r["name"].split("_")[0], r.get("batch"), r.get("context")): r.get("ms")
-             for r in rows if r.get("policy") == "dense"}
+    """speedup against the dense row of the same kind, shape and split floor, where both exist."""
+    def key(r):
+        return (r["name"].split("_")[0], r.get("batch"), r.get("context"),
+                r.get("min_pages_per_split"))
+
+    dense = {key(r): r.get("ms") for r in rows if r.get("policy") == "dense"}
     out = []
     for r in rows:
-        base = dense.get((r["name"].split("_")[0], r.get("batch"), r.get("context")))
+        base = dense.get(key(r))
         extra = {"baseline_ms": base, "speedup": round(base / r["ms"], 2)} if (
             base and r.get("ms")) else {}
         out.append({**r, **extra})

@@ -2,10 +2,11 @@
 # Everything that needs the H200, in one go: kernel tests compiled for the GPU, then the
 # benchmarks. Results land in OUT (default experiments/results); logs beside them.
 #   bash experiments/gpu_suite.sh [OUT] [STEP ...]
-#   steps: fixture tests prefill decode dense e2e testbed testbed3 ablations (default: the
-#   kernel and speed steps; testbed retrains the accuracy testbed + its head pattern, testbed3
-#   fine-tunes the committed one on distinct questions + retrains its pattern, ablations runs
-#   the accuracy configs on the committed one)
+#   steps: fixture tests prefill decode dense e2e testbed finetune gates ablations (default:
+#   the kernel and speed steps). The testbed recipe is testbed (stages 1-2 from scratch, ~9
+#   min), finetune (stages 3-4 on distinct questions, ~11 min) and gates (its DuoAttention
+#   pattern, ~1 min), each within one 10-minute device call; ablations runs the accuracy
+#   configs on the committed testbed.
 # e2e reads a DuoAttention pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git
 # ignores it: it is another project's data) and carry that folder to the device.
 set -uo pipefail
@@ -29,11 +30,12 @@ for step in $steps; do
            --pattern ${DUO_PATTERN:-.patterns/Llama-3-8B-Instruct-Gradient-1048k} ;;
     testbed) timeout 330 python3 experiments/train_testbed.py experiments/configs/train_testbed.toml \
                && timeout 270 python3 experiments/train_testbed.py \
-                    experiments/configs/train_testbed_stage2.toml \
-               && timeout 90 python3 experiments/train_gates.py --steps 600 --local 64 ;;
-    testbed3) timeout 420 python3 experiments/train_testbed.py \
+                    experiments/configs/train_testbed_stage2.toml ;;
+    finetune) timeout 330 python3 experiments/train_testbed.py \
                 experiments/configs/train_testbed_stage3.toml \
-               && timeout 120 python3 experiments/train_gates.py --steps 600 --local 64 ;;
+              && timeout 330 python3 experiments/train_testbed.py \
+                   experiments/configs/train_testbed_stage4.toml ;;
+    gates) timeout 120 python3 experiments/train_gates.py --steps 600 --local 64 ;;
     ablations) timeout ${ABLATIONS_S:-580} python3 experiments/run_ablations.py \
                  experiments/configs/{policies,heads,reuse,page_size,budget,static_sparsity,sink_page,granularity}.toml ;;
     *) echo "unknown step $step" ;;

@@ -1,0 +1,52 @@
+"""The end-to-end benchmark's in-process sweep of the decode kernel's split floor."""
+
+import jax
+import jax.numpy as jnp
+
+from experiments import bench_e2e
+from pallas_kernels.sparse_decode import kernel
+from pallas_kernels.sparse_decode.api import sparse_decode
+
+
+def _splits(q, pool, table, selected, lengths, modes) -> int:
+    """Key splits of the decode kernel's grid, read from its traced pallas_call."""
+    jaxpr = jax.make_jaxpr(lambda *a: sparse_decode(
+        *a, layer=0, sink=16, local=64, budget_pages=4, interpret=True))(
+        q, pool, pool, table, selected, lengths, modes)
+    return next(_pallas_calls(jaxpr.jaxpr)).params["grid_mapping"].grid[-1]
+
+
+def _pallas_calls(jaxpr):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if hasattr(inner, "eqns"):
+                yield from _pallas_calls(inner)
+
+
+def test_split_floor_reaches_the_kernel_and_is_restored():
+    before = kernel.MIN_PAGES_PER_SPLIT
+    q = jnp.zeros((1, 2, 4, 128), jnp.bfloat16)
+    pool = jnp.zeros((64, 64, 128), jnp.bfloat16)  # 64-token pages: one per loop step
+    table = jnp.zeros((1, 1, 2, 32), jnp.int32)
+    selected = jnp.full((1, 1, 2, 1, 4), -1, jnp.int32)
+    args = (q, pool, table, selected, jnp.array([500], jnp.int32), jnp.zeros((1, 2), jnp.int32))
+
+    def row(*_):
+        return {"ms": 1.0, "splits": _splits(*args)}
+
+    assert bench_e2e.with_split_floor(row, None) is row
+    one, eight = (bench_e2e.with_split_floor(row, floor)() for floor in (1, 8))
+    assert one["min_pages_per_split"] == 1 and eight["min_pages_per_split"] == 8
+    assert one["splits"] == 32 and eight["splits"] == 4  # 32 pages listed
+    assert kernel.MIN_PAGES_PER_SPLIT == before
+
+
+def test_speedups_compare_rows_of_the_same_split_floor():
+    rows = [{"name": "decode_dense", "policy": "dense", "batch": 1, "context": 8, "ms": 4.0,
+             "min_pages_per_split": floor} for floor in (2, 8)]
+    rows[1]["ms"] = 8.0
+    rows += [{**r, "name": "decode_lserve", "policy": "lserve", "ms": 2.0} for r in rows]
+    assert [r["speedup"] for r in bench_e2e._with_baselines(rows)] == [1.0, 1.0, 2.0, 4.0]
