@@ -2,11 +2,12 @@
 # Everything that needs the H200, in one go: kernel tests compiled for the GPU, then the
 # benchmarks. Results land in OUT (default experiments/results); logs beside them.
 #   bash experiments/gpu_suite.sh [OUT] [STEP ...]
-#   steps: fixture tests prefill decode dense e2e testbed finetune gates ablations (default:
-#   the kernel and speed steps). The testbed recipe is testbed (stages 1-2 from scratch, ~9
-#   min), finetune (stages 3-4 on distinct questions, ~11 min) and gates (its DuoAttention
-#   pattern, ~1 min), each within one 10-minute device call; ablations runs the accuracy
-#   configs on the committed testbed.
+#   steps: fixture tests prefill decode dense e2e splits testbed finetune gates ablations
+#   (default: the kernel and speed steps; splits reruns short-context and LServe decode rows
+#   at decode-kernel split floors 2 / 4 / 8, ~7 min). The testbed recipe is testbed (stages
+#   1-2 from scratch, ~9 min), finetune (stages 3-4 on distinct questions, ~11 min) and gates
+#   (its DuoAttention pattern, ~1 min), each within one 10-minute device call; ablations runs
+#   the accuracy configs on the committed testbed.
 # e2e reads a DuoAttention pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git
 # ignores it: it is another project's data) and carry that folder to the device.
 set -uo pipefail
@@ -28,6 +29,10 @@ for step in $steps; do
              --backends ${DENSE_BACKENDS:-pallas cudnn} ${DENSE_SHAPES:+--shapes $DENSE_SHAPES} ;;
     e2e) timeout ${E2E_S:-540} python3 experiments/bench_e2e.py --out "$out" \
            --pattern ${DUO_PATTERN:-.patterns/Llama-3-8B-Instruct-Gradient-1048k} ;;
+    splits) timeout ${SPLITS_S:-540} python3 experiments/bench_e2e.py --out "$out/splits" \
+              --policies dense lserve --decode 1x4096 1x262144 4x131072 --ttft \
+              --min-pages-per-split 2 4 8 \
+              --pattern ${DUO_PATTERN:-.patterns/Llama-3-8B-Instruct-Gradient-1048k} ;;
     testbed) timeout 330 python3 experiments/train_testbed.py experiments/configs/train_testbed.toml \
                && timeout 270 python3 experiments/train_testbed.py \
                     experiments/configs/train_testbed_stage2.toml ;;
