@@ -3,6 +3,7 @@ import json
 import pathlib
 import tomllib
 
+import jax
 import numpy as np
 import pytest
 
@@ -112,6 +113,9 @@ def test_refused_prompt_is_an_error_not_a_miss(monkeypatch):
 
 def test_write_accuracy(tmp_path, rows, sweep_rows, capsys):
     paths = write_accuracy(SMALL, rows, tmp_path / "plain")
+    written = json.loads(paths[0].read_text())
+    assert written["platform"] == "cpu" and written["jax_version"] == jax.__version__
+    assert written["date"][:2] == "20"
     assert [p.name for p in paths] == ["small.json", "small.md", "small_heatmap.png"]
     assert json.loads(paths[0].read_text())["rows"] == rows
     assert "| lserve | " in paths[1].read_text() and "| policy | 256 | 320 |" in capsys.readouterr().out
