@@ -3,13 +3,14 @@ the H200 (see README, GPU path); nothing here is a test."""
 
 from __future__ import annotations
 
-import datetime
 import json
 import pathlib
 import statistics
 import time
 
 import jax
+
+from lserve_jax.experiment import provenance
 
 HBM_BYTES_PER_S = 4.3e12  # measured device-to-device copy on our H200 (DESIGN section 3)
 BF16_FLOPS_PER_S = 750e12  # measured bf16 matmul rate on our H200
@@ -34,10 +35,8 @@ def time_calls(fn, *args, warmup: int = 3, iters: int = 20) -> float:
 
 
 def header() -> dict:
-    dev = jax.devices()[0]
-    return {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
-            "jax_version": jax.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+    """Device, platform, jax version and date, heading every result file."""
+    return provenance()
 
 
 def write_results(name: str, rows: list[dict], out_dir: pathlib.Path | None = None,

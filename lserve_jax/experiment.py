@@ -4,10 +4,12 @@ one table of what each costs and how far it strays from dense."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import pathlib
 import time
 
+import jax
 import numpy as np
 
 from lserve_jax.config import ExperimentConfig, random_gates_seed
@@ -15,6 +17,14 @@ from lserve_jax.engine import Engine
 from lserve_jax.model import load_model
 from lserve_jax.sparsity.heads import load_gates
 from lserve_jax.sparsity.policy import STREAM, attended_tokens
+
+
+def provenance() -> dict:
+    """Where and when a result was produced: device, platform, jax version, UTC date."""
+    dev = jax.devices()[0]
+    return {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform,
+            "jax_version": jax.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:

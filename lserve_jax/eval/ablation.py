@@ -9,21 +9,19 @@ JSON, markdown tables and NIAH-style heatmaps (plus bars per sweep value when sw
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import functools
 import json
 import pathlib
 import typing
 from collections.abc import Callable
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from lserve_jax.config import CacheConfig, ExperimentConfig, SparsityConfig
 from lserve_jax.engine import Engine
 from lserve_jax.eval.tasks import END, VOCAB_SIZE, make_samples, score, text_sample
-from lserve_jax.experiment import head_gates, markdown_table
+from lserve_jax.experiment import head_gates, markdown_table, provenance
 from lserve_jax.model import load_model
 from lserve_jax.sparsity.policy import attended_tokens
 
@@ -258,8 +256,9 @@ def _plot_bars(exp: ExperimentConfig, rows: list[dict], path: pathlib.Path, plt)
 
 def write_accuracy(exp: ExperimentConfig, rows: list[dict],
                    out_dir: str | pathlib.Path) -> list[pathlib.Path]:
-    """Writes `<name>.json` (where and when it ran, config, rows), `<name>.md`, `<name>_heatmap.png` and, with a sweep,
-    `<name>_bars.png` under out_dir; prints the summary table; returns the paths (JSON first)."""
+    """Writes `<name>.json` (where and when it ran, config, rows), `<name>.md`,
+    `<name>_heatmap.png` and, with a sweep, `<name>_bars.png` under out_dir; prints the summary
+    table; returns the paths (JSON first)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -268,12 +267,8 @@ def write_accuracy(exp: ExperimentConfig, rows: list[dict],
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{exp.name}.{ext}" for ext in ("json", "md")]
-    device = jax.devices()[0]
-    where = {"device": getattr(device, "device_kind", str(device)), "platform": device.platform,
-             "jax_version": jax.__version__,
-             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
-    paths[0].write_text(json.dumps({**where, "config": dataclasses.asdict(exp), "rows": rows},
-                                   indent=1, default=str) + "\n")
+    record = {**provenance(), "config": dataclasses.asdict(exp), "rows": rows}
+    paths[0].write_text(json.dumps(record, indent=1, default=str) + "\n")
     summary, per_task = _tables(exp, rows)
     paths[1].write_text(
         f"# {exp.name}\n\nAccuracy (%) by context (tokens), mean over tasks {list(exp.tasks)} "
