@@ -286,10 +286,11 @@ def training_sequence(rng: np.random.Generator, length: int, queries: int = 8,
                       distinct: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(tokens [length] int32, weights [length] f32): task spans at random places and `queries`
     query+answer spans, each after the spans it asks about, the last ending the sequence.
-    Layouts: repeating (default; the committed testbed's recipe): one task instance, questions
-    drawn with replacement, so most answers repeat an earlier one and can be copied; distinct:
-    several instances, every question about a different key, as in an eval prompt (from
-    scratch, 5 H200 minutes of it did not learn retrieval: see the README). weights[i] weighs
+    Layouts: repeating (default): one task instance, questions drawn with replacement, so most
+    answers repeat an earlier one and can be copied; distinct: several instances, every
+    question about a different key, as in an eval prompt. The committed testbed trains on the
+    repeating layout first, then on a mix of both (from scratch, the distinct layout alone
+    learned no retrieval in 5 H200 minutes: see the README). weights[i] weighs
     predicting tokens[i] from tokens[:i]: ANSWER_WEIGHT on answers, 1 on chain-predictable
     filler and IS/END, 0 on BOS, span openers, keys, needle values, filler-run starts."""
     if queries < 1:
