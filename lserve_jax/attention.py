@@ -32,14 +32,15 @@ assert (DENSE, SELECT, STREAM) == (decode_ref.DENSE, decode_ref.SELECT, decode_r
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["new_lens", "modes", "step", "logits_at"],
-                   meta_fields=["phase", "stream_heads", "prefill_kernel"])
+                   meta_fields=["phase", "stream_heads", "prefill_kernel", "refresh"])
 @dataclasses.dataclass(frozen=True)
 class AttentionMetadata:
     """Per-call metadata. Static fields: `phase`, "prefill" (the cache holds nothing of these
     rows yet), "chunk" (a later chunk of a prefill: its queries also attend to the tokens
     already cached) or "decode" (one new token per row); `stream_heads`, each layer's
     streaming KV heads (the mode table as Python data, needed only by the composite prefill,
-    which hands the other heads to cuDNN); `prefill_kernel` (see RunConfig)."""
+    which hands the other heads to cuDNN); `prefill_kernel` (see RunConfig); `refresh`, whether
+    this decode step reruns the page selector (None: decided on the device from `step`)."""
 
     new_lens: jax.Array  # [B] int32: new tokens per row in this call (0: row inactive)
     modes: jax.Array  # [L, K] int8: DENSE / SELECT / STREAM per (layer, KV head)
@@ -48,6 +49,7 @@ class AttentionMetadata:
     phase: str = "prefill"
     stream_heads: tuple[tuple[int, ...], ...] = ()
     prefill_kernel: str = "fused"
+    refresh: bool | None = None
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,
@@ -201,8 +203,10 @@ def _decode(q, cache, layer, meta, sparsity, backend):
                           page_size=sparsity.page_size,
                           group_reduce=selector.group_reduce(sparsity),
                           keep_sink_page=sparsity.keep_sink_page)
-        chosen = selector.reuse_or_select(meta.step, cache.selected[layer], fresh, sparsity)
-        cache = dataclasses.replace(cache, selected=cache.selected.at[layer].set(chosen))
+        if meta.refresh is not False:
+            chosen = selector.reuse_or_select(meta.step, cache.selected[layer], fresh, sparsity,
+                                              meta.refresh)
+            cache = dataclasses.replace(cache, selected=cache.selected.at[layer].set(chosen))
     out = attend_pages(qg, cache.k, cache.v, cache.page_table, cache.selected, lengths,
                        meta.modes, layer=layer, sink=sparsity.decode_sink,
                        local=sparsity.decode_local, budget_pages=sparsity.budget_pages,

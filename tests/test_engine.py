@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from lserve_jax.config import CacheConfig, ModelConfig, RunConfig, SparsityConfig
-from lserve_jax.engine import DecodeState, Engine, decode, decode_step
+from lserve_jax import engine as engine_module
+from lserve_jax.engine import DecodeState, Engine, decode, decode_step, initial_state
 from lserve_jax.model.llama import Llama, init_params
 from pallas_kernels._compat import lower_for_cuda
 
@@ -117,9 +118,19 @@ def test_each_kernel_lowers_once_for_every_layer(params, policy):
                           jnp.asarray(engine.modes), jnp.asarray([-1]), jnp.float32(0),
                           jnp.float32(1))
     kernels = re.findall(r'triton.*?name = "(\w+)"', text)
-    expected = {"kv_append", "sparse_paged_decode"} | (
-        {"page_scores", "top_pages"} if policy == "lserve" else set())
-    assert CFG.n_layers > 1 and sorted(kernels) == sorted(expected)
+    selection = ["page_scores", "top_pages"] if policy == "lserve" else []
+    assert CFG.n_layers > 1 and sorted(kernels) == sorted(
+        ["kv_append", "sparse_paged_decode"] + selection)
+    # the serving loop: one step that selects, one that reuses, no per-layer conditional
+    loop = lower_for_cuda(functools.partial(decode, CFG, sparsity, "pallas", 9), params,
+                          engine.cache, jnp.zeros(1, jnp.int32), jnp.ones(1, bool),
+                          jnp.asarray(engine.modes), jax.random.key(0), jnp.float32(0),
+                          jnp.float32(1), jnp.asarray([-1]))
+    steps = 2 if policy == "lserve" else 1
+    assert sorted(re.findall(r'triton.*?name = "(\w+)"', loop)) == sorted(kernels)
+    assert len(re.findall(r"call @sparse_decode(?:_\d+)?\(", loop)) == CFG.n_layers * steps
+    assert len(re.findall(r"call @select_pages(?:_\d+)?\(", loop)) == CFG.n_layers * (steps - 1)
+    assert loop.count("stablehlo.case") == steps  # the sampler's, one a step; none per layer
 
 
 @pytest.mark.parametrize("policy", ["dense", "streaming", "lserve"])
@@ -137,3 +148,41 @@ def test_chunked_prefill_equals_unchunked(params, policy, backend):
                         pool_fill=np.nan)
         outs.append([c.tokens for c in engine.generate(prompts, run)])
     assert outs[0] == outs[1]
+
+
+def _decode_stepwise(model_cfg, sparsity, backend, max_new, params, cache, first, live, modes,
+                     key, temperature, top_p, stops):
+    """`decode` one jitted step at a time, the selector rerun decided on the device per step."""
+    step = jax.jit(functools.partial(decode_step, Llama(model_cfg, sparsity, backend)))
+    state = initial_state(max_new, first, live, stops, key)
+    while not bool(jnp.all(state.done)):
+        cache, state = step(params, cache, state, modes, stops, temperature, top_p)
+    return state.out, state.count, cache
+
+
+@pytest.mark.parametrize("reuse", [1, 3])
+def test_decode_loop_selects_on_the_same_steps_as_a_per_step_decision(params, monkeypatch,
+                                                                      reuse):
+    """The loop runs R steps per iteration with the selector's rerun fixed at trace time; it
+    must select on the same steps as deciding per step, stop tokens and ragged ends included
+    (7 decode steps: not a multiple of R)."""
+    sparsity = SparsityConfig(policy="lserve", page_size=16, logical_page_size=8,
+                              token_budget=48, decode_sink=16, decode_local=32,
+                              reuse_interval=reuse)
+    gates = np.random.default_rng(5).random((CFG.n_layers, CFG.n_kv_heads))
+    prompts = _prompts([150, 97, 61], seed=6)
+    runs = []
+    for stepwise in (False, True):
+        if stepwise:
+            monkeypatch.setattr(engine_module, "decode", _decode_stepwise)
+        engine = Engine(CFG, params, sparsity, CacheConfig(max_seq_len=256, max_batch=3),
+                        gates, pool_fill=np.nan)
+        free = engine.generate(prompts, RunConfig(max_new_tokens=8))
+        stop = free[1].tokens[4]  # ends row 1 early (and any other row that samples it)
+        out = engine.generate(prompts, RunConfig(max_new_tokens=8, stop_tokens=(stop,)))
+        runs.append(([c.tokens for c in free + out], engine.cache))
+    (tokens, cache), (expected_tokens, expected_cache) = runs
+    assert tokens == expected_tokens
+    assert sum(len(t) for t in tokens) < 6 * 8  # the stop token ended rows early
+    for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(expected_cache)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

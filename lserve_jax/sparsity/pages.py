@@ -24,6 +24,10 @@ def group_reduce(sparsity: SparsityConfig) -> str:
 
 
 def reuse_or_select(step: jax.Array, previous: jax.Array, select: Callable[[], jax.Array],
-                    sparsity: SparsityConfig) -> jax.Array:
-    """This layer's selection [B, K, Gs, W] for decode step `step`: fresh every R steps."""
+                    sparsity: SparsityConfig, refresh: bool | None = None) -> jax.Array:
+    """This layer's selection [B, K, Gs, W] for decode step `step`: fresh every R steps.
+    `refresh` True / False decides statically (the engine's loop knows which of its R steps
+    selects); None decides on the device with a `lax.cond` on `step`."""
+    if refresh is not None:
+        return select() if refresh else previous
     return jax.lax.cond(step % sparsity.reuse_interval == 0, select, lambda: previous)
