@@ -30,7 +30,10 @@ def plot_history(history: list[dict], path: pathlib.Path) -> None:
     ax1.set_xlabel("step")
     ax1.set_ylabel("nats")
     ax1.legend()
-    ax2.plot(steps, [100 * r["answer_acc"] for r in history])
+    ax2.plot(steps, [100 * r["answer_acc"] for r in history], label="training rows")
+    if any(r.get("eval_acc") for r in history):
+        ax2.plot(steps, [100 * r.get("eval_acc", 0) for r in history], label="eval-shaped rows")
+        ax2.legend()
     ax2.set_xlabel("step")
     ax2.set_ylabel("answer tokens predicted (%)")
     fig.suptitle("testbed training (teacher-forced; every length mixed)")

@@ -1,9 +1,10 @@
 """Trains the accuracy testbed: a small GQA Llama on filler language + retrieval tasks.
 
 The mixture comes from `lserve_jax.eval.tasks.training_sequence` (answers weighted 5x, filler
-1x, unpredictable tokens 0x). Master weights are f32; the forward runs in the model's dtype
-(bf16: cuDNN flash attention on the GPU). Each step draws one sequence length from
-`TrainConfig.lengths` and fills `tokens_per_step` with rows of that length, so every length
+1x, unpredictable tokens 0x) and, with `TrainConfig.eval_share`, `tasks.eval_sequence` (eval
+prompts followed by their answers, weighted alike). Master weights are f32; the forward runs in
+the model's dtype (bf16: cuDNN flash attention on the GPU). Each step draws one sequence length
+from `TrainConfig.lengths` and fills `tokens_per_step` with rows of that length, so every length
 is trained at the same token rate. Batches are built by worker processes (the Python task
 generator is slower than the small model's step); batch i depends only on (seed, i). The
 result is an orbax checkpoint (`save_checkpoint`) that `lserve_jax.model.load_model(name)`
@@ -52,6 +53,10 @@ class TrainConfig:
                           # (at most tasks.MAX_DISTINCT = 32 a row)
     distinct_share: float = 1.0  # with query_every > 0: the share of rows in the distinct
                                  # layout, the rest repeating (keeps what copying taught)
+    eval_share: float = 0.0  # the share of rows shaped as eval prompts (tasks.eval_sequence: the
+                             # one question at the end), before the layouts above split the rest
+    eval_answer_scale: float = 1.0  # their answers' weight, x tasks.ANSWER_WEIGHT: a row holds
+                                    # one question, so at 1 they carry ~0.3% of an 8K batch's loss
     data_workers: int = 0  # processes building batches; 0: one per CPU core but one (max 12)
     lr: float = 2e-3
     warmup: int = 150
@@ -63,38 +68,48 @@ class TrainConfig:
         _positive(self, "steps", "tokens_per_step", "queries", "warmup", "log_every")
         _require(0.0 <= self.distinct_share <= 1.0, "TrainConfig.distinct_share",
                  self.distinct_share, "must lie in [0, 1]")
+        _require(0.0 <= self.eval_share <= 1.0, "TrainConfig.eval_share", self.eval_share,
+                 "must lie in [0, 1]")
+        _require(self.eval_answer_scale >= 1.0, "TrainConfig.eval_answer_scale",
+                 self.eval_answer_scale, "must be >= 1")
         for n in self.lengths:
             _require(self.tokens_per_step % n == 0, "TrainConfig.lengths", n,
                      f"must divide tokens_per_step={self.tokens_per_step}")
 
 
 def loss_fn(params, model: Llama, tokens, weights):
-    """Weighted next-token cross entropy; also the share of answer tokens predicted exactly."""
+    """Weighted next-token cross entropy; also the share of answer tokens predicted exactly
+    (answer_acc; eval_acc for the eval-shaped rows' answers when eval_answer_scale > 1)."""
     cast = jax.tree.map(lambda p: p.astype(model.cfg.dtype), params)
     inputs, targets, w = tokens[:, :-1], tokens[:, 1:], weights[:, 1:]
     positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
     logits, _ = model.apply({"params": cast}, inputs, positions, None, TrainMetadata())
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    answers = w == tasks.ANSWER_WEIGHT
-    hit = (jnp.argmax(logits, -1) == targets) & answers
+    right = jnp.argmax(logits, -1) == targets
+    answers, scaled = w == tasks.ANSWER_WEIGHT, w > tasks.ANSWER_WEIGHT  # scaled: eval-shaped
     return jnp.sum(w * ce) / jnp.sum(w), {
-        "answer_acc": jnp.sum(hit) / jnp.maximum(jnp.sum(answers), 1),
+        "answer_acc": jnp.sum(right & answers) / jnp.maximum(jnp.sum(answers), 1),
+        "eval_acc": jnp.sum(right & scaled) / jnp.maximum(jnp.sum(scaled), 1),
         "filler_ce": jnp.sum(jnp.where(w == 1, ce, 0)) / jnp.maximum(jnp.sum(w == 1), 1)}
 
 
 def make_batch(cfg: TrainConfig, index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Batch `index` of a run: (tokens, weights), [tokens_per_step / T, T + 1] each."""
+    """Batch `index` of a run: (tokens, weights), [tokens_per_step / T, T + 1] each. Rows:
+    eval-shaped, then distinct-layout, then repeating-layout."""
     rng = np.random.default_rng([cfg.seed, index])
     length = int(rng.choice(cfg.lengths))
     n_rows = cfg.tokens_per_step // length
-    n_distinct, rows = 0, []
+    rows = [tasks.eval_sequence(rng, length + 1) for _ in range(round(cfg.eval_share * n_rows))]
+    rows = [(t, np.where(w == tasks.ANSWER_WEIGHT, w * cfg.eval_answer_scale, w).astype(w.dtype))
+            for t, w in rows]
+    n_rest, n_distinct = n_rows - len(rows), 0
     if cfg.query_every > 0:
-        n_distinct = round(cfg.distinct_share * n_rows)
+        n_distinct = round(cfg.distinct_share * n_rest)
         per_row = min(max(1, length // cfg.query_every), tasks.MAX_DISTINCT)
-        rows = [tasks.training_sequence(rng, length + 1, per_row, distinct=True)
-                for _ in range(n_distinct)]
+        rows += [tasks.training_sequence(rng, length + 1, per_row, distinct=True)
+                 for _ in range(n_distinct)]
     rows += [tasks.training_sequence(rng, length + 1, cfg.queries)
-             for _ in range(n_rows - n_distinct)]
+             for _ in range(n_rest - n_distinct)]
     return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
 
 
@@ -148,7 +163,8 @@ def train(cfg: TrainConfig) -> tuple[dict, list[dict]]:
             row = {"step": i, "length": tokens.shape[1] - 1, "seconds": round(elapsed, 1),
                    "lr": float(lr), **{k: round(float(v), 4) for k, v in metrics.items()}}
             history.append(row)
-            bar.set_postfix(loss=row["loss"], answer_acc=row["answer_acc"], T=row["length"])
+            bar.set_postfix(loss=row["loss"], answer_acc=row["answer_acc"],
+                            eval_acc=row["eval_acc"], T=row["length"])
         if progress >= 1:
             break
     bar.close()

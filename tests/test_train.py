@@ -106,20 +106,68 @@ def test_committed_pattern_round_trips(tmp_path):
     assert (again.sink_size, again.recent_size) == (pattern.sink_size, pattern.recent_size)
 
 
-@pytest.mark.parametrize("query_every,share", [(0, 1.0), (128, 1.0), (128, 0.5)])
-def test_batches_depend_only_on_seed_and_index(query_every, share):
+@pytest.mark.parametrize("query_every,share,eval_share",
+                         [(0, 1.0, 0.0), (128, 1.0, 0.0), (128, 0.5, 0.0), (128, 0.5, 0.5)])
+def test_batches_depend_only_on_seed_and_index(query_every, share, eval_share):
     cfg = TrainConfig(model="tiny", tokens_per_step=2048, lengths=(256, 512),
-                      query_every=query_every, distinct_share=share)
+                      query_every=query_every, distinct_share=share, eval_share=eval_share)
     tokens, weights = make_batch(cfg, 3)
     assert tokens.shape == weights.shape and tokens.shape[0] * (tokens.shape[1] - 1) == 2048
     np.testing.assert_array_equal(make_batch(cfg, 3)[0], tokens)
     assert not np.array_equal(make_batch(cfg, 4)[0], tokens)
     asked = (tokens == tasks.QUERY).sum(axis=1)
-    n_distinct = round(share * len(tokens)) if query_every else 0
-    want = [(tokens.shape[1] - 1) // 128] * n_distinct + [cfg.queries] * (len(tokens) - n_distinct)
+    n_eval = round(eval_share * len(tokens))
+    n_distinct = round(share * (len(tokens) - n_eval)) if query_every else 0
+    want = ([1] * n_eval + [(tokens.shape[1] - 1) // 128] * n_distinct
+            + [cfg.queries] * (len(tokens) - n_eval - n_distinct))
     np.testing.assert_array_equal(asked, want)
     with pytest.raises(ValueError, match="distinct_share"):
         TrainConfig(distinct_share=1.5)
+    with pytest.raises(ValueError, match="eval_share"):
+        TrainConfig(eval_share=-0.1)
+    with pytest.raises(ValueError, match="eval_answer_scale"):
+        TrainConfig(eval_answer_scale=0.5)
+
+
+def test_eval_share_rows_are_eval_prompts_then_answers():
+    """Each row: a task and depth from the batch's rng, make_sample's prompt of the row's length
+    less the answer's, then the answer, the only tokens weighted (ANSWER_WEIGHT x the scale)."""
+    cfg = TrainConfig(model="tiny", tokens_per_step=4096, lengths=(512, 1024), eval_share=1.0,
+                      eval_answer_scale=3.0)
+    scaled = tasks.ANSWER_WEIGHT * 3.0
+    seen = set()
+    for index in range(3):
+        tokens, weights = make_batch(cfg, index)
+        rng = np.random.default_rng([cfg.seed, index])
+        assert tokens.shape[1] == int(rng.choice(cfg.lengths)) + 1
+        for row, w in zip(tokens, weights):
+            task, depth = tasks.TASKS[int(rng.integers(len(tasks.TASKS)))], float(rng.random())
+            n = int(np.sum(w == scaled))
+            prompt, prompt_w, answer, at = tasks._eval_prompt(rng, task, len(row) - n, depth,
+                                                              answered=False)
+            assert len(answer) == n and prompt[-1 - tasks.KEY_LEN - 1] == tasks.QUERY
+            assert prompt_w[at] == 0 and (prompt_w != tasks.ANSWER_WEIGHT).all()
+            np.testing.assert_array_equal(row, np.concatenate([prompt, answer]))
+            np.testing.assert_array_equal(w, np.concatenate([prompt_w, [scaled] * n]))
+            seen.add(task)
+    assert seen == set(tasks.TASKS)
+
+
+def test_eval_share_zero_keeps_the_batches():
+    """eval_share=0 draws nothing more: distinct, then repeating rows, as before it existed."""
+    cfg = TrainConfig(model="tiny", tokens_per_step=2048, lengths=(512, 1024), query_every=128,
+                      distinct_share=0.5)
+    for index in range(3):
+        rng = np.random.default_rng([cfg.seed, index])
+        length = int(rng.choice(cfg.lengths))
+        n_rows = cfg.tokens_per_step // length
+        rows = [tasks.training_sequence(rng, length + 1, length // 128, distinct=True)
+                for _ in range(n_rows // 2)]
+        rows += [tasks.training_sequence(rng, length + 1, cfg.queries)
+                 for _ in range(n_rows - n_rows // 2)]
+        tokens, weights = make_batch(cfg, index)
+        np.testing.assert_array_equal(tokens, [r[0] for r in rows])
+        np.testing.assert_array_equal(weights, [r[1] for r in rows])
 
 
 @pytest.mark.parametrize("path", sorted(

@@ -158,9 +158,26 @@ def make_sample(task: str, context: int, depth: float, seed: int) -> Sample:
     if not 0.0 <= depth <= 1.0:  # also rejects NaN
         raise ValueError(f"depth={depth} must lie in [0, 1]")
     rng = np.random.default_rng([seed, TASKS.index(task)])
+    tokens, _, answer, start = _eval_prompt(rng, task, context, depth, answered=False)
+    return Sample(task, int(context), float(depth), tokens, answer, start)
+
+
+def eval_sequence(rng: np.random.Generator, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [length] int32, weights [length] f32): make_sample's prompt of length - len(answer)
+    tokens (a uniformly random task and depth, drawn from rng), then its answer. Weights as in
+    training_sequence: ANSWER_WEIGHT on the answer only."""
+    task = TASKS[int(rng.integers(len(TASKS)))]
+    depth = float(rng.random())
+    return _eval_prompt(rng, task, length, depth, answered=True)[:2]
+
+
+def _eval_prompt(rng: np.random.Generator, task: str, context: int, depth: float, answered: bool
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """An eval prompt's (tokens [context], weights, answer, target start); answered: the query
+    span holds the answer too, so the tokens are the prompt of context - len(answer), answered."""
     world = _world(task, rng, _distinct_symbol_keys(rng, _keys_for(task, 4)))
     question = world.questions[0]
-    query = _span(QUERY, question.key, ())
+    query = _span(QUERY, question.key, question.answer if answered else ())
     target, *after = world.spans[:1 + world.n_after]
     others = world.spans[1 + world.n_after:]
     slack = context - 1 - len(query) - len(target) - sum(len(s) for s in after)
@@ -179,8 +196,8 @@ def make_sample(task: str, context: int, depth: float, seed: int) -> Sample:
     tail = start + len(target)
     placed = [(start, target), (context - len(query), query), *_layout(1, start - 1, before, rng),
               *_layout(tail, context - len(query) - tail, after, rng)]
-    return Sample(task, int(context), float(depth), _assemble(context, placed, rng)[0],
-                  np.asarray(question.answer, np.int32), start)
+    tokens, weights = _assemble(context, placed, rng)
+    return tokens, weights, np.asarray(question.answer, np.int32), start
 
 
 def make_samples(task: str, context: int, depths: Sequence[float], n_per_depth: int,
