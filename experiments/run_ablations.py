@@ -1,6 +1,6 @@
 """Runs accuracy experiment configs one after another (the GPU path of `lserve run`, which
 needs no CLI library): `python experiments/run_ablations.py experiments/configs/policies.toml
-... [--contexts 2048 8192] [--backend pallas]`. Each writes JSON, markdown and plots into its
+... [--contexts 2048 8192] [--policies dense lserve] [--backend pallas]`. Each writes JSON, markdown and plots into its
 output_dir."""
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("configs", nargs="+")
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="override")
+    parser.add_argument("--policies", nargs="+", default=None, help="override")
     parser.add_argument("--backend", default=None, help="override run.backend")
     args = parser.parse_args()
     for path in args.configs:
         exp = load_experiment(path)
         if args.contexts:
             exp = dataclasses.replace(exp, contexts=tuple(args.contexts))
+        if args.policies:
+            exp = dataclasses.replace(exp, policies=tuple(args.policies))
         if args.backend:
             exp = dataclasses.replace(exp, run=dataclasses.replace(exp.run, backend=args.backend))
         print(f"== {path}", flush=True)
