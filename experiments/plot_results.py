@@ -91,6 +91,10 @@ def plot_e2e() -> pathlib.Path:
         pts = sorted((r["context"], r["ms"] / 1e3) for r in rows if r["name"] == f"ttft_{policy}")
         if pts:
             axes[-1].plot(*zip(*pts), marker="o", color=f"C{i}", label=policy)
+    for r in rows:
+        if r["name"].startswith("ttft") and r.get("chunk"):
+            axes[-1].annotate(f"chunks of {r['chunk'] // 1024}K", (r["context"], r["ms"] / 1e3),
+                              fontsize=7, textcoords="offset points", xytext=(-80, -3))
     _context_axis(axes[-1], [r["context"] for r in rows if r["name"].startswith("ttft")])
     axes[-1].set(xlabel="prompt (tokens)", ylabel="s", title="time to first token")
     axes[-1].legend(fontsize=7)
