@@ -84,9 +84,9 @@ def run_experiment(exp: ExperimentConfig) -> tuple[list[dict], pathlib.Path]:
     """Runs the job, prints its table and writes `<output_dir>/<name>.{json,md}` (accuracy: also
     plots, see `lserve_jax.eval.ablation`)."""
     if exp.task == "accuracy":
-        from lserve_jax.eval.ablation import run_accuracy, write_accuracy
+        from lserve_jax.eval.ablation import run_accuracy, write_accuracy, write_partial
 
-        rows = run_accuracy(exp)
+        rows = run_accuracy(exp, on_cell=lambda *done: write_partial(exp, *done))
         return rows, write_accuracy(exp, rows, exp.output_dir)[0]
     rows = run_generate(exp)
     columns = list(rows[0])

@@ -61,7 +61,8 @@ def test_sweep_gives_rows_per_value(sweep_rows):
 
 def test_page_size_values_set_physical_and_logical_pages():
     base = SparsityConfig(token_budget=256)
-    hierarchical, flat = apply_sweep(base, "page_size", "64/16"), apply_sweep(base, "page_size", "16")
+    hierarchical = apply_sweep(base, "page_size", "64/16")
+    flat = apply_sweep(base, "page_size", "16")
     assert (hierarchical.page_size, hierarchical.logical_page_size) == (64, 16)
     assert (flat.page_size, flat.logical_page_size) == (16, 16)
     assert apply_sweep(base, "keep_sink_page", "true").keep_sink_page is True
@@ -118,7 +119,8 @@ def test_write_accuracy(tmp_path, rows, sweep_rows, capsys):
     assert written["date"][:2] == "20"
     assert [p.name for p in paths] == ["small.json", "small.md", "small_heatmap.png"]
     assert json.loads(paths[0].read_text())["rows"] == rows
-    assert "| lserve | " in paths[1].read_text() and "| policy | 256 | 320 |" in capsys.readouterr().out
+    assert "| lserve | " in paths[1].read_text()
+    assert "| policy | 256 | 320 |" in capsys.readouterr().out
     paths = write_accuracy(SWEEP, sweep_rows, tmp_path / "sweep")
     assert [p.name for p in paths][-1] == "reuse_bars.png"
     assert all(p.stat().st_size > 0 for p in paths)
@@ -194,3 +196,19 @@ def test_text_judge_accepts_the_answer_and_rejects_others():
     right = list(tokenizer.encode(answer + " and more", add_special_tokens=False))
     wrong = list(tokenizer.encode(" 1" + answer.strip()[1:][::-1], add_special_tokens=False))
     assert probe.judge(right) and not probe.judge(wrong) and not probe.judge([])
+
+
+def test_a_grid_cut_short_keeps_the_cells_it_measured(tmp_path):
+    exp = dataclasses.replace(SWEEP, output_dir=str(tmp_path))
+    seen = []
+
+    def cut_after_first(rows, done, total):
+        ablation.write_partial(exp, rows, done, total)
+        seen.append((len(rows), done, total))
+        raise KeyboardInterrupt  # the time limit of a device call
+
+    with pytest.raises(KeyboardInterrupt):
+        run_accuracy(exp, on_cell=cut_after_first)
+    record = json.loads((tmp_path / "reuse.json").read_text())
+    assert seen == [(2, 1, 2)] and record["partial"] == "1 of 2 cells"
+    assert [r["variant"] for r in record["rows"]] == ["4", "4"] and record["platform"] == "cpu"

@@ -103,10 +103,12 @@ def text_probes(task: str, context: int, depth: float, exp: ExperimentConfig,
     return probes
 
 
-def run_accuracy(exp: ExperimentConfig) -> list[dict]:
+def run_accuracy(exp: ExperimentConfig,
+                 on_cell: Callable[[list[dict], int, int], None] | None = None) -> list[dict]:
     """One row per (policy, variant, task, context, depth): accuracy over `exp.samples` prompts.
     A model with a tokenizer gets text prompts (passkey and multikey only); others the
-    synthetic-vocabulary prompts of `lserve_jax.eval.tasks`."""
+    synthetic-vocabulary prompts of `lserve_jax.eval.tasks`. `on_cell(rows, done, total)` runs
+    after every (policy, variant, context) cell with the rows so far."""
     cells = variants(exp)
     cfg, params, tokenizer = load_model(exp.model, exp.run.seed)
     if tokenizer is None and cfg.vocab_size < VOCAB_SIZE:
@@ -122,8 +124,8 @@ def run_accuracy(exp: ExperimentConfig) -> list[dict]:
     stops = (END,) if tokenizer is None else tuple(
         t for t in [tokenizer.eos_token_id] if t is not None)
     rows = []
-    bar = tqdm(total=len(exp.policies) * len(cells) * len(exp.contexts), desc="accuracy",
-               unit="cell")
+    total = len(exp.policies) * len(cells) * len(exp.contexts)
+    bar = tqdm(total=total, desc="accuracy", unit="cell")
     for policy in exp.policies:
         for label, base in cells:
             sparsity = base.for_policy(policy)
@@ -140,6 +142,8 @@ def run_accuracy(exp: ExperimentConfig) -> list[dict]:
                 rows += _score(engine, run, {"policy": policy, "variant": label},
                                probes[context], context)
                 bar.update()
+                if on_cell:
+                    on_cell(rows, bar.n, total)
     bar.close()
     return rows
 
@@ -252,6 +256,16 @@ def _plot_bars(exp: ExperimentConfig, rows: list[dict], path: pathlib.Path, plt)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_partial(exp: ExperimentConfig, rows: list[dict], done: int, total: int) -> None:
+    """`<name>.json` with the rows so far while a grid runs (`"partial": "done of total
+    cells"`), so that a run cut short keeps what it measured; `write_accuracy` replaces it."""
+    out_dir = pathlib.Path(exp.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {**provenance(), "partial": f"{done} of {total} cells",
+              "config": dataclasses.asdict(exp), "rows": rows}
+    (out_dir / f"{exp.name}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
 
 
 def write_accuracy(exp: ExperimentConfig, rows: list[dict],
