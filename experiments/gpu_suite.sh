@@ -2,11 +2,11 @@
 # Everything that needs the H200, in one go: kernel tests compiled for the GPU, then the
 # benchmarks. Results land in OUT (default experiments/results); logs beside them.
 #   bash experiments/gpu_suite.sh [OUT] [STEP ...]
-#   steps: fixture tests prefill decode dense e2e splits testbed finetune gates ablations
+#   steps: fixture tests prefill decode dense e2e splits testbed finetune stage5 gates ablations
 #   (default: the kernel and speed steps; splits reruns short-context and LServe decode rows
 #   at decode-kernel split floors 2 / 4 / 8, ~7 min). The testbed recipe is testbed (stages
-#   1-2 from scratch, ~9 min), finetune (stages 3-4 on distinct questions, ~11 min) and gates
-#   (its DuoAttention pattern, ~1 min), each within one 10-minute device call; ablations runs
+#   1-2 from scratch, ~9 min), finetune (stages 3-4 on distinct questions, ~11 min), stage5
+#   (eval-shaped rows, ~6 min) and gates (its DuoAttention pattern, ~2 min); ablations runs
 #   the accuracy configs on the committed testbed (all eight take more than one call: split
 #   them with ABLATIONS="policies heads budget", e.g. one list per GPU).
 # e2e reads a DuoAttention pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git
@@ -41,6 +41,8 @@ for step in $steps; do
                 experiments/configs/train_testbed_stage3.toml \
               && timeout 330 python3 experiments/train_testbed.py \
                    experiments/configs/train_testbed_stage4.toml ;;
+    stage5) timeout 340 python3 experiments/train_testbed.py \
+              experiments/configs/train_testbed_stage5.toml ;;
     gates) timeout 120 python3 experiments/train_gates.py --steps 600 --local 64 ;;
     ablations) timeout ${ABLATIONS_S:-580} python3 experiments/run_ablations.py $(for c in \
                  ${ABLATIONS:-policies heads budget page_size reuse static_sparsity sink_page granularity}
