@@ -225,10 +225,10 @@ def decode(model_cfg, sparsity, backend, max_new, params, cache: KVCache, first,
     tokens (the first one included). Rows with live == False stay idle.
     With a reusable page selection (R = reuse_interval > 1), one loop iteration is R steps: the
     first reruns the selector, the other R - 1 reuse it, both decided at trace time. Deciding it
-    per step on the device took a `lax.cond` per layer, measured on the H200 at ~0.16 ms of
-    condition kernels per step plus idle gaps. All rows advance together, so the steps that
-    select are the same (every R-th since the first); a group may run up to R - 1 steps past
-    the last row's end, which write nothing.
+    per step on the device took a `lax.cond` per layer: on the H200 (Llama-3-8B shape, B=1 256K)
+    dropping them took LServe's token from 6.11 to 5.53 ms. All rows advance together, so the
+    steps that select are the same (every R-th since the first); a group may run up to R - 1
+    steps past the last row's end, which write nothing.
     Returns (tokens [B, max_new], counts [B], cache)."""
     model = Llama(model_cfg, sparsity, backend)
     state = initial_state(max_new, first, live, stops, key)
