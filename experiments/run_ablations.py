@@ -1,7 +1,7 @@
 """Runs accuracy experiment configs one after another (the GPU path of `lserve run`, which
 needs no CLI library): `python experiments/run_ablations.py experiments/configs/policies.toml
-... [--contexts 2048 8192] [--policies dense lserve] [--backend pallas]`. Each writes JSON, markdown and plots into its
-output_dir."""
+... [--contexts 2048 8192] [--policies dense lserve] [--backend pallas]`. Each writes JSON,
+markdown and plots into its output_dir."""
 
 from __future__ import annotations
 

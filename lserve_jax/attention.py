@@ -203,7 +203,7 @@ def _decode(q, cache, layer, meta, sparsity, backend):
                           page_size=sparsity.page_size,
                           group_reduce=selector.group_reduce(sparsity),
                           keep_sink_page=sparsity.keep_sink_page)
-        if meta.refresh is not False:
+        if meta.refresh is not False:  # False: this step reuses the selection as it stands
             chosen = selector.reuse_or_select(meta.step, cache.selected[layer], fresh, sparsity,
                                               meta.refresh)
             cache = dataclasses.replace(cache, selected=cache.selected.at[layer].set(chosen))

@@ -239,12 +239,12 @@ def decode(model_cfg, sparsity, backend, max_new, params, cache: KVCache, first,
     def step(carry, refresh=None):
         return decode_step(model, params, *carry, modes, stops, temperature, top_p, refresh)
 
-    body = step
-    if sparsity.dynamic:
-        def body(carry):
-            carry = step(carry, refresh=True)
-            return jax.lax.fori_loop(0, sparsity.reuse_interval - 1,
-                                     lambda _, c: step(c, refresh=False), carry)
+    def body(carry):
+        if not sparsity.dynamic:
+            return step(carry)
+        carry = step(carry, refresh=True)
+        return jax.lax.fori_loop(0, sparsity.reuse_interval - 1,
+                                 lambda _, c: step(c, refresh=False), carry)
 
     cache, state = jax.lax.while_loop(cond, body, (cache, state))
     return state.out, state.count, cache

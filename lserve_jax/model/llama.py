@@ -167,4 +167,4 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
             return jnp.ones(leaf.shape, leaf.dtype)
         return (0.02 * jax.random.normal(k, leaf.shape, jnp.float32)).astype(leaf.dtype)
 
-    return jax.tree.unflatten(treedef, [make(p, l, k) for (p, l), k in zip(leaves, keys)])
+    return jax.tree.unflatten(treedef, [make(p, leaf, k) for (p, leaf), k in zip(leaves, keys)])

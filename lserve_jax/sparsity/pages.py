@@ -26,8 +26,8 @@ def group_reduce(sparsity: SparsityConfig) -> str:
 def reuse_or_select(step: jax.Array, previous: jax.Array, select: Callable[[], jax.Array],
                     sparsity: SparsityConfig, refresh: bool | None = None) -> jax.Array:
     """This layer's selection [B, K, Gs, W] for decode step `step`: fresh every R steps.
-    `refresh` True / False decides statically (the engine's loop knows which of its R steps
-    selects); None decides on the device with a `lax.cond` on `step`."""
-    if refresh is not None:
-        return select() if refresh else previous
+    `refresh=True` selects now, decided at trace time (the engine's loop knows which of its R
+    steps selects; the others skip this call); None decides on the device with a `lax.cond`."""
+    if refresh:
+        return select()
     return jax.lax.cond(step % sparsity.reuse_interval == 0, select, lambda: previous)
