@@ -34,9 +34,7 @@ def time_calls(fn, *args, warmup: int = 3, iters: int = 20) -> float:
     return statistics.median(samples)
 
 
-def header() -> dict:
-    """Device, platform, jax version and date, heading every result file."""
-    return provenance()
+header = provenance  # device, platform, jax version and date: the head of every result file
 
 
 def write_results(name: str, rows: list[dict], out_dir: pathlib.Path | None = None,

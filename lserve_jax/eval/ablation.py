@@ -261,11 +261,17 @@ def _plot_bars(exp: ExperimentConfig, rows: list[dict], path: pathlib.Path, plt)
 def write_partial(exp: ExperimentConfig, rows: list[dict], done: int, total: int) -> None:
     """`<name>.json` with the rows so far while a grid runs (`"partial": "done of total
     cells"`), so that a run cut short keeps what it measured; `write_accuracy` replaces it."""
-    out_dir = pathlib.Path(exp.output_dir)
+    _write_json(exp, rows, pathlib.Path(exp.output_dir), partial=f"{done} of {total} cells")
+
+
+def _write_json(exp: ExperimentConfig, rows: list[dict], out_dir: pathlib.Path,
+                **extra) -> pathlib.Path:
+    """`<name>.json`: where and when it ran, `extra`, the config and the rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = {**provenance(), "partial": f"{done} of {total} cells",
-              "config": dataclasses.asdict(exp), "rows": rows}
-    (out_dir / f"{exp.name}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    path = out_dir / f"{exp.name}.json"
+    record = {**provenance(), **extra, "config": dataclasses.asdict(exp), "rows": rows}
+    path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return path
 
 
 def write_accuracy(exp: ExperimentConfig, rows: list[dict],
@@ -279,10 +285,7 @@ def write_accuracy(exp: ExperimentConfig, rows: list[dict],
     import matplotlib.pyplot as plt
 
     out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / f"{exp.name}.{ext}" for ext in ("json", "md")]
-    record = {**provenance(), "config": dataclasses.asdict(exp), "rows": rows}
-    paths[0].write_text(json.dumps(record, indent=1, default=str) + "\n")
+    paths = [_write_json(exp, rows, out_dir), out_dir / f"{exp.name}.md"]
     summary, per_task = _tables(exp, rows)
     paths[1].write_text(
         f"# {exp.name}\n\nAccuracy (%) by context (tokens), mean over tasks {list(exp.tasks)} "
