@@ -10,7 +10,6 @@ import jax.numpy as jnp
 
 from pallas_kernels._compat import layer_operand, next_power_of_two
 from pallas_kernels.sparse_decode.kernel import DecodeBlocks, decode_partials
-from pallas_kernels.sparse_decode.reference import SELECT
 
 
 def _check(q, k_pool, v_pool, table, selected, lengths, modes, layer):
@@ -70,17 +69,14 @@ def sparse_decode(
         jnp.pad(q, ((0, 0), (0, 0), (0, gp - g), (0, 0))), k_pool, v_pool, table,
         selected.astype(jnp.int32), lengths.astype(jnp.int32), modes.astype(jnp.int32),
         layer_operand(layer), scale=h ** -0.5 if scale is None else scale, sink=sink,
-        local=local, budget_pages=budget_pages, splits=splits, blocks=blocks, interpret=interpret)
-    # query head g reads list g // (G / Gs) where selections differ, list 0 elsewhere
-    n_pages = (lengths + n_p - 1) // n_p
-    sparse = (modes[layer] == SELECT)[None, :] & (n_pages > budget_pages)[:, None]  # [B, K]
-    pick = jnp.where(sparse[..., None], jnp.arange(g) // (g // gs), 0)[..., None, None]
-    mx = jnp.take_along_axis(mx[..., :g].transpose(0, 1, 4, 2, 3), pick, axis=3)[..., 0, :]
-    l = jnp.take_along_axis(l[..., :g].transpose(0, 1, 4, 2, 3), pick, axis=3)[..., 0, :]
-    o = jnp.take_along_axis(o[..., :g, :].transpose(0, 1, 4, 2, 3, 5), pick[..., None],
-                            axis=3)[..., 0, :, :]
-    top = jnp.max(mx, axis=-1, keepdims=True)
-    wgt = jnp.exp2(mx - top)  # [B, K, G, splits]
-    total = jnp.sum(wgt * l, axis=-1)
-    out = jnp.sum(wgt[..., None] * o, axis=-2) / jnp.where(total > 0, total, 1.0)[..., None]
+        local=local, budget_pages=budget_pages, heads_per_list=g // gs, splits=splits,
+        blocks=blocks, interpret=interpret)
+    # every (list, split) partial of a KV head is one more term of the same log-sum-exp
+    o = o[..., :g, :].reshape(b, kh, gs * splits, g, h)
+    mx = mx[..., :g].reshape(b, kh, gs * splits, g)
+    l = l[..., :g].reshape(b, kh, gs * splits, g)
+    top = jnp.max(mx, axis=2, keepdims=True)
+    wgt = jnp.exp2(mx - top)  # [B, K, Gs * splits, G]
+    total = jnp.sum(wgt * l, axis=2)
+    out = jnp.sum(wgt[..., None] * o, axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
     return out.astype(q.dtype)

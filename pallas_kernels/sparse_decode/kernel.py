@@ -8,7 +8,9 @@ pages at a time, gathering whole pages of the shared pool by physical id, and ke
 online-softmax partial (o, m, l) for all G query heads of the KV head at once: a page loaded
 for a GQA group is read once. Full blocks run unmasked; the block holding the current page and
 every block of a streaming head are masked token-exactly, with values of masked keys zeroed so
-NaN in unused slots never leaks. Partials of the splits are merged after (flash-decoding).
+NaN in unused slots never leaks. A program writes partials only for the query heads that read
+its list (the others get weight zero), so the partials of every (list, split) of a KV head
+merge after by one log-sum-exp over both axes (flash-decoding), with no gather.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def _decode_kernel(
     sink: int,
     local: int,
     budget_pages: int,
+    heads_per_list: int,
     pages_per_block: int,
     pages_per_split: int,
 ):
@@ -150,24 +153,30 @@ def _decode_kernel(
              jnp.zeros((gp,), jnp.float32))
     carry = jax.lax.fori_loop(0, clean, functools.partial(step, masked=False), carry)
     o, m, l = jax.lax.fori_loop(clean, steps, functools.partial(step, masked=True), carry)
-    o_ref[...] = o
-    m_ref[...] = m
-    l_ref[...] = l
+    # query head r reads list r // heads_per_list where selections differ, list 0 elsewhere
+    # (the other lists of such a head are empty: count is 0 there)
+    owned = ~sparse | (jax.lax.broadcasted_iota(jnp.int32, (gp,), 0) // heads_per_list == g)
+    o_ref[...] = jnp.where(owned[:, None], o, 0.0)
+    m_ref[...] = jnp.where(owned, m, NEG_INF)
+    l_ref[...] = jnp.where(owned, l, 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sink", "local", "budget_pages",
-                                             "splits", "blocks", "interpret"))
+                                             "heads_per_list", "splits", "blocks",
+                                             "interpret"))
 def decode_partials(q, k_pool, v_pool, table, selected, lengths, modes, layer, *,
-                    scale: float, sink: int, local: int, budget_pages: int, splits: int,
-                    blocks: DecodeBlocks, interpret: bool = False):
+                    scale: float, sink: int, local: int, budget_pages: int, heads_per_list: int,
+                    splits: int, blocks: DecodeBlocks, interpret: bool = False):
     """Runs the kernel. q: [B, K, Gp, H]; table: [B, L, K, M]; selected: [L, B, K, Gs, W];
-    lengths: [B]; modes: [L, K] int32; layer: [1] int32. Returns o [B, K, Gs, splits, Gp, H]
-    f32 and m, l [B, K, Gs, splits, Gp] f32."""
+    lengths: [B]; modes: [L, K] int32; layer: [1] int32; heads_per_list = G / Gs. Returns o
+    [B, K, Gs, splits, Gp, H] f32 and m, l [B, K, Gs, splits, Gp] f32: weight zero (m NEG_INF,
+    l 0, o 0) where a query head does not read the list."""
     b, kh, gp, h = q.shape
     gs = selected.shape[3]
     kernel = functools.partial(
         _decode_kernel, scale=scale, sink=sink, local=local, budget_pages=budget_pages,
-        pages_per_block=blocks.pages_per_block, pages_per_split=blocks.pages_per_split)
+        heads_per_list=heads_per_list, pages_per_block=blocks.pages_per_block,
+        pages_per_split=blocks.pages_per_split)
 
     return pl.pallas_call(
         kernel,
