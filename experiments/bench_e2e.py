@@ -7,9 +7,9 @@ Decode: the cache is filled with random K/V for `context` tokens plus exact page
 with the floor = (weights + the KV the policy must read) / 4.3 TB/s. A configuration whose
 pool does not fit next to the weights is reported as out of memory without allocating it.
 TTFT: `Engine.generate(max_new_tokens=1)` on random prompts (chunked when longer than
-`--chunk`), after a same-shape warm-up. `--min-pages-per-split 2 4 8` repeats the decode rows
-with the sparse decode kernel's split floor at each value (one process: on a fresh H200 this
-script takes ~2 minutes to reach its first row, so sweeping by relaunching wastes the budget).
+`--chunk`), after a same-shape warm-up. `--vary MIN_PAGES_PER_SPLIT=2,4,8` repeats the decode
+rows with a kernel constant at each value (one process: on a fresh H200 this script takes ~2
+minutes to reach its first row, so sweeping by relaunching wastes the budget).
 
     python experiments/bench_e2e.py --pattern ../shared/duo_patterns/Llama-3-8B-Instruct-Gradient-1048k
 """
@@ -31,6 +31,7 @@ from lserve_jax.engine import Engine, decode
 from lserve_jax.model.llama import init_params
 from lserve_jax.sparsity.heads import load_gates
 from lserve_jax.sparsity.policy import attended_tokens
+from pallas_kernels.page_select import kernel as select_kernel
 from pallas_kernels.sparse_decode import kernel as decode_kernel
 
 DECODE = [(1, t) for t in (16384, 32768, 65536, 131072, 262144)] + [
@@ -140,21 +141,37 @@ def ttft_row(cfg, params, name, sparsity, gates, context, backend, profile=False
     return row
 
 
-def with_split_floor(fn, floor: int | None):
-    """`fn` run with the decode kernel's MIN_PAGES_PER_SPLIT at `floor` (None: as it is); jit
-    caches are cleared around it so the decode loop is traced again with the new value."""
-    if floor is None:
+KNOBS = {  # kernel constants that --vary may set (read when a kernel is traced)
+    "MIN_PAGES_PER_SPLIT": decode_kernel, "TOPK_WARPS": select_kernel,
+    "TOPK_CHUNK": select_kernel,
+}
+
+
+def parse_vary(spec: str) -> list[tuple[str, int]]:
+    """'NAME=V1,V2' -> [(NAME, V1), (NAME, V2)] for a NAME of KNOBS."""
+    name, _, values = spec.partition("=")
+    if name not in KNOBS or not values:
+        raise SystemExit(f"--vary {spec!r}: use NAME=V1,V2,... with NAME one of {sorted(KNOBS)}")
+    return [(name, int(v)) for v in values.split(",")]
+
+
+def with_knob(fn, knob: tuple[str, int] | None):
+    """`fn` run with a kernel constant of KNOBS at a value (None: as it is); jit caches are
+    cleared around it so the decode loop is traced again with the new value."""
+    if knob is None:
         return fn
+    name, value = knob
+    module = KNOBS[name]
 
     @functools.wraps(fn)
     def run(*args):
-        saved = decode_kernel.MIN_PAGES_PER_SPLIT
-        decode_kernel.MIN_PAGES_PER_SPLIT = floor
+        saved = getattr(module, name)
+        setattr(module, name, value)
         jax.clear_caches()
         try:
-            return {**fn(*args), "min_pages_per_split": floor}
+            return {**fn(*args), "knob": f"{name}={value}"}
         finally:
-            decode_kernel.MIN_PAGES_PER_SPLIT = saved
+            setattr(module, name, saved)
             jax.clear_caches()
 
     return run
@@ -188,8 +205,8 @@ def main():
     parser.add_argument("--backend", default="pallas")
     parser.add_argument("--decode", nargs="*", default=None, help="BATCHxCONTEXT ...")
     parser.add_argument("--ttft", type=int, nargs="*", default=list(TTFT))
-    parser.add_argument("--min-pages-per-split", type=int, nargs="*", default=[],
-                        help="decode rows once per value of the kernel's split floor")
+    parser.add_argument("--vary", default=None, metavar="NAME=V1,V2",
+                        help=f"decode rows once per value of a kernel constant: {sorted(KNOBS)}")
     args = parser.parse_args()
     cfg = ModelConfig.from_name(args.model)
     gates = load_gates(args.pattern)[: cfg.n_layers, : cfg.n_kv_heads]
@@ -198,8 +215,8 @@ def main():
     shapes = DECODE if args.decode is None else [tuple(map(int, s.split("x"))) for s in args.decode]
     configs = policies(args.policies, args.chunk)
     jobs = []  # shape by shape, every policy next to each other (partial runs still compare)
-    for floor in args.min_pages_per_split or [None]:
-        row_fn = with_split_floor(decode_row, floor)
+    for knob in parse_vary(args.vary) if args.vary else [None]:
+        row_fn = with_knob(decode_row, knob)
         for b, t in shapes:
             jobs += [(name, row_fn, (cfg, params, weights, name, sp, gates, b, t, args.steps,
                                      args.backend, args.profile))
@@ -225,10 +242,10 @@ def main():
 
 
 def _with_baselines(rows: list[dict]) -> list[dict]:
-    """speedup against the dense row of the same kind, shape and split floor, where both exist."""
+    """speedup against the dense row of the same kind, shape and knob value, where both exist."""
     def key(r):
         return (r["name"].split("_")[0], r.get("batch"), r.get("context"),
-                r.get("min_pages_per_split"))
+                r.get("knob"))
 
     dense = {key(r): r.get("ms") for r in rows if r.get("policy") == "dense"}
     out = []

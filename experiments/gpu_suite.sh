@@ -32,7 +32,7 @@ for step in $steps; do
            --pattern ${DUO_PATTERN:-.patterns/Llama-3-8B-Instruct-Gradient-1048k} ;;
     splits) timeout ${SPLITS_S:-540} python3 experiments/bench_e2e.py --out "$out/splits" \
               --policies dense lserve --decode 1x4096 1x262144 4x131072 --ttft \
-              --min-pages-per-split 2 4 8 \
+              --vary MIN_PAGES_PER_SPLIT=2,4,8 \
               --pattern ${DUO_PATTERN:-.patterns/Llama-3-8B-Instruct-Gradient-1048k} ;;
     testbed) timeout 330 python3 experiments/train_testbed.py experiments/configs/train_testbed.toml \
                && timeout 270 python3 experiments/train_testbed.py \

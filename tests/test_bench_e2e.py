@@ -1,7 +1,8 @@
-"""The end-to-end benchmark's in-process sweep of the decode kernel's split floor."""
+"""The end-to-end benchmark's in-process sweep of kernel constants (`--vary`)."""
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from experiments import bench_e2e
 from pallas_kernels.sparse_decode import kernel
@@ -26,7 +27,7 @@ def _pallas_calls(jaxpr):
                 yield from _pallas_calls(inner)
 
 
-def test_split_floor_reaches_the_kernel_and_is_restored():
+def test_a_varied_kernel_constant_reaches_the_kernel_and_is_restored():
     before = kernel.MIN_PAGES_PER_SPLIT
     q = jnp.zeros((1, 2, 4, 128), jnp.bfloat16)
     pool = jnp.zeros((64, 64, 128), jnp.bfloat16)  # 64-token pages: one per loop step
@@ -37,16 +38,22 @@ def test_split_floor_reaches_the_kernel_and_is_restored():
     def row(*_):
         return {"ms": 1.0, "splits": _splits(*args)}
 
-    assert bench_e2e.with_split_floor(row, None) is row
-    one, eight = (bench_e2e.with_split_floor(row, floor)() for floor in (1, 8))
-    assert one["min_pages_per_split"] == 1 and eight["min_pages_per_split"] == 8
+    assert bench_e2e.with_knob(row, None) is row
+    one, eight = (bench_e2e.with_knob(row, knob)()
+                  for knob in bench_e2e.parse_vary("MIN_PAGES_PER_SPLIT=1,8"))
+    assert one["knob"] == "MIN_PAGES_PER_SPLIT=1" and eight["knob"] == "MIN_PAGES_PER_SPLIT=8"
     assert one["splits"] == 32 and eight["splits"] == 4  # 32 pages listed
     assert kernel.MIN_PAGES_PER_SPLIT == before
 
 
-def test_speedups_compare_rows_of_the_same_split_floor():
+def test_an_unknown_knob_is_refused_with_the_known_ones():
+    with pytest.raises(SystemExit, match="TOPK_WARPS"):
+        bench_e2e.parse_vary("NUM_WARPS=4,8")
+
+
+def test_speedups_compare_rows_of_the_same_knob_value():
     rows = [{"name": "decode_dense", "policy": "dense", "batch": 1, "context": 8, "ms": 4.0,
-             "min_pages_per_split": floor} for floor in (2, 8)]
+             "knob": f"TOPK_WARPS={w}"} for w in (4, 8)]
     rows[1]["ms"] = 8.0
     rows += [{**r, "name": "decode_lserve", "policy": "lserve", "ms": 2.0} for r in rows]
     assert [r["speedup"] for r in bench_e2e._with_baselines(rows)] == [1.0, 1.0, 2.0, 4.0]

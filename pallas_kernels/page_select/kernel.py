@@ -36,7 +36,8 @@ from pallas_kernels.sparse_decode.reference import SELECT
 TARGET_PROGRAMS = 2048
 RADIX_BITS = (1, 2, 4)  # digit widths that divide 32 and keep the counts small
 DEFAULT_RADIX_BITS = 2
-TOPK_CHUNK = 4096  # keys x candidate digits counted per top-k loop step (32 a thread)
+TOPK_CHUNK = 4096  # keys x candidate digits counted per top-k loop step
+TOPK_WARPS = 4  # warps of a top-k program (one program per selection row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +265,7 @@ def top_pages(scores, lengths, modes, layer, *, groups: int, k: int, width: int,
                   whole(lengths), whole(modes), whole(layer)],
         out_specs=pl.BlockSpec((None, None, None, width), lambda i, j, g: (i, j, g, 0)),
         out_shape=jax.ShapeDtypeStruct((b, kh, groups, width), jnp.int32),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=TOPK_WARPS, num_stages=1),
         interpret=interpret,
         name="top_pages",
     )(scores, lengths, modes, layer)
