@@ -2,10 +2,12 @@
 cuDNN dense and XLA dense on a contiguous cache vs our paged kernel under dense, Quest and
 LServe page lists, on the same random data.
 
-Every variant runs `--reps` times inside one jitted loop (as layers run inside the model), and
-the median of `--iters` such loops / reps is reported, so launch gaps are those of a real
-decode step, not of Python dispatch. Selection (page scores + top-k) is timed separately and
-amortised over the reuse interval R (Quest: R = 1, LServe: R = 4). `--sweep-select` also
+Every variant runs `--reps` (32) times in a straight line inside one jit, each call's output
+the next one's query (as the unrolled layers of the model run: no while loop, whose
+per-iteration device-to-host sync would be counted), and the median of `--iters` such calls /
+reps is reported, so launch gaps are those of a real decode step, not of Python dispatch.
+Selection (page scores + top-k) is timed separately and amortised over the reuse interval R
+(Quest: R = 1, LServe: R = 4). `--sweep-select` also
 times selection alone (lserve_query_head) over score-kernel blocks and top-k radix widths at
 SELECT_SHAPES (or --shapes), into the JSON's `select_sweep`.
 
@@ -62,19 +64,23 @@ def contiguous(pool, table):
     return pool[table].reshape(b, kh, m * pool.shape[1], HEAD_DIM).transpose(0, 2, 1, 3)
 
 
-def repeated(fn, reps):
-    """jit(q, *args) -> sum of fn over `reps` slightly different queries (no CSE, no hoisting)."""
+def repeated(fn, reps, chain=True):
+    """jit(q, *args) running fn `reps` times in a straight line, as a model's unrolled layers
+    run (an XLA while loop would add a device-to-host sync per iteration). chain: each call's
+    output is the next call's query (attention: same shape); otherwise call i reads q * (1 + i)
+    (no CSE) and every output is returned."""
     @jax.jit
     def run(q, *args):
-        def body(i, acc):
-            out = fn(q * (1 + i).astype(q.dtype), *args)
-            return acc + jnp.sum(out.astype(jnp.float32))
-        return jax.lax.fori_loop(0, reps, body, jnp.float32(0))
+        if chain:
+            for _ in range(reps):
+                q = fn(q, *args)
+            return q
+        return [fn(q * (1 + i), *args) for i in range(reps)]
     return run
 
 
-def time_per_call(fn, reps, iters, *args):
-    return benchlib.time_calls(repeated(fn, reps), *args, warmup=2, iters=iters) / reps
+def time_per_call(fn, reps, iters, *args, chain=True):
+    return benchlib.time_calls(repeated(fn, reps, chain), *args, warmup=2, iters=iters) / reps
 
 
 def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms, sweep=()):
@@ -102,7 +108,8 @@ def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms, sweep=(
                                                  table, selected, lengths, modes), 4)
     attn_ms = time_per_call(attend, reps, iters, q, k_pool, v_pool, table, selected, lengths,
                             modes)
-    sel_ms = time_per_call(select, reps, iters, q, kmin, kmax, table, lengths, modes)
+    sel_ms = time_per_call(select, reps, iters, q, kmin, kmax, table, lengths, modes,
+                           chain=False)
     n_p = sparsity.page_size
     _, counts = decode_page_lists(selected[0], lengths, modes[0], width=t // n_p, page_size=n_p,
                                   local=sparsity.decode_local, sink_pages=sparsity.sink_pages,
@@ -151,7 +158,7 @@ def select_sweep(b, t, modes, reps, iters, key):
     rows = []
     for blocks, radix_bits in SELECT_SWEEP:
         ms = time_per_call(selector(sparsity, blocks, radix_bits), reps, iters, q, kmin, kmax,
-                           table, lengths, modes)
+                           table, lengths, modes, chain=False)
         rows.append({"batch": b, "context": t, "blocks": str(blocks), "radix_bits": radix_bits,
                      "ms": round(ms, 4), "gbps": round(moved / ms / 1e6, 1)})
         print(rows[-1], flush=True)
@@ -213,7 +220,7 @@ SELECT_SWEEP = ([(ScoreBlocks(pages_per_block=ppb, pages_per_program=ppp, num_wa
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--reps", type=int, default=32, help="calls per timed jit (layers)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--shapes", nargs="+", default=None, help="BATCHxCONTEXT, e.g. 8x131072")
     parser.add_argument("--sweep", action="store_true", help="also sweep dense kernel blocks")
