@@ -22,6 +22,8 @@ from pallas_kernels.page_select.api import select_pages
 from pallas_kernels.page_select.reference import page_scores_reference, select_pages_reference
 from pallas_kernels.paged_write.api import write_tokens
 from pallas_kernels.paged_write.reference import write_tokens_reference
+from pallas_kernels.rms_norm.api import add_rms_norm
+from pallas_kernels.rms_norm.reference import add_rms_norm_reference
 from pallas_kernels.sparse_decode import reference as decode_ref
 from pallas_kernels.sparse_decode.api import sparse_decode
 from pallas_kernels.sparse_prefill.api import sparse_prefill
@@ -108,6 +110,15 @@ def attend_train(q: jax.Array, k: jax.Array, v: jax.Array, layer: int,
     streaming = jax.nn.dot_product_attention(q, k, v, mask=window[None, None])
     gate = jnp.repeat(meta.gates[layer], q.shape[2] // k.shape[2])[:, None]  # [N, 1]
     return (gate * causal + (1 - gate) * streaming).astype(q.dtype)
+
+
+def residual_norm(x: jax.Array, delta: jax.Array | None, weight: jax.Array, eps: float,
+                  meta, backend: Backend) -> tuple[jax.Array, jax.Array]:
+    """(x + delta, weight * rms_norm(x + delta)) over the last axis (delta None: x alone). A
+    decode step on the Pallas backends runs it as one kernel; elsewhere it is plain jnp."""
+    if backend in ("pallas", "pallas_interpret") and getattr(meta, "phase", None) == "decode":
+        return add_rms_norm(x, delta, weight, eps=eps, interpret=backend == "pallas_interpret")
+    return add_rms_norm_reference(x, delta, weight, eps=eps)
 
 
 def advance(cache: KVCache, meta: AttentionMetadata) -> KVCache:

@@ -53,13 +53,14 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 class RMSNorm(nn.Module):
     eps: float
     dtype: str
+    backend: Backend = "reference"
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, delta: jax.Array | None, meta) -> tuple[jax.Array, jax.Array]:
+        """Adds the pending residual `delta` (None: none) to x and normalises the sum: returns
+        (x + delta, weight * rms_norm(x + delta)), one kernel in decode (see attention)."""
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return weight * normed.astype(x.dtype)
+        return attention.residual_norm(x, delta, weight, self.eps, meta, self.backend)
 
 
 class Attention(nn.Module):
@@ -111,16 +112,18 @@ class Block(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, cache, positions, meta):
+    def __call__(self, x, delta, cache, positions, meta):
+        """The residual stream is x + delta: the previous block's MLP output arrives as delta
+        and is added by this block's first norm (an add and a norm are one kernel in decode).
+        Returns (x, delta, cache) in the same form."""
         c = self.cfg
         with jax.named_scope(f"layer_{self.layer}/attention"):
-            h = RMSNorm(c.norm_eps, c.dtype, name="attn_norm")(x)
+            x, h = RMSNorm(c.norm_eps, c.dtype, self.backend, name="attn_norm")(x, delta, meta)
             h, cache = Attention(c, self.sparsity, self.backend, self.layer, name="attn")(
                 h, positions, cache, meta)
-            x = x + h
         with jax.named_scope(f"layer_{self.layer}/mlp"):
-            x = x + MLP(c, name="mlp")(RMSNorm(c.norm_eps, c.dtype, name="mlp_norm")(x))
-        return x, cache
+            x, h = RMSNorm(c.norm_eps, c.dtype, self.backend, name="mlp_norm")(x, h, meta)
+            return x, MLP(c, name="mlp")(h), cache
 
 
 class Llama(nn.Module):
@@ -138,13 +141,14 @@ class Llama(nn.Module):
         hidden states are sown as `intermediates/hidden` ([B, T, D])."""
         c = self.cfg
         embed = self.param("embed", _init, (c.vocab_size, c.dim), c.dtype)
-        x = jnp.take(embed, tokens, axis=0)
+        x, delta = jnp.take(embed, tokens, axis=0), None
         for layer in range(c.n_layers):
-            x, cache = Block(c, self.sparsity, self.backend, layer, name=f"layers_{layer}")(
-                x, cache, positions, meta)
+            x, delta, cache = Block(c, self.sparsity, self.backend, layer,
+                                    name=f"layers_{layer}")(x, delta, cache, positions, meta)
         if getattr(meta, "logits_at", None) is not None:
-            x = jnp.take_along_axis(x, meta.logits_at[:, None, None], axis=1)
-        x = RMSNorm(c.norm_eps, c.dtype, name="norm")(x)
+            x, delta = (jnp.take_along_axis(y, meta.logits_at[:, None, None], axis=1)
+                        for y in (x, delta))
+        _, x = RMSNorm(c.norm_eps, c.dtype, self.backend, name="norm")(x, delta, meta)
         self.sow("intermediates", "hidden", x)
         if c.tie_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", x, embed, preferred_element_type=jnp.float32)
