@@ -94,6 +94,8 @@ def load_hf_params(path: str | pathlib.Path, dtype: DType | None = None
             layer.setdefault(module, {})[name] = jnp.asarray(tensor, dt)
         attn = layer["attn"]  # our attention projects q, k and v heads with one [D, N+2K, H]
         attn["qkv"] = jnp.concatenate([attn.pop("q"), attn.pop("k"), attn.pop("v")], axis=1)
+        mlp = layer["mlp"]  # and the MLP gate and up with one [D, 2, F]
+        mlp["gate_up"] = jnp.stack([mlp.pop("gate"), mlp.pop("up")], axis=1)
     if not cfg.tie_embeddings:
         head = take("lm_head.weight", (cfg.vocab_size, cfg.dim))
         params["lm_head"] = jnp.asarray(head.T, dt)

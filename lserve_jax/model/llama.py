@@ -98,11 +98,12 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.cfg
-        gate = self.param("gate", _init, (c.dim, c.ffn_dim), c.dtype)
-        up = self.param("up", _init, (c.dim, c.ffn_dim), c.dtype)
+        # gate and up side by side: one GEMM reads both (in a decode step it is a single
+        # weight-streaming launch, like the q/k/v projection)
+        gate_up = self.param("gate_up", _init, (c.dim, 2, c.ffn_dim), c.dtype)
         down = self.param("down", _init, (c.ffn_dim, c.dim), c.dtype)
-        h = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, gate)) * jnp.einsum("BTD,DF->BTF", x, up)
-        return jnp.einsum("BTF,FD->BTD", h, down)
+        h = jnp.einsum("BTD,DSF->BTSF", x, gate_up)
+        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(h[:, :, 0]) * h[:, :, 1], down)
 
 
 class Block(nn.Module):

@@ -1,7 +1,6 @@
 """Fused residual add + RMSNorm kernel (interpret mode on the CPU) against its jnp reference."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
