@@ -1,0 +1,96 @@
+"""Device time (XProf kernel totals, not wall time) of the decode kernels per layer call, over
+their tuning settings, at one-layer shapes of the Llama-3-8B serving loop: the sparse decode
+kernel over DecodeBlocks (pages per split, pipeline stages, warps, pages per step) for dense
+1x4K and LServe 1x256K, and top-k over TOPK_CHUNK x TOPK_WARPS at LServe 1x256K. Each setting
+runs 32 calls in one jit (bench_decode_attention.repeated); the JSON lists the microseconds
+per call of every kernel that ran once per call (the decode kernel, the merge and pad fusions
+around it, or page_scores + top_pages).
+
+    python experiments/probe_decode_kernels.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from experiments import benchlib
+from experiments import bench_decode_attention as bench
+from lserve_jax.sparsity.policy import DENSE, SELECT, STREAM
+from pallas_kernels.page_select import kernel as select_kernel
+from pallas_kernels.sparse_decode.api import sparse_decode
+from pallas_kernels.sparse_decode.kernel import DecodeBlocks as D
+
+REPS = 32
+BLOCKS = [None] + [D(1, pps, 4, st) for pps in (1, 2, 4, 8, 16) for st in (1, 2, 3, 4)] + [
+    D(1, pps, w, 3) for pps in (2, 8) for w in (1, 2, 8)] + [D(2, 8, 4, 3), D(2, 4, 4, 3),
+                                                             D(4, 8, 4, 3)]
+TOPK = [(4096, 4), (2048, 4), (1024, 4), (4096, 8), (8192, 8), (2048, 2)]  # (chunk, warps)
+
+
+def device_us(fn, *args, chain=True) -> dict[str, float]:
+    run = bench.repeated(fn, REPS, chain)
+    jax.block_until_ready(run(*args))
+
+    def once(*a):
+        jax.block_until_ready(run(*a))
+        return a
+
+    summary, _ = benchlib.kernel_summary(once, *args, steps=3, top=40)
+    return {k["name"]: round(k["ms_per_call"] / REPS * 1e3, 2) for k in summary["top"]
+            if k["per_call"] >= REPS}
+
+
+def layer(b, t, policy):
+    """(decode args, decode kwargs, (kmin, kmax)) of one layer: every head DENSE, or half the
+    KV heads SELECT (pages chosen by the selector) and half STREAM."""
+    sp = bench.LSERVE
+    k_pool, v_pool, table, kmin, kmax = bench.paged_layer(b, t, 64, 16, jax.random.key(t + b))
+    q = jax.random.normal(jax.random.key(9), (b, 8, 4, 128), jnp.bfloat16)
+    lengths = jnp.full((b,), t, jnp.int32)
+    if policy == "dense":
+        modes = jnp.full((1, 8), DENSE, jnp.int32)
+        selected = jnp.full((1, b, 8, 1, 16), -1, jnp.int32)
+        kw = dict(sink=0, local=0, budget_pages=t // 64)
+    else:
+        modes = jnp.asarray([[SELECT, STREAM] * 4], jnp.int32)
+        selected = jax.jit(bench.selector(sp))(q, kmin, kmax, table[:, None], lengths, modes)
+        selected = selected[None]
+        kw = dict(sink=sp.decode_sink, local=sp.decode_local, budget_pages=sp.budget_pages,
+                  max_listed=max(sp.budget_pages, sp.stream_pages))
+    return (q, k_pool, v_pool, table[:, None], selected, lengths, modes), kw, (kmin, kmax)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    rows = []
+    for b, t, policy in ((1, 4096, "dense"), (1, 262144, "lserve")):
+        operands, kw, _ = layer(b, t, policy)
+        for blocks in BLOCKS:
+            def attend(q, *a, blocks=blocks):
+                return sparse_decode(q, *a, layer=0, blocks=blocks, **kw)
+            rows.append({"shape": f"{policy} {b}x{t}", "blocks": str(blocks),
+                         "us_per_call": device_us(attend, *operands)})
+            print(rows[-1], flush=True)
+            benchlib.write_results("decode_kernel_probe", rows, args.out)
+    operands, _, (kmin, kmax) = layer(1, 262144, "lserve")
+    q, _, _, table, _, lengths, modes = operands
+    saved = select_kernel.TOPK_CHUNK, select_kernel.TOPK_WARPS
+    for chunk, warps in TOPK:
+        select_kernel.TOPK_CHUNK, select_kernel.TOPK_WARPS = chunk, warps
+        jax.clear_caches()
+        rows.append({"shape": "lserve selection 1x262144", "topk_chunk": chunk,
+                     "topk_warps": warps, "us_per_call": device_us(
+                         bench.selector(bench.LSERVE), q, kmin, kmax, table, lengths, modes,
+                         chain=False)})
+        print(rows[-1], flush=True)
+        benchlib.write_results("decode_kernel_probe", rows, args.out)
+    select_kernel.TOPK_CHUNK, select_kernel.TOPK_WARPS = saved
+
+
+if __name__ == "__main__":
+    main()
