@@ -2,7 +2,8 @@
 # Everything that needs the H200, in one go: kernel tests compiled for the GPU, then the
 # benchmarks. Results land in OUT (default experiments/results); logs beside them.
 #   bash experiments/gpu_suite.sh [OUT] [STEP ...]
-#   steps: fixture tests prefill decode dense e2e splits testbed finetune stage5 gates ablations
+#   steps: fixture tests prefill decode probe dense e2e splits testbed finetune stage5 gates
+#   ablations
 #   (default: the kernel and speed steps; splits reruns short-context and LServe decode rows
 #   at decode-kernel split floors 2 / 4 / 8, ~7 min). The testbed recipe is testbed (stages
 #   1-2 from scratch, ~9 min), finetune (stages 3-4 on distinct questions, ~11 min), stage5
@@ -26,6 +27,7 @@ for step in $steps; do
                --out "$out" ;;
     decode) timeout ${DECODE_S:-300} python3 experiments/bench_decode_attention.py \
               --out "$out" --sweep ${DECODE_SHAPES:+--shapes $DECODE_SHAPES} ;;
+    probe) timeout ${PROBE_S:-400} python3 experiments/probe_decode_kernels.py --out "$out" ;;
     dense) timeout ${DENSE_S:-200} python3 experiments/bench_dense_decode.py --out "$out" \
              --backends ${DENSE_BACKENDS:-pallas cudnn} ${DENSE_SHAPES:+--shapes $DENSE_SHAPES} ;;
     e2e) timeout ${E2E_S:-540} python3 experiments/bench_e2e.py --out "$out" \
