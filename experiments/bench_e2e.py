@@ -9,7 +9,9 @@ pool does not fit next to the weights is reported as out of memory without alloc
 TTFT: `Engine.generate(max_new_tokens=1)` on random prompts (chunked when longer than
 `--chunk`), after a same-shape warm-up. `--vary MIN_PAGES_PER_SPLIT=2,4,8` repeats the decode
 rows with a kernel constant at each value (one process: on a fresh H200 this script takes ~2
-minutes to reach its first row, so sweeping by relaunching wastes the budget).
+minutes to reach its first row, so sweeping by relaunching wastes the budget); `--rows` lists
+decode rows one by one instead (`lserve:1x262144:MIN_PAGES_PER_SPLIT=4` ...), in that order.
+`--profile [TOP]` adds each row's TOP (20) kernels from one more profiled run.
 
     python experiments/bench_e2e.py --pattern ../shared/duo_patterns/Llama-3-8B-Instruct-Gradient-1048k
 """
@@ -82,7 +84,7 @@ def _randomise(k, v, kmin, kmax, key, stats: bool):
 
 
 def decode_row(cfg, params, weights, name, sparsity, gates, batch, context, steps, backend,
-               profile=False):
+               profile: int = 0):
     max_seq = context + steps + 8
     probe = Engine(cfg, params, sparsity, CacheConfig(max_seq_len=max_seq, max_batch=1,
                                                       num_pages=2), gates)
@@ -105,12 +107,13 @@ def decode_row(cfg, params, weights, name, sparsity, gates, batch, context, step
         jax.block_until_ready(out)
         timings.append(1e3 * (time.perf_counter() - start) / n)
     read = batch * attended_tokens(engine.modes, context, sparsity) * cfg.kv_bytes_per_token
-    if profile:  # one more loop of `steps` tokens under the profiler
+    if profile:  # one more loop of `steps` tokens under the profiler: its `profile` top kernels
         def once(cache):
             cache = dataclasses.replace(cache, lengths=jnp.full((batch,), context, jnp.int32))
             return (decode(cfg, sparsity, backend, steps + 1, params, cache, *args)[2],)
 
-        summary, (engine.cache,) = benchlib.kernel_summary(once, engine.cache, steps=1, top=20)
+        summary, (engine.cache,) = benchlib.kernel_summary(once, engine.cache, steps=1,
+                                                           top=profile)
         row["kernels_per_loop_of_steps"] = summary
     return {**row, "ms": round(timings[-1], 3),
             "compile_s": round((timings[0] - timings[-1]) * steps / 1e3, 1),
@@ -118,7 +121,7 @@ def decode_row(cfg, params, weights, name, sparsity, gates, batch, context, step
             "peak_gib": round(_peak() / 2**30, 1)}
 
 
-def ttft_row(cfg, params, name, sparsity, gates, context, backend, profile=False):
+def ttft_row(cfg, params, name, sparsity, gates, context, backend, profile: int = 0):
     engine = Engine(cfg, params, sparsity, CacheConfig(max_seq_len=context + 128, max_batch=1),
                     gates)
     prompt = np.random.default_rng(context).integers(0, cfg.vocab_size, context).tolist()
@@ -137,7 +140,7 @@ def ttft_row(cfg, params, name, sparsity, gates, context, backend, profile=False
             engine.generate([prompt], run)
             return ()
 
-        row["kernels"] = benchlib.kernel_summary(once, steps=1, top=20)[0]
+        row["kernels"] = benchlib.kernel_summary(once, steps=1, top=profile)[0]
     return row
 
 
@@ -153,6 +156,18 @@ def parse_vary(spec: str) -> list[tuple[str, int]]:
     if name not in KNOBS or not values:
         raise SystemExit(f"--vary {spec!r}: use NAME=V1,V2,... with NAME one of {sorted(KNOBS)}")
     return [(name, int(v)) for v in values.split(",")]
+
+
+def parse_row(spec: str) -> tuple[str, int, int, tuple[str, int] | None]:
+    """'lserve:4x131072' or 'lserve:4x131072:TOPK_WARPS=8' -> (policy, batch, context, knob)."""
+    parts = spec.split(":")
+    try:
+        batch, context = (int(x) for x in parts[1].split("x"))
+        knob = parse_vary(parts[2])[0] if len(parts) == 3 else None
+        assert len(parts) in (2, 3)
+    except (IndexError, ValueError, AssertionError):
+        raise SystemExit(f"--rows {spec!r}: use POLICY:BATCHxCONTEXT[:NAME=VALUE]") from None
+    return parts[0], batch, context, knob
 
 
 def with_knob(fn, knob: tuple[str, int] | None):
@@ -200,32 +215,37 @@ def main():
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=0,
                         help="prefill chunk for TTFT (0: one prefill; 128K fits unchunked)")
-    parser.add_argument("--profile", action="store_true", help="kernel summaries of every row")
+    parser.add_argument("--profile", type=int, nargs="?", const=20, default=0, metavar="TOP",
+                        help="kernel summary of every row: its TOP (default 20) kernels")
     parser.add_argument("--policies", nargs="+", default=["dense", "lserve", "duo", "quest"])
     parser.add_argument("--backend", default="pallas")
     parser.add_argument("--decode", nargs="*", default=None, help="BATCHxCONTEXT ...")
     parser.add_argument("--ttft", type=int, nargs="*", default=list(TTFT))
     parser.add_argument("--vary", default=None, metavar="NAME=V1,V2",
                         help=f"decode rows once per value of a kernel constant: {sorted(KNOBS)}")
+    parser.add_argument("--rows", nargs="+", default=None, metavar="POLICY:BxT[:NAME=V]",
+                        help="these decode rows in this order instead of the --decode x "
+                             "--policies (x --vary) grid, e.g. lserve:1x262144:TOPK_WARPS=8")
     args = parser.parse_args()
     cfg = ModelConfig.from_name(args.model)
     gates = load_gates(args.pattern)[: cfg.n_layers, : cfg.n_kv_heads]
     params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
     weights = sum(x.nbytes for x in jax.tree.leaves(params)) - params["embed"].nbytes
     shapes = DECODE if args.decode is None else [tuple(map(int, s.split("x"))) for s in args.decode]
-    configs = policies(args.policies, args.chunk)
-    jobs = []  # shape by shape, every policy next to each other (partial runs still compare)
-    for knob in parse_vary(args.vary) if args.vary else [None]:
-        row_fn = with_knob(decode_row, knob)
-        for b, t in shapes:
-            jobs += [(name, row_fn, (cfg, params, weights, name, sp, gates, b, t, args.steps,
-                                     args.backend, args.profile))
-                     for name, sp in configs.items()]
+    listed = [parse_row(spec) for spec in args.rows or []]
+    configs = policies(dict.fromkeys(args.policies + [r[0] for r in listed]), args.chunk)
+    if not listed:  # shape by shape, every policy next to each other (partial runs compare)
+        listed = [(name, b, t, knob) for knob in (parse_vary(args.vary) if args.vary else [None])
+                  for b, t in shapes for name in args.policies]
+    jobs = [(name, with_knob(decode_row, knob), (cfg, params, weights, name, configs[name],
+                                                 gates, b, t, args.steps, args.backend,
+                                                 args.profile))
+            for name, b, t, knob in listed]
     for t in args.ttft:
-        jobs += [(name, ttft_row, (cfg, params, name, sp, gates, t, args.backend, args.profile))
-                 for name, sp in configs.items()]
-    jobs += [(name, capacity_row, (cfg, params, weights, name, sp, gates, t))
-             for t in (131072, 262144) for name, sp in configs.items()]
+        jobs += [(name, ttft_row, (cfg, params, name, configs[name], gates, t, args.backend,
+                                   args.profile)) for name in args.policies]
+    jobs += [(name, capacity_row, (cfg, params, weights, name, configs[name], gates, t))
+             for t in (131072, 262144) for name in args.policies]
     rows = []
     for name, fn, job in jobs:
         print(f"{time.strftime('%H:%M:%S')} {fn.__name__} {name} ...", flush=True)

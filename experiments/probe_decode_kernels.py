@@ -16,8 +16,8 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from experiments import benchlib
 from experiments import bench_decode_attention as bench
+from experiments import benchlib
 from lserve_jax.sparsity.policy import DENSE, SELECT, STREAM
 from pallas_kernels.page_select import kernel as select_kernel
 from pallas_kernels.sparse_decode.api import sparse_decode

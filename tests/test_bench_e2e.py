@@ -51,6 +51,17 @@ def test_an_unknown_knob_is_refused_with_the_known_ones():
         bench_e2e.parse_vary("NUM_WARPS=4,8")
 
 
+def test_rows_parse_with_and_without_a_knob_and_refuse_what_they_cannot_read():
+    assert bench_e2e.parse_row("dense:1x4096") == ("dense", 1, 4096, None)
+    assert bench_e2e.parse_row("lserve:4x131072:TOPK_WARPS=8") == (
+        "lserve", 4, 131072, ("TOPK_WARPS", 8))
+    for bad in ("dense", "dense:1by4096", "dense:1x4096:TOPK_WARPS=8:x"):
+        with pytest.raises(SystemExit, match="POLICY:BATCHxCONTEXT"):
+            bench_e2e.parse_row(bad)
+    with pytest.raises(SystemExit, match="TOPK_WARPS"):
+        bench_e2e.parse_row("dense:1x4096:WARPS=8")
+
+
 def test_speedups_compare_rows_of_the_same_knob_value():
     rows = [{"name": "decode_dense", "policy": "dense", "batch": 1, "context": 8, "ms": 4.0,
              "knob": f"TOPK_WARPS={w}"} for w in (4, 8)]
