@@ -7,9 +7,9 @@ the next one's query (as the unrolled layers of the model run: no while loop, wh
 per-iteration device-to-host sync would be counted), and the median of `--iters` such calls /
 reps is reported, so launch gaps are those of a real decode step, not of Python dispatch.
 Selection (page scores + top-k) is timed separately and amortised over the reuse interval R
-(Quest: R = 1, LServe: R = 4). `--sweep-select` also
-times selection alone (lserve_query_head) over score-kernel blocks and top-k radix widths at
-SELECT_SHAPES (or --shapes), into the JSON's `select_sweep`.
+(Quest: R = 1, LServe: R = 4). `--sweep-select` also times selection alone (lserve_query_head)
+over score-kernel blocks and top-k radix widths at SELECT_SHAPES (or --shapes), into the
+JSON's `select_sweep`.
 
     python experiments/bench_decode_attention.py [--out DIR] [--shapes 1x4096 ...]
         [--sweep] [--sweep-select]

@@ -162,12 +162,12 @@ def parse_row(spec: str) -> tuple[str, int, int, tuple[str, int] | None]:
     """'lserve:4x131072' or 'lserve:4x131072:TOPK_WARPS=8' -> (policy, batch, context, knob)."""
     parts = spec.split(":")
     try:
+        if len(parts) not in (2, 3):
+            raise ValueError(spec)
         batch, context = (int(x) for x in parts[1].split("x"))
-        knob = parse_vary(parts[2])[0] if len(parts) == 3 else None
-        assert len(parts) in (2, 3)
-    except (IndexError, ValueError, AssertionError):
+    except ValueError:
         raise SystemExit(f"--rows {spec!r}: use POLICY:BATCHxCONTEXT[:NAME=VALUE]") from None
-    return parts[0], batch, context, knob
+    return parts[0], batch, context, parse_vary(parts[2])[0] if len(parts) == 3 else None
 
 
 def with_knob(fn, knob: tuple[str, int] | None):
