@@ -12,13 +12,14 @@ around it, or page_scores + top_pages).
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from experiments import bench_decode_attention as bench
 from experiments import benchlib
-from lserve_jax.sparsity.policy import DENSE, SELECT, STREAM
+from lserve_jax.sparsity.policy import SELECT, STREAM
 from pallas_kernels.page_select import kernel as select_kernel
 from pallas_kernels.sparse_decode.api import sparse_decode
 from pallas_kernels.sparse_decode.kernel import DecodeBlocks as D
@@ -44,23 +45,24 @@ def device_us(fn, *args, chain=True) -> dict[str, float]:
 
 
 def layer(b, t, policy):
-    """(decode args, decode kwargs, (kmin, kmax)) of one layer: every head DENSE, or half the
-    KV heads SELECT (pages chosen by the selector) and half STREAM."""
+    """One layer's (operands, blocks -> attention fn, selection operands): every head DENSE
+    (`bench.dense_paged`), or half the KV heads SELECT (pages chosen by the selector) and half
+    STREAM."""
     sp = bench.LSERVE
     k_pool, v_pool, table, kmin, kmax = bench.paged_layer(b, t, 64, 16, jax.random.key(t + b))
     q = jax.random.normal(jax.random.key(9), (b, 8, 4, 128), jnp.bfloat16)
-    lengths = jnp.full((b,), t, jnp.int32)
     if policy == "dense":
-        modes = jnp.full((1, 8), DENSE, jnp.int32)
-        selected = jnp.full((1, b, 8, 1, 16), -1, jnp.int32)
-        kw = dict(sink=0, local=0, budget_pages=t // 64)
-    else:
-        modes = jnp.asarray([[SELECT, STREAM] * 4], jnp.int32)
-        selected = jax.jit(bench.selector(sp))(q, kmin, kmax, table[:, None], lengths, modes)
-        selected = selected[None]
-        kw = dict(sink=sp.decode_sink, local=sp.decode_local, budget_pages=sp.budget_pages,
-                  max_listed=max(sp.budget_pages, sp.stream_pages))
-    return (q, k_pool, v_pool, table[:, None], selected, lengths, modes), kw, (kmin, kmax)
+        return (q, k_pool, v_pool, table), (
+            lambda blocks: functools.partial(bench.dense_paged, blocks=blocks)), None
+    lengths = jnp.full((b,), t, jnp.int32)
+    modes = jnp.asarray([[SELECT, STREAM] * 4], jnp.int32)
+    table = table[:, None]
+    selected = jax.jit(bench.selector(sp))(q, kmin, kmax, table, lengths, modes)[None]
+    kw = dict(layer=0, sink=sp.decode_sink, local=sp.decode_local, budget_pages=sp.budget_pages,
+              max_listed=max(sp.budget_pages, sp.stream_pages))
+    return (q, k_pool, v_pool, table, selected, lengths, modes), (
+        lambda blocks: functools.partial(sparse_decode, blocks=blocks, **kw)), (
+        q, kmin, kmax, table, lengths, modes)
 
 
 def main():
@@ -69,24 +71,19 @@ def main():
     args = parser.parse_args()
     rows = []
     for b, t, policy in ((1, 4096, "dense"), (1, 262144, "lserve")):
-        operands, kw, _ = layer(b, t, policy)
+        operands, attend, selection = layer(b, t, policy)
         for blocks in BLOCKS:
-            def attend(q, *a, blocks=blocks):
-                return sparse_decode(q, *a, layer=0, blocks=blocks, **kw)
             rows.append({"shape": f"{policy} {b}x{t}", "blocks": str(blocks),
-                         "us_per_call": device_us(attend, *operands)})
+                         "us_per_call": device_us(attend(blocks), *operands)})
             print(rows[-1], flush=True)
             benchlib.write_results("decode_kernel_probe", rows, args.out)
-    operands, _, (kmin, kmax) = layer(1, 262144, "lserve")
-    q, _, _, table, _, lengths, modes = operands
     saved = select_kernel.TOPK_CHUNK, select_kernel.TOPK_WARPS
     for chunk, warps in TOPK:
         select_kernel.TOPK_CHUNK, select_kernel.TOPK_WARPS = chunk, warps
         jax.clear_caches()
         rows.append({"shape": "lserve selection 1x262144", "topk_chunk": chunk,
                      "topk_warps": warps, "us_per_call": device_us(
-                         bench.selector(bench.LSERVE), q, kmin, kmax, table, lengths, modes,
-                         chain=False)})
+                         bench.selector(bench.LSERVE), *selection, chain=False)})
         print(rows[-1], flush=True)
         benchlib.write_results("decode_kernel_probe", rows, args.out)
     select_kernel.TOPK_CHUNK, select_kernel.TOPK_WARPS = saved

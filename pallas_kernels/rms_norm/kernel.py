@@ -28,9 +28,8 @@ def _kernel(*refs, eps: float, add: bool):
     o_ref[...] = (w_ref[...] * normed).astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
-def add_rms_norm_rows(x, delta, weight, *, eps: float, num_warps: int = 4,
-                      interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def add_rms_norm_rows(x, delta, weight, *, eps: float, interpret: bool = False):
     """x: [R, D] (D a power of two); delta: [R, D] or None; weight: [D]. Returns (x + delta, or
     x when delta is None; the weighted norm [R, D])."""
     r, d = x.shape
@@ -43,7 +42,7 @@ def add_rms_norm_rows(x, delta, weight, *, eps: float, num_warps: int = 4,
         in_specs=[row] * (1 + add) + [pl.BlockSpec((d,), lambda i: (0,))],
         out_specs=[row] * (1 + add),
         out_shape=[jax.ShapeDtypeStruct((r, d), x.dtype)] * add + [norm],
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="add_rms_norm",
     )(*((x, delta) if add else (x,)), weight)
