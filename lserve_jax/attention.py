@@ -21,16 +21,17 @@ from lserve_jax.sparsity import pages as selector
 from lserve_jax.sparsity.policy import DENSE, SELECT, STREAM, head_modes, list_width
 from pallas_kernels.page_select.api import select_pages
 from pallas_kernels.page_select.reference import page_scores_reference, select_pages_reference
-from pallas_kernels.paged_write.api import write_tokens
-from pallas_kernels.paged_write.reference import write_tokens_reference
+from pallas_kernels.paged_write.api import append_decode, write_tokens
+from pallas_kernels.paged_write.reference import rotate, write_tokens_reference
 from pallas_kernels.rms_norm.api import add_rms_norm
 from pallas_kernels.rms_norm.reference import add_rms_norm_reference
 from pallas_kernels.sparse_decode import reference as decode_ref
-from pallas_kernels.sparse_decode.api import sparse_decode
+from pallas_kernels.sparse_decode.api import query_rows, sparse_decode
 from pallas_kernels.sparse_prefill.api import sparse_prefill
 from pallas_kernels.sparse_prefill.reference import sparse_prefill_reference
 
 assert (DENSE, SELECT, STREAM) == (decode_ref.DENSE, decode_ref.SELECT, decode_ref.STREAM)
+PALLAS = ("pallas", "pallas_interpret")
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -55,12 +56,34 @@ class AttentionMetadata:
     refresh: bool | None = None
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, layer: int,
+def rope_tables(positions: jax.Array, inv_freq) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [B, T, H/2] f32 of each token's position (inv_freq: [H/2]); one pair serves
+    every layer."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def split_heads(qkv: jax.Array, rope: tuple[jax.Array, jax.Array],
+                n_kv: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The projections [B, T, N + 2K, H] as q [B, T, N, H], k, v [B, T, K, H], q and k rotated
+    (f32, rounded once: the fused decode kernel computes the same)."""
+    n = qkv.shape[2] - 2 * n_kv
+    return (rotate(qkv[:, :, :n], *rope), rotate(qkv[:, :, n:n + n_kv], *rope),
+            qkv[:, :, n + n_kv:])
+
+
+def attend(qkv: jax.Array, rope: tuple[jax.Array, jax.Array], cache: KVCache, layer: int,
            meta: AttentionMetadata, sparsity: SparsityConfig,
            backend: Backend) -> tuple[jax.Array, KVCache]:
-    """q: [B, T, N, H]; k, v: [B, T, K, H] (post-RoPE). Writes k/v into the cache, then attends.
-    Returns ([B, T, N, H], cache)."""
+    """qkv: [B, T, N + 2K, H] projections before RoPE; rope: (cos, sin) [B, T, H/2] f32
+    (`rope_tables`). Rotates q and k, writes k/v into the cache, then attends. Returns
+    ([B, T, N, H], cache). A decode step on the Pallas backends rotates, writes and pads the
+    queries in one kernel."""
     streaming = meta.modes[layer] == STREAM  # [K]
+    if meta.phase == "decode" and backend in PALLAS:
+        with jax.named_scope("decode_attention"):
+            return _decode_fused(qkv, rope, cache, layer, meta, streaming, sparsity, backend)
+    q, k, v = split_heads(qkv, rope, cache.page_table.shape[2])
     with jax.named_scope("kv_write"):
         cache = _write(cache, layer, k, v, meta.new_lens, streaming, sparsity, backend,
                        aligned=meta.phase != "decode")
@@ -117,7 +140,7 @@ def residual_norm(x: jax.Array, delta: jax.Array | None, weight: jax.Array, eps:
                   meta, backend: Backend) -> tuple[jax.Array, jax.Array]:
     """(x + delta, weight * rms_norm(x + delta)) over the last axis (delta None: x alone). A
     decode step on the Pallas backends runs it as one kernel; elsewhere it is plain jnp."""
-    if backend in ("pallas", "pallas_interpret") and getattr(meta, "phase", None) == "decode":
+    if backend in PALLAS and getattr(meta, "phase", None) == "decode":
         return add_rms_norm(x, delta, weight, eps=eps, interpret=backend == "pallas_interpret")
     return add_rms_norm_reference(x, delta, weight, eps=eps)
 
@@ -128,13 +151,16 @@ def advance(cache: KVCache, meta: AttentionMetadata) -> KVCache:
 
 def _kernels(backend: str):
     """The (write, select, decode) implementations of a backend: references, or Pallas kernels
-    compiled for the GPU or interpreted on the CPU."""
-    if backend in ("pallas", "pallas_interpret"):
+    compiled for the GPU or interpreted on the CPU (multi-token writes are XLA scatters)."""
+    if backend in PALLAS:
         interpret = backend == "pallas_interpret"
-        return (functools.partial(write_tokens, interpret=interpret),
-                functools.partial(select_pages, interpret=interpret),
+        return (write_tokens, functools.partial(select_pages, interpret=interpret),
                 functools.partial(sparse_decode, interpret=interpret))
-    return write_tokens_reference, _select_reference, decode_ref.sparse_decode_reference
+    return write_tokens_reference, _select_reference, _decode_reference
+
+
+def _decode_reference(q, *args, groups, **kwargs):
+    return decode_ref.sparse_decode_reference(q[:, :, :groups], *args, **kwargs)
 
 
 def _select_reference(q, kmin, kmax, table, lengths, modes, *, layer, k, width, page_size,
@@ -149,7 +175,7 @@ def _write(cache, layer, k, v, new_lens, streaming, sparsity, backend, aligned) 
     """`aligned`: every writing row starts on a page boundary (prefill, and chunks, which are
     page multiples), so the kernels may reduce statistics per page instead of per token."""
     write = _kernels(backend)[0]
-    if aligned and backend in ("pallas", "pallas_interpret"):
+    if aligned and backend in PALLAS:
         write = functools.partial(write, aligned=True)
     k_pool, v_pool, kmin, kmax = write(
         cache.k, cache.v, cache.kmin, cache.kmax, cache.page_table[:, layer], cache.lengths,
@@ -196,21 +222,46 @@ def composite_prefill(q, k, v, lens, stream_kv: tuple[int, ...], sparsity) -> ja
 
 
 def _decode(q, cache, layer, meta, sparsity, backend):
+    """The reference and cuDNN decode (the cache already holds this token)."""
     b, _, n, h = q.shape
-    lengths = cache.lengths + meta.new_lens
     if backend == "cudnn":
         _require_dense(sparsity, backend)
         keys, values = gather_layer(cache, layer)
-        out = jax.nn.dot_product_attention(q, keys, values, key_value_seq_lengths=lengths,
-                                           implementation="cudnn")
+        out = jax.nn.dot_product_attention(q, keys, values, implementation="cudnn",
+                                           key_value_seq_lengths=cache.lengths + meta.new_lens)
         return out, cache
-    _, select, attend_pages = _kernels(backend)
     kh = cache.page_table.shape[2]
-    qg = q.reshape(b, kh, n // kh, h)
+    out, cache = _attend_pages(q.reshape(b, kh, n // kh, h), n // kh, cache, layer, meta,
+                               sparsity, backend)
+    return out.reshape(b, 1, n, h), cache
+
+
+def _decode_fused(qkv, rope, cache, layer, meta, streaming, sparsity, backend):
+    """A decode step on the Pallas backends: one kernel rotates q and k, appends k and v and
+    writes the queries padded to the decode kernel's rows; then selection (when due) and the
+    sparse decode kernel."""
+    b, _, m, h = qkv.shape
+    kh = cache.page_table.shape[2]
+    g = (m - 2 * kh) // kh
+    q, k_pool, v_pool, kmin, kmax = append_decode(
+        cache.k, cache.v, cache.kmin, cache.kmax, cache.page_table[:, layer], cache.lengths,
+        qkv[:, 0], rope[0][:, 0], rope[1][:, 0], meta.new_lens, streaming,
+        q_rows=query_rows(g), sink_pages=sparsity.sink_pages, ring_pages=sparsity.ring_pages,
+        stats=sparsity.dynamic, interpret=backend == "pallas_interpret")
+    cache = dataclasses.replace(cache, k=k_pool, v=v_pool, kmin=kmin, kmax=kmax)
+    out, cache = _attend_pages(q, g, cache, layer, meta, sparsity, backend)
+    return out.reshape(b, 1, g * kh, h), cache
+
+
+def _attend_pages(qg, groups, cache, layer, meta, sparsity, backend):
+    """qg: [B, K, G or more, H] (rows past `groups` are zero padding). Reselects this layer's
+    pages when due, then attends to each head's pages. Returns ([B, K, G, H], cache)."""
+    lengths = cache.lengths + meta.new_lens
+    _, select, attend_pages = _kernels(backend)
     if sparsity.dynamic:
         def fresh():
-            return select(qg, cache.kmin, cache.kmax, cache.page_table, lengths, meta.modes,
-                          layer=layer, k=sparsity.budget_pages - 1,
+            return select(qg[:, :, :groups], cache.kmin, cache.kmax, cache.page_table, lengths,
+                          meta.modes, layer=layer, k=sparsity.budget_pages - 1,
                           width=cache.selected.shape[-1],
                           page_size=sparsity.page_size,
                           group_reduce=selector.group_reduce(sparsity),
@@ -222,8 +273,8 @@ def _decode(q, cache, layer, meta, sparsity, backend):
     out = attend_pages(qg, cache.k, cache.v, cache.page_table, cache.selected, lengths,
                        meta.modes, layer=layer, sink=sparsity.decode_sink,
                        local=sparsity.decode_local, budget_pages=sparsity.budget_pages,
-                       max_listed=list_width(sparsity, cache.max_pages))
-    return out.reshape(b, 1, n, h), cache
+                       max_listed=list_width(sparsity, cache.max_pages), groups=groups)
+    return out, cache
 
 
 def _require_dense(sparsity: SparsityConfig, backend: str) -> None:

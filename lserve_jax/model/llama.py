@@ -41,15 +41,6 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """x: [B, T, N, H]; positions: [B, T]. Rotates channel pairs (i, i + H/2), HF's convention."""
-    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
-    cos = jnp.cos(angles)[:, :, None, :].astype(x.dtype)
-    sin = jnp.sin(angles)[:, :, None, :].astype(x.dtype)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
 class RMSNorm(nn.Module):
     eps: float
     dtype: str
@@ -71,7 +62,9 @@ class Attention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, positions, cache: KVCache, meta: attention.AttentionMetadata):
+    def __call__(self, x, rope, cache: KVCache, meta: attention.AttentionMetadata):
+        """rope: (cos, sin) [B, T, H/2] f32 of the tokens' positions (`attention.rope_tables`):
+        q and k are rotated at the seam, in decode inside the KV-append kernel."""
         c = self.cfg
         n, kh = c.n_heads, c.n_kv_heads
         # q, k and v heads side by side: one projection. Apart, a single jitted decode step ran
@@ -79,15 +72,12 @@ class Attention(nn.Module):
         # loop was already free of them and kept its speed (4.95 vs 4.98 ms, README).
         wqkv = self.param("qkv", _init, (c.dim, n + 2 * kh, c.head_dim), c.dtype)
         wo = self.param("o", _init, (n, c.head_dim, c.dim), c.dtype)
-        inv_freq = rope_inv_freq(c)
         qkv = jnp.einsum("BTD,DMH->BTMH", x, wqkv)
-        q = apply_rope(qkv[:, :, :n], positions, inv_freq)
-        k = apply_rope(qkv[:, :, n:n + kh], positions, inv_freq)
-        v = qkv[:, :, n + kh:]
         if cache is None:  # whole sequences, no cache (training)
-            out = attention.attend_train(q, k, v, self.layer, meta)
+            out = attention.attend_train(*attention.split_heads(qkv, rope, kh), self.layer,
+                                         meta)
         else:
-            out, cache = attention.attend(q, k, v, cache, self.layer, meta, self.sparsity,
+            out, cache = attention.attend(qkv, rope, cache, self.layer, meta, self.sparsity,
                                           self.backend)
         return jnp.einsum("BTNH,NHD->BTD", out, wo), cache
 
@@ -113,7 +103,7 @@ class Block(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, x, delta, cache, positions, meta):
+    def __call__(self, x, delta, cache, rope, meta):
         """The residual stream is x + delta: the previous block's MLP output arrives as delta
         and is added by this block's first norm (an add and a norm are one kernel in decode).
         Returns (x, delta, cache) in the same form."""
@@ -121,7 +111,7 @@ class Block(nn.Module):
         with jax.named_scope(f"layer_{self.layer}/attention"):
             x, h = RMSNorm(c.norm_eps, c.dtype, self.backend, name="attn_norm")(x, delta, meta)
             h, cache = Attention(c, self.sparsity, self.backend, self.layer, name="attn")(
-                h, positions, cache, meta)
+                h, rope, cache, meta)
         with jax.named_scope(f"layer_{self.layer}/mlp"):
             x, h = RMSNorm(c.norm_eps, c.dtype, self.backend, name="mlp_norm")(x, h, meta)
             return x, MLP(c, name="mlp")(h), cache
@@ -143,9 +133,10 @@ class Llama(nn.Module):
         c = self.cfg
         embed = self.param("embed", _init, (c.vocab_size, c.dim), c.dtype)
         x, delta = jnp.take(embed, tokens, axis=0), None
+        rope = attention.rope_tables(positions, rope_inv_freq(c))
         for layer in range(c.n_layers):
             x, delta, cache = Block(c, self.sparsity, self.backend, layer,
-                                    name=f"layers_{layer}")(x, delta, cache, positions, meta)
+                                    name=f"layers_{layer}")(x, delta, cache, rope, meta)
         if getattr(meta, "logits_at", None) is not None:
             x, delta = (jnp.take_along_axis(y, meta.logits_at[:, None, None], axis=1)
                         for y in (x, delta))

@@ -1,5 +1,6 @@
-"""Public entry of the paged write: decode appends go through the Pallas kernel, multi-token
-writes (prefill) through XLA scatters. Same call and result as the reference."""
+"""Public entry of the paged write: decode appends (fused with RoPE) go through the Pallas
+kernel, multi-token writes (prefill) through XLA scatters. Same calls and results as the
+references."""
 
 from __future__ import annotations
 
@@ -8,8 +9,29 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.paged_write.kernel import append_token
+from pallas_kernels.paged_write.kernel import append_rotated
 from pallas_kernels.paged_write.reference import destinations, dropped, write_tokens_reference
+
+
+@functools.partial(jax.jit, static_argnames=("q_rows", "sink_pages", "ring_pages", "stats",
+                                             "interpret"))
+def append_decode(k_pool, v_pool, kmin, kmax, table, lengths, qkv, cos, sin, new_lens,
+                  streaming, *, q_rows: int, sink_pages: int, ring_pages: int,
+                  stats: bool = True, interpret: bool = False):
+    """See `append_rotated_reference` (argument shapes there): one kernel rotates the queries
+    and the key, appends key and value and updates the page statistics."""
+    b, m, h = qkv.shape
+    kh = table.shape[1]
+    if (m - 2 * kh) % kh or cos.shape != (b, h // 2) or sin.shape != cos.shape:
+        raise ValueError(f"qkv {qkv.shape} must be [B, N + 2K, H] with K={kh} dividing N, and "
+                         f"cos {cos.shape} / sin {sin.shape} [B, H/2] = {(b, h // 2)}")
+    if q_rows < (m - 2 * kh) // kh:
+        raise ValueError(f"q_rows={q_rows} must hold the G={(m - 2 * kh) // kh} query heads")
+    phys, slot = destinations(table, lengths, new_lens, streaming, 1, k_pool.shape[1],
+                              sink_pages=sink_pages, ring_pages=ring_pages)
+    return append_rotated(qkv, cos, sin, phys[:, 0], slot[:, 0, 0], k_pool, v_pool, kmin, kmax,
+                          q_rows=q_rows, logical_page=k_pool.shape[1] // kmin.shape[1],
+                          stats=stats, interpret=interpret)
 
 
 @functools.partial(jax.jit,
@@ -21,19 +43,14 @@ def write_tokens(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens, str
     that every row that writes starts at a logical-page boundary (lengths % Nl == 0, as in a
     prefill or a page-aligned chunk); multi-token statistics are then reduced per logical page
     and stored once, instead of a scatter-min per token (16 colliding bf16 updates per logical
-    page)."""
-    if k.shape[1] != 1:
-        if not (stats and aligned):
-            return write_tokens_reference(k_pool, v_pool, kmin, kmax, table, lengths, k, v,
-                                          new_lens, streaming, sink_pages=sink_pages,
-                                          ring_pages=ring_pages, stats=stats)
-        return _write_aligned(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens,
-                              streaming, sink_pages=sink_pages, ring_pages=ring_pages)
-    phys, slot = destinations(table, lengths, new_lens, streaming, 1, k_pool.shape[1],
-                              sink_pages=sink_pages, ring_pages=ring_pages)
-    return append_token(k[:, 0], v[:, 0], phys[:, 0], slot[:, 0, 0], k_pool, v_pool, kmin, kmax,
-                        logical_page=k_pool.shape[1] // kmin.shape[1], stats=stats,
-                        interpret=interpret)
+    page). `interpret` is accepted for symmetry: nothing here is a Pallas kernel."""
+    del interpret
+    if not (stats and aligned):
+        return write_tokens_reference(k_pool, v_pool, kmin, kmax, table, lengths, k, v,
+                                      new_lens, streaming, sink_pages=sink_pages,
+                                      ring_pages=ring_pages, stats=stats)
+    return _write_aligned(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens,
+                          streaming, sink_pages=sink_pages, ring_pages=ring_pages)
 
 
 def _write_aligned(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens, streaming, *,

@@ -70,6 +70,35 @@ def write_tokens_reference(
     return k_pool, v_pool, kmin, kmax
 
 
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """RoPE in HF's convention (channel pairs (i, i + H/2)) computed in f32 and rounded once
+    to x's dtype. x: [..., M, H]; cos, sin: [..., H/2] f32, broadcast over the heads M."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    c, s = cos[..., None, :], sin[..., None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def append_rotated_reference(k_pool, v_pool, kmin, kmax, table, lengths,
+                             qkv: jax.Array,  # [B, N + 2K, H] one new token per row
+                             cos: jax.Array,  # [B, H/2] f32 rotation of the token's position
+                             sin: jax.Array,  # [B, H/2] f32
+                             new_lens, streaming, *, q_rows: int, sink_pages: int,
+                             ring_pages: int, stats: bool = True):
+    """A decode step's write: rotates the token's query and key heads, appends the key and
+    value like `write_tokens_reference` (the other arguments are its), and returns (q
+    [B, K, q_rows, H] with each KV head's G rotated query heads then zero rows, k_pool,
+    v_pool, kmin, kmax)."""
+    b, _, h = qkv.shape
+    kh = table.shape[1]
+    n = qkv.shape[1] - 2 * kh
+    q, k = rotate(qkv[:, :n], cos, sin), rotate(qkv[:, n:n + kh], cos, sin)
+    pools = write_tokens_reference(k_pool, v_pool, kmin, kmax, table, lengths, k[:, None],
+                                   qkv[:, None, n + kh:], new_lens, streaming,
+                                   sink_pages=sink_pages, ring_pages=ring_pages, stats=stats)
+    q = q.reshape(b, kh, n // kh, h)
+    return (jnp.pad(q, ((0, 0), (0, 0), (0, q_rows - n // kh), (0, 0))), *pools)
+
+
 def dropped(phys: jax.Array, num_pages: int) -> jax.Array:
     """Trash-page destinations made out of range, for scatters with mode="drop": the update is
     skipped instead of landing (a prefill sends most streaming-head tokens to the trash page,

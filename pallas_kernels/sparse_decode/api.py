@@ -12,8 +12,17 @@ from pallas_kernels._compat import layer_operand, next_power_of_two
 from pallas_kernels.sparse_decode.kernel import DecodeBlocks, decode_partials
 
 
-def _check(q, k_pool, v_pool, table, selected, lengths, modes, layer):
-    b, kh, g, h = q.shape
+def query_rows(groups: int) -> int:
+    """Rows of the kernel's per-KV-head query block: the G heads, then zero rows up to a power
+    of two >= 16 (Triton dots need >= 16 rows)."""
+    return max(16, next_power_of_two(groups))
+
+
+def _check(q, k_pool, v_pool, table, selected, lengths, modes, layer, g):
+    b, kh, rows, h = q.shape
+    if rows not in (g, query_rows(g)):
+        raise ValueError(f"q has {rows} rows per KV head: give the G={g} query heads, or "
+                         f"query_rows(G)={query_rows(g)} rows with zeros past G")
     if k_pool.shape != v_pool.shape or k_pool.ndim != 3 or k_pool.shape[2] != h:
         raise ValueError(f"k_pool {k_pool.shape} and v_pool {v_pool.shape} must both be "
                          f"[P, page_size, {h}]")
@@ -32,9 +41,9 @@ def _check(q, k_pool, v_pool, table, selected, lengths, modes, layer):
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "sink", "local", "budget_pages", "scale",
-                                             "max_listed", "blocks", "interpret"))
+                                             "max_listed", "blocks", "groups", "interpret"))
 def sparse_decode(
-    q: jax.Array,  # [B, K, G, H]
+    q: jax.Array,  # [B, K, G, H], or [B, K, query_rows(G), H] zero past G (then give groups)
     k_pool: jax.Array,  # [P, Np, H]
     v_pool: jax.Array,  # [P, Np, H]
     table: jax.Array,  # [B, L, K, M] int32 logical -> physical page
@@ -49,24 +58,27 @@ def sparse_decode(
     scale: float | None = None,
     max_listed: int | None = None,
     blocks: DecodeBlocks | None = None,
+    groups: int | None = None,
     interpret: bool = False,
 ) -> jax.Array:
-    """Same result as `sparse_decode_reference`; returns [B, K, G, H] in q's dtype.
-    `max_listed` (default M) bounds every head's list length; it sizes the key splits."""
-    _check(q, k_pool, v_pool, table, selected, lengths, modes, layer)
-    b, kh, g, h = q.shape
+    """Same result as `sparse_decode_reference` on q[:, :, :G]; returns [B, K, G, H] in q's
+    dtype. `max_listed` (default M) bounds every head's list length; it sizes the key splits.
+    `groups`: G when q arrives padded to the kernel's rows (as the fused append writes it)."""
+    g = groups or q.shape[2]
+    _check(q, k_pool, v_pool, table, selected, lengths, modes, layer, g)
+    b, kh, _, h = q.shape
     gs, w = selected.shape[3], selected.shape[4]
     n_p, m = k_pool.shape[1], table.shape[3]
     listed = min(m, max_listed or m)
     if blocks is None:
-        blocks = DecodeBlocks.for_shape(n_p, listed, b * kh * gs)
+        blocks = DecodeBlocks.for_shape(n_p, listed, b * kh * gs, lists=gs)
     if blocks.pages_per_block > w:  # the selection row must hold a whole block
         blocks = dataclasses.replace(blocks, pages_per_block=w,
                                      pages_per_split=max(w, blocks.pages_per_split))
     splits = max(1, -(-listed // blocks.pages_per_split))
-    gp = max(16, next_power_of_two(g))  # Triton dots need >= 16 rows
+    gp = query_rows(g)
     o, mx, l = decode_partials(
-        jnp.pad(q, ((0, 0), (0, 0), (0, gp - g), (0, 0))), k_pool, v_pool, table,
+        jnp.pad(q, ((0, 0), (0, 0), (0, gp - q.shape[2]), (0, 0))), k_pool, v_pool, table,
         selected.astype(jnp.int32), lengths.astype(jnp.int32), modes.astype(jnp.int32),
         layer_operand(layer), scale=h ** -0.5 if scale is None else scale, sink=sink,
         local=local, budget_pages=budget_pages, heads_per_list=g // gs, splits=splits,

@@ -30,7 +30,11 @@ from pallas_kernels.sparse_decode.reference import SELECT, STREAM
 # per loop step (a contiguous tile from a scalar page id) beat gathering two pages per step by
 # 1.7x; ~2048 programs (about 16 per SM) and 3 pipeline stages were best or within 3%.
 TARGET_PROGRAMS = 2048
-MIN_PAGES_PER_SPLIT = 8
+# A split walks at least this many pages per selection list of its KV head (e2e.json
+# split_floor_sweep, whole decode steps): one list per KV head (dense) was fastest at 2 pages
+# (dense 4K 4.56-4.60 ms against 4.73 at 8), four lists per KV head (LServe's query-head
+# lists, most of them empty outside retrieval heads) at 8 (256K 5.26 vs 5.38 ms at 2).
+MIN_PAGES_PER_SPLIT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +52,15 @@ class DecodeBlocks:
                              f"multiple of pages_per_block={self.pages_per_block}")
 
     @classmethod
-    def for_shape(cls, page_size: int, list_width: int, programs: int,
+    def for_shape(cls, page_size: int, list_width: int, programs: int, lists: int = 1,
                   block_tokens: int = 64, **kwargs) -> DecodeBlocks:
         """Blocks of ~block_tokens keys (at least one page); enough key splits that about
-        TARGET_PROGRAMS programs run, each walking at least MIN_PAGES_PER_SPLIT entries."""
+        TARGET_PROGRAMS programs run, each walking at least MIN_PAGES_PER_SPLIT entries per
+        list of its KV head (`lists`)."""
         ppb = max(1, block_tokens // page_size)
         splits = max(1, TARGET_PROGRAMS // max(1, programs))
-        pps = next_power_of_two(max(ppb, MIN_PAGES_PER_SPLIT, -(-list_width // splits)))
+        floor = MIN_PAGES_PER_SPLIT * lists
+        pps = next_power_of_two(max(ppb, floor, -(-list_width // splits)))
         return cls(pages_per_block=ppb, pages_per_split=pps, **kwargs)
 
 
