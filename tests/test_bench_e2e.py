@@ -68,3 +68,12 @@ def test_speedups_compare_rows_of_the_same_knob_value():
     rows[1]["ms"] = 8.0
     rows += [{**r, "name": "decode_lserve", "policy": "lserve", "ms": 2.0} for r in rows]
     assert [r["speedup"] for r in bench_e2e._with_baselines(rows)] == [1.0, 1.0, 2.0, 4.0]
+
+
+def test_policy_variants_change_one_default():
+    configs = bench_e2e.policies(["lserve", "lserve_kv"], chunk=0)
+    assert configs["lserve_kv"].policy == "lserve"
+    assert configs["lserve_kv"].selection_granularity == "kv_head"
+    assert configs["lserve"].selection_granularity == "query_head"
+    assert configs["lserve_kv"] == configs["lserve"].__class__(
+        **{**vars(configs["lserve"]), "selection_granularity": "kv_head"})

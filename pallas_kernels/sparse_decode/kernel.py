@@ -75,7 +75,7 @@ def _decode_kernel(
     modes_ref,  # [L, K] int32 head modes
     layer_ref,  # [1] int32 the layer (data, so that one compiled kernel serves every layer)
     # outputs
-    o_ref,  # [Gp, H] f32 unnormalised partial output of this split
+    o_ref,  # [Gp, H] f32 unnormalised partial output of this split (rows >= G not written)
     m_ref,  # [Gp] f32 running max of the logits (log2 units)
     l_ref,  # [Gp] f32 softmax denominator
     *,
@@ -161,8 +161,12 @@ def _decode_kernel(
     o, m, l = jax.lax.fori_loop(clean, steps, functools.partial(step, masked=True), carry)
     # query head r reads list r // heads_per_list where selections differ, list 0 elsewhere
     # (the other lists of such a head are empty: count is 0 there)
-    owned = ~sparse | (jax.lax.broadcasted_iota(jnp.int32, (gp,), 0) // heads_per_list == g)
-    o_ref[...] = jnp.where(owned[:, None], o, 0.0)
+    head = jax.lax.broadcasted_iota(jnp.int32, (gp,), 0)
+    owned = ~sparse | (head // heads_per_list == g)
+    # only the G real rows of o are stored (the merge reads no others): at ~2048 programs the
+    # padding rows would be most of the partials' bytes
+    real = jnp.broadcast_to((head < heads_per_list * sel_ref.shape[3])[:, None], (gp, h))
+    plgpu.store(o_ref, jnp.where(owned[:, None], o, 0.0), mask=real)
     m_ref[...] = jnp.where(owned, m, NEG_INF)
     l_ref[...] = jnp.where(owned, l, 0.0)
 
@@ -175,8 +179,8 @@ def decode_partials(q, k_pool, v_pool, table, selected, lengths, modes, layer, *
                     splits: int, blocks: DecodeBlocks, interpret: bool = False):
     """Runs the kernel. q: [B, K, Gp, H]; table: [B, L, K, M]; selected: [L, B, K, Gs, W];
     lengths: [B]; modes: [L, K] int32; layer: [1] int32; heads_per_list = G / Gs. Returns o
-    [B, K, Gs, splits, Gp, H] f32 and m, l [B, K, Gs, splits, Gp] f32: weight zero (m NEG_INF,
-    l 0, o 0) where a query head does not read the list."""
+    [B, K, Gs, splits, Gp, H] f32 (rows >= G unwritten) and m, l [B, K, Gs, splits, Gp] f32:
+    weight zero (m NEG_INF, l 0, o 0) where a query head does not read the list."""
     b, kh, gp, h = q.shape
     gs = selected.shape[3]
     kernel = functools.partial(
