@@ -71,7 +71,7 @@ def sparse_decode(
     n_p, m = k_pool.shape[1], table.shape[3]
     listed = min(m, max_listed or m)
     if blocks is None:
-        blocks = DecodeBlocks.for_shape(n_p, listed, b * kh * gs, lists=gs)
+        blocks = DecodeBlocks.for_shape(n_p, listed, b * kh * gs)
     if blocks.pages_per_block > w:  # the selection row must hold a whole block
         blocks = dataclasses.replace(blocks, pages_per_block=w,
                                      pages_per_split=max(w, blocks.pages_per_split))

@@ -30,11 +30,14 @@ from pallas_kernels.sparse_decode.reference import SELECT, STREAM
 # per loop step (a contiguous tile from a scalar page id) beat gathering two pages per step by
 # 1.7x; ~2048 programs (about 16 per SM) and 3 pipeline stages were best or within 3%.
 TARGET_PROGRAMS = 2048
-# A split walks at least this many pages per selection list of its KV head (e2e.json
-# split_floor_sweep, whole decode steps): one list per KV head (dense) was fastest at 2 pages
-# (dense 4K 4.56-4.60 ms against 4.73 at 8), four lists per KV head (LServe's query-head
-# lists, most of them empty outside retrieval heads) at 8 (256K 5.26 vs 5.38 ms at 2).
-MIN_PAGES_PER_SPLIT = 2
+# A split walks at least MIN_PAGES_PER_SPLIT entries, fewer (down to 2) only while the grid would
+# otherwise run under MIN_PROGRAMS programs (about 2 per SM): whole decode steps on the H200
+# (e2e.json split_floor_sweep and session 7's rows) ran B=1 dense 4K (8 programs of 64 pages) at
+# 4.56-4.60 ms with 2-page splits against 4.73 with 8, while LServe's lists (32 or more
+# programs of ~64 pages) and B >= 4 were as fast or faster with 8 (one layer, B=8 128K,
+# per-KV-head lists: 36 us against 59 us with 2).
+MIN_PAGES_PER_SPLIT = 8
+MIN_PROGRAMS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +55,16 @@ class DecodeBlocks:
                              f"multiple of pages_per_block={self.pages_per_block}")
 
     @classmethod
-    def for_shape(cls, page_size: int, list_width: int, programs: int, lists: int = 1,
+    def for_shape(cls, page_size: int, list_width: int, programs: int,
                   block_tokens: int = 64, **kwargs) -> DecodeBlocks:
         """Blocks of ~block_tokens keys (at least one page); enough key splits that about
-        TARGET_PROGRAMS programs run, each walking at least MIN_PAGES_PER_SPLIT entries per
-        list of its KV head (`lists`)."""
+        TARGET_PROGRAMS programs run, each walking at least MIN_PAGES_PER_SPLIT entries, or
+        fewer (halved down to 2) while fewer than MIN_PROGRAMS programs would run."""
         ppb = max(1, block_tokens // page_size)
         splits = max(1, TARGET_PROGRAMS // max(1, programs))
-        floor = MIN_PAGES_PER_SPLIT * lists
+        floor = MIN_PAGES_PER_SPLIT
+        while floor > 2 and programs * -(-list_width // floor) < MIN_PROGRAMS:
+            floor //= 2
         pps = next_power_of_two(max(ppb, floor, -(-list_width // splits)))
         return cls(pages_per_block=ppb, pages_per_split=pps, **kwargs)
 

@@ -89,3 +89,14 @@ def test_bad_shapes_are_rejected():
                       budget_pages=BUDGET, interpret=True)
     with pytest.raises(ValueError, match="power of two"):
         DecodeBlocks(pages_per_block=3, pages_per_split=6)
+
+
+@pytest.mark.parametrize("programs, width, expected", [
+    (8, 64, 2),  # B=1, one list per KV head, 4K of 64-token pages: 256 programs of 2 pages
+    (64, 64, 8),  # B=8: 8 pages a split already gives 512 programs
+    (32, 65, 8),  # four lists per KV head (query-head selection), B=1
+    (8, 512, 8),  # a longer list fills the GPU at 8 pages a split
+    (8, 4096, 16),  # ~TARGET_PROGRAMS programs: the list sets the split
+])
+def test_split_floor_relaxes_only_when_the_grid_is_small(programs, width, expected):
+    assert DecodeBlocks.for_shape(64, width, programs).pages_per_split == expected
