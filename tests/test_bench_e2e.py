@@ -42,7 +42,8 @@ def test_a_varied_kernel_constant_reaches_the_kernel_and_is_restored():
     one, eight = (bench_e2e.with_knob(row, knob)()
                   for knob in bench_e2e.parse_vary("MIN_PAGES_PER_SPLIT=1,8"))
     assert one["knob"] == "MIN_PAGES_PER_SPLIT=1" and eight["knob"] == "MIN_PAGES_PER_SPLIT=8"
-    assert one["splits"] == 32 and eight["splits"] == 4  # 32 pages listed
+    # 32 pages listed; on this 2-program grid a floor of 8 relaxes to 2 (MIN_PROGRAMS)
+    assert one["splits"] == 32 and eight["splits"] == 16
     assert kernel.MIN_PAGES_PER_SPLIT == before
 
 
