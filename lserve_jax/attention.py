@@ -1,5 +1,5 @@
-"""The one seam between the model and the kernels: cache writes, prefill and decode attention,
-and the residual add + norm that a decode step runs as one kernel.
+"""The one seam between the model and the kernels: RoPE, cache writes, prefill and decode
+attention, and the residual add + norm that a decode step runs as one kernel.
 
 Backends (`RunConfig.backend`): `reference` (plain jnp, any device: the oracle), `cudnn`
 (`jax.nn.dot_product_attention(implementation="cudnn")`, GPU, dense policy only), `pallas`
