@@ -27,13 +27,18 @@ def _forward(model, params, tokens, positions, cache, new_lens, modes, phase, st
     return _jitted(model)({"params": params}, tokens, positions, cache, meta)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("tie", [False, True])
-def test_incremental_decode_equals_full_forward(dtype, tie):
+@pytest.mark.parametrize("dtype, tie, backend", [
+    ("float32", False, "reference"), ("float32", True, "reference"),
+    ("bfloat16", False, "reference"), ("bfloat16", True, "reference"),
+    # the decode kernels (RoPE fused into the KV append), interpreted, against the reference
+    # full forward
+    ("float32", True, "pallas_interpret"), ("bfloat16", False, "pallas_interpret")])
+def test_incremental_decode_equals_full_forward(dtype, tie, backend):
     cfg = ModelConfig(dtype=dtype, tie_embeddings=tie, rope_scaling=RopeScaling(
         original_max_position=16), rope_theta=5000.0)
     params = init_params(cfg, jax.random.key(1))
     model = Llama(cfg, DENSE)
+    stepper = Llama(cfg, DENSE, backend)
     modes = jnp.asarray(head_modes(cfg, DENSE))
     lens = np.array([21, 13, 1])
     t = 21
@@ -48,8 +53,8 @@ def test_incremental_decode_equals_full_forward(dtype, tie):
     steps.append(out)
     for i in range(5, t):
         active = (i < lens).astype(np.int32)
-        out, c = _forward(model, params, tokens[:, i:i + 1], positions[:, i:i + 1], c, active,
-                          modes, "decode", i - 5)
+        out, c = _forward(stepper, params, tokens[:, i:i + 1], positions[:, i:i + 1], c,
+                          active, modes, "decode", i - 5)
         steps.append(out)
     inc = np.asarray(jnp.concatenate(steps, axis=1))
     full = np.asarray(full)
