@@ -34,17 +34,14 @@ def append_decode(k_pool, v_pool, kmin, kmax, table, lengths, qkv, cos, sin, new
                           stats=stats, interpret=interpret)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("sink_pages", "ring_pages", "stats", "aligned", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sink_pages", "ring_pages", "stats", "aligned"))
 def write_tokens(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens, streaming, *,
-                 sink_pages: int, ring_pages: int, stats: bool = True, aligned: bool = False,
-                 interpret: bool = False):
+                 sink_pages: int, ring_pages: int, stats: bool = True, aligned: bool = False):
     """See `write_tokens_reference` (argument shapes there). `aligned`: the caller promises
     that every row that writes starts at a logical-page boundary (lengths % Nl == 0, as in a
     prefill or a page-aligned chunk); multi-token statistics are then reduced per logical page
     and stored once, instead of a scatter-min per token (16 colliding bf16 updates per logical
-    page). `interpret` is accepted for symmetry: nothing here is a Pallas kernel."""
-    del interpret
+    page)."""
     if not (stats and aligned):
         return write_tokens_reference(k_pool, v_pool, kmin, kmax, table, lengths, k, v,
                                       new_lens, streaming, sink_pages=sink_pages,

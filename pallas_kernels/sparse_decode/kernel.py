@@ -35,7 +35,7 @@ TARGET_PROGRAMS = 2048
 # (e2e.json split_floor_sweep and session 7's rows) ran B=1 dense 4K (8 programs of 64 pages) at
 # 4.56-4.60 ms with 2-page splits against 4.73 with 8, while LServe's lists (32 or more
 # programs of ~64 pages) and B >= 4 were as fast or faster with 8 (one layer, B=8 128K,
-# per-KV-head lists: 36 us against 59 us with 2).
+# per-KV-head lists: 40 us of attention against 59 us with 2, two processes alike).
 MIN_PAGES_PER_SPLIT = 8
 MIN_PROGRAMS = 256
 
