@@ -5,7 +5,8 @@
 #   steps: fixture tests prefill decode probe dense e2e splits testbed finetune stage5 gates
 #   ablations
 #   (default: the kernel and speed steps; splits reruns short-context and LServe decode rows
-#   at decode-kernel split floors 2 / 4 / 8, ~7 min). The testbed recipe is testbed (stages
+#   with the decode kernel's split floor relaxed below 256 programs (the default), never
+#   (MIN_PROGRAMS=1) or below 2048, ~7 min). The testbed recipe is testbed (stages
 #   1-2 from scratch, ~9 min), finetune (stages 3-4 on distinct questions, ~11 min), stage5
 #   (eval-shaped rows, ~6 min) and gates (its DuoAttention pattern, ~2 min); ablations runs
 #   the accuracy configs on the committed testbed (all eight take more than one call: split
@@ -34,7 +35,7 @@ for step in $steps; do
            --pattern ${DUO_PATTERN:-.patterns/Llama-3-8B-Instruct-Gradient-1048k} ;;
     splits) timeout ${SPLITS_S:-540} python3 experiments/bench_e2e.py --out "$out/splits" \
               --policies dense lserve --decode 1x4096 1x262144 4x131072 --ttft \
-              --vary MIN_PAGES_PER_SPLIT=2,4,8 \
+              --vary MIN_PROGRAMS=1,256,2048 \
               --pattern ${DUO_PATTERN:-.patterns/Llama-3-8B-Instruct-Gradient-1048k} ;;
     testbed) timeout 330 python3 experiments/train_testbed.py experiments/configs/train_testbed.toml \
                && timeout 270 python3 experiments/train_testbed.py \
