@@ -22,11 +22,12 @@ def append_decode(k_pool, v_pool, kmin, kmax, table, lengths, qkv, cos, sin, new
     and the key, appends key and value and updates the page statistics."""
     b, m, h = qkv.shape
     kh = table.shape[1]
-    if (m - 2 * kh) % kh or cos.shape != (b, h // 2) or sin.shape != cos.shape:
+    n = m - 2 * kh
+    if n % kh or cos.shape != (b, h // 2) or sin.shape != cos.shape:
         raise ValueError(f"qkv {qkv.shape} must be [B, N + 2K, H] with K={kh} dividing N, and "
                          f"cos {cos.shape} / sin {sin.shape} [B, H/2] = {(b, h // 2)}")
-    if q_rows < (m - 2 * kh) // kh:
-        raise ValueError(f"q_rows={q_rows} must hold the G={(m - 2 * kh) // kh} query heads")
+    if q_rows < n // kh:
+        raise ValueError(f"q_rows={q_rows} must hold the G={n // kh} query heads")
     phys, slot = destinations(table, lengths, new_lens, streaming, 1, k_pool.shape[1],
                               sink_pages=sink_pages, ring_pages=ring_pages)
     return append_rotated(qkv, cos, sin, phys[:, 0], slot[:, 0, 0], k_pool, v_pool, kmin, kmax,

@@ -36,7 +36,6 @@ def _append_kernel(
     kmin,  # [P * R, H]
     kmax,  # [P * R, H]
     *,
-    groups: int,
     logical_page: int,
     stats: bool,
 ):
@@ -44,6 +43,7 @@ def _append_kernel(
     b, kh = pl.program_id(0), pl.program_id(1)
     n_kv = phys_ref.shape[1]
     n_q = qkv_ref.shape[1] - 2 * n_kv
+    groups = n_q // n_kv
     gp, h = q_ref.shape
     half = h // 2
     lo, hi = pl.ds(0, half), pl.ds(half, half)
@@ -88,8 +88,7 @@ def append_rotated(qkv, cos, sin, phys, slot, k_pool, v_pool, kmin, kmax, *, q_r
     flat_stats = (shape_stats[0] * shape_stats[1], h)
     angle = pl.BlockSpec((None, h // 2), lambda i, j: (i, 0))
     outs = pl.pallas_call(
-        functools.partial(_append_kernel, groups=(qkv.shape[1] - 2 * kh) // kh,
-                          logical_page=logical_page, stats=stats),
+        functools.partial(_append_kernel, logical_page=logical_page, stats=stats),
         grid=(b, kh),
         in_specs=[whole(qkv), angle, angle, whole(phys), whole(slot), whole(k_pool),
                   whole(v_pool), whole(flat_stats), whole(flat_stats)],
