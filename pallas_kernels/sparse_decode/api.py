@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from pallas_kernels._compat import layer_operand, next_power_of_two
 from pallas_kernels.sparse_decode.kernel import DecodeBlocks, decode_partials
+from pallas_kernels.sparse_decode.merge import merge_partials
 
 
 def query_rows(groups: int) -> int:
@@ -84,11 +85,6 @@ def sparse_decode(
         local=local, budget_pages=budget_pages, heads_per_list=g // gs, splits=splits,
         blocks=blocks, interpret=interpret)
     # every (list, split) partial of a KV head is one more term of the same log-sum-exp
-    o = o[..., :g, :].reshape(b, kh, gs * splits, g, h)
-    mx = mx[..., :g].reshape(b, kh, gs * splits, g)
-    l = l[..., :g].reshape(b, kh, gs * splits, g)
-    top = jnp.max(mx, axis=2, keepdims=True)
-    wgt = jnp.exp2(mx - top)  # [B, K, Gs * splits, G]
-    total = jnp.sum(wgt * l, axis=2)
-    out = jnp.sum(wgt[..., None] * o, axis=2) / jnp.where(total > 0, total, 1.0)[..., None]
-    return out.astype(q.dtype)
+    return merge_partials(o.reshape(b, kh, gs * splits, gp, h), mx.reshape(b, kh, -1, gp),
+                          l.reshape(b, kh, -1, gp), groups=g, dtype=q.dtype,
+                          interpret=interpret)

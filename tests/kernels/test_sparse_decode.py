@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels._compat import lower_for_cuda
-from pallas_kernels.sparse_decode.api import sparse_decode
+from pallas_kernels._compat import NEG_INF, lower_for_cuda
+from pallas_kernels.sparse_decode.api import query_rows, sparse_decode
 from pallas_kernels.sparse_decode.kernel import DecodeBlocks
+from pallas_kernels.sparse_decode.merge import merge_partials, merge_partials_reference
 from pallas_kernels.sparse_decode.reference import (DENSE, SELECT, STREAM, decode_page_lists,
                                                     sparse_decode_reference)
 from tests.kernels.conftest import INTERPRET, close, nan_pool, random_tables
@@ -100,3 +101,24 @@ def test_bad_shapes_are_rejected():
 ])
 def test_split_floor_relaxes_only_when_the_grid_is_small(programs, width, expected):
     assert DecodeBlocks.for_shape(64, width, programs).pages_per_split == expected
+
+
+@pytest.mark.parametrize("s, g", [(1, 4), (3, 1), (9, 8), (20, 3), (33, 4)])
+def test_merge_kernel_matches_reference(s, g):
+    """Ragged partial counts (the last chunk overlaps the one before), heads that read no list
+    (m NEG_INF, l 0, o 0) and NaN in the padding rows the decode kernel never writes."""
+    b, kh, gp, h = 2, 3, query_rows(g), 64
+    keys = jax.random.split(jax.random.key(s * 10 + g), 4)
+    o = jax.random.normal(keys[0], (b, kh, s, gp, h), jnp.float32)
+    m = jax.random.normal(keys[1], (b, kh, s, gp), jnp.float32) * 8
+    l = jax.random.uniform(keys[2], (b, kh, s, gp), jnp.float32, 0.5, 4.0)
+    idle = jax.random.bernoulli(keys[3], 0.3, (b, kh, s, gp)).at[0, 0].set(True)  # one empty
+    m, l = jnp.where(idle, NEG_INF, m), jnp.where(idle, 0.0, l)
+    o = jnp.where(idle[..., None], 0.0, o)
+    o = o.at[:, :, :, g:].set(jnp.nan)
+    ref = merge_partials_reference(o, m, l, g, jnp.bfloat16)
+    out = merge_partials(o, m, l, groups=g, dtype=jnp.bfloat16, interpret=INTERPRET)
+    assert out.shape == (b, kh, g, h)
+    close(out, ref, jnp.bfloat16)
+    assert not np.asarray(out[0, 0], np.float32).any()  # no partial: zeros, not NaN
+    lower_for_cuda(lambda *a: merge_partials(*a, groups=g, dtype=jnp.bfloat16), o, m, l)
