@@ -9,10 +9,12 @@ their statistics rows and computes, for every query head of the group, relu(q).k
 min(q, 0).kmin (equal to sum_h max(q kmax, q kmin) when kmax >= kmin) as two small dots per
 logical slot, keeps the max over the slots of each page, and reduces the group when asked.
 Top-k: one program per selection row. It maps scores to order-preserving uint32 keys and finds
-the k-th largest key `radix_bits` bits at a time: 32 / radix_bits counting passes, each a loop
-over chunks of the row's candidate pages that counts, for all 2^radix_bits values of the next
-digit at once, the keys at or above it, and one block-wide reduction at its end. A last pass
-writes the chosen page ids in ascending order with prefix sums (ties go to the lower page).
+the k-th largest key `radix_bits` bits at a time: up to 32 / radix_bits counting passes, each
+a loop over chunks of the row's candidate pages that counts, for all 2^radix_bits values of
+the next digit at once, the keys at or above it, and one block-wide reduction at its end. The
+passes stop once exactly k keys share the fixed prefix (normal random scores of 512 to 4096
+pages, k = 63: about 8 of 16 two-bit passes). A last pass writes the chosen page ids in
+ascending order with prefix sums (ties go to the lower page).
 """
 
 from __future__ import annotations
@@ -204,17 +206,27 @@ def _topk_kernel(
             return page, jnp.where(page < candidates, key, jnp.uint32(0))  # keys of floats > 0
 
         digit = jax.lax.broadcasted_iota(jnp.uint32, (1 << radix_bits,), 0)
-        threshold = jnp.zeros((), jnp.uint32)
-        for shift in range(32 - radix_bits, -1, -radix_bits):
-            # the k-th largest key is the largest t with #(key >= t) >= k: fix its next digit
+
+        def fix_digit(carry):
+            """The k-th largest key is the largest t with #(key >= t) >= k: fix t's next
+            digit. Once #(key >= prefix) == k the chosen set is final (every later digit
+            keeps the same k keys), so the passes stop there."""
+            done, threshold, _ = carry
+            shift = jnp.uint32(32 - radix_bits) - done.astype(jnp.uint32) * radix_bits
             trial = threshold | (digit << shift)  # non-decreasing in the digit
 
-            def count(c, acc, trial=trial):
+            def count(c, acc):
                 return acc + (keys(c)[1][None, :] >= trial[:, None]).astype(jnp.int32)
 
             acc = jax.lax.fori_loop(0, live, count, jnp.zeros((digit.size, chunk), jnp.int32))
-            enough = (jnp.sum(acc, axis=1) >= k) & (digit > 0)
-            threshold = threshold | (jnp.sum(enough.astype(jnp.uint32)) << shift)
+            at_least = jnp.sum(acc, axis=1)  # [digits] #(key >= trial), non-increasing
+            chosen = jnp.sum(((at_least >= k) & (digit > 0)).astype(jnp.uint32))
+            exact = jnp.sum(jnp.where(digit == chosen, at_least, 0)) == k
+            return done + 1, threshold | (chosen << shift), exact
+
+        _, threshold, _ = jax.lax.while_loop(
+            lambda carry: (carry[0] < 32 // radix_bits) & ~carry[2], fix_digit,
+            (jnp.int32(0), jnp.zeros((), jnp.uint32), jnp.zeros((), jnp.bool_)))
 
         def tally(c, acc):
             page, key = keys(c)
