@@ -4,7 +4,8 @@ decode latency, time to first token and KV memory for dense, LServe, DuoAttentio
 Decode: the cache is filled with random K/V for `context` tokens plus exact page statistics
 (no real prefill: it would only cost time); then the engine's jitted decode loop
 (`lax.while_loop`, cache donated) runs `--steps` tokens and the mean per token is reported,
-with the floor = (weights + the KV the policy must read) / 4.3 TB/s. A configuration whose
+with the floor = (weights + the KV the policy must read) / 4.3 TB/s (query-head selection:
+the union of each group's lists, as the loop left them). A configuration whose
 pool does not fit next to the weights is reported as out of memory without allocating it.
 TTFT: `Engine.generate(max_new_tokens=1)` on random prompts (chunked when longer than
 `--chunk`), after a same-shape warm-up. `--vary MIN_PAGES_PER_SPLIT=2,4,8` repeats the decode
@@ -32,7 +33,7 @@ from lserve_jax.config import CacheConfig, ModelConfig, RunConfig, SparsityConfi
 from lserve_jax.engine import Engine, decode
 from lserve_jax.model.llama import init_params
 from lserve_jax.sparsity.heads import load_gates
-from lserve_jax.sparsity.policy import attended_tokens
+from lserve_jax.sparsity.policy import SELECT, attended_tokens
 from pallas_kernels.page_select import kernel as select_kernel
 from pallas_kernels.sparse_decode import kernel as decode_kernel
 
@@ -116,7 +117,10 @@ def decode_row(cfg, params, weights, name, sparsity, gates, batch, context, step
         out, _, engine.cache = decode(cfg, sparsity, backend, n + 1, params, cache, *args)
         jax.block_until_ready(out)
         timings.append(1e3 * (time.perf_counter() - start) / n)
-    read = batch * attended_tokens(engine.modes, context, sparsity) * cfg.kv_bytes_per_token
+    tokens, pages = read_tokens(engine, context, sparsity)
+    if pages is not None:
+        row["select_pages_read"] = pages
+    read = batch * tokens * cfg.kv_bytes_per_token
     if profile:  # one more loop of `steps` tokens under the profiler: its `profile` top kernels
         def once(cache):
             cache = dataclasses.replace(cache, lengths=jnp.full((batch,), context, jnp.int32))
@@ -129,6 +133,22 @@ def decode_row(cfg, params, weights, name, sparsity, gates, batch, context, step
             "compile_s": round((timings[0] - timings[-1]) * steps / 1e3, 1),
             "floor_ms": round(benchlib.floor_ms(weights + read), 3),
             "peak_gib": round(_peak() / 2**30, 1)}
+
+
+def read_tokens(engine: Engine, context: int, sparsity: SparsityConfig):
+    """(keys per (layer, KV head) one step must read, mean; pages a selecting head reads, mean,
+    or None). As `attended_tokens`, except that a selecting head with a list per query head
+    reads the union of its lists, counted from the lists the decode loop left in the cache (on
+    random data they barely overlap, so the union is near G lists)."""
+    mean = attended_tokens(engine.modes, context, sparsity)
+    select = np.asarray(engine.modes) == SELECT  # [L, K]
+    lists = np.asarray(engine.cache.selected).transpose(0, 2, 1, 3, 4)[select]  # [n, B, Gs, W]
+    if lists.size == 0 or -(-context // sparsity.page_size) <= sparsity.budget_pages:
+        return mean, None
+    union = np.mean([np.unique(x[x >= 0]).size for x in lists.reshape(-1, np.prod(
+        lists.shape[2:]))]) + 1  # + the current page
+    mean += select.mean() * (union - sparsity.budget_pages) * sparsity.page_size
+    return mean, round(float(union), 1)
 
 
 def ttft_row(cfg, params, name, sparsity, gates, context, backend, profile: int = 0):

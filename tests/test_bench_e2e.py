@@ -1,10 +1,15 @@
-"""The end-to-end benchmark's in-process sweep of kernel constants (`--vary`)."""
+"""The end-to-end benchmark's in-process sweep of kernel constants (`--vary`) and its floor."""
+
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import bench_e2e
+from lserve_jax.config import SparsityConfig
+from lserve_jax.sparsity.policy import SELECT, STREAM, attended_tokens
 from pallas_kernels.sparse_decode import kernel
 from pallas_kernels.sparse_decode.api import sparse_decode
 
@@ -78,3 +83,24 @@ def test_policy_variants_change_one_default():
     assert configs["lserve"].selection_granularity == "query_head"
     assert configs["lserve_kv"] == configs["lserve"].__class__(
         **{**vars(configs["lserve"]), "selection_granularity": "kv_head"})
+
+
+def test_the_floor_counts_the_union_of_a_groups_lists():
+    """Query-head lists of a selecting head are read as their union; one list per KV head (or a
+    context inside the budget) keeps `attended_tokens`."""
+    sparsity = SparsityConfig().for_policy("lserve")
+    budget, n_p = sparsity.budget_pages, sparsity.page_size
+    modes = np.array([[SELECT, STREAM]])  # [L, K]
+    context = 4 * budget * n_p
+    first = np.arange(budget - 1)
+    second = np.concatenate([first[:10], 1000 + np.arange(budget - 11)])  # shares 10 pages
+    lists = np.full((1, 1, 2, 2, budget), -1)  # [L, B, K, Gs, W]
+    lists[0, 0, 0, 0, :budget - 1], lists[0, 0, 0, 1, :budget - 1] = first, second
+    engine = SimpleNamespace(modes=modes, cache=SimpleNamespace(selected=lists))
+    base = attended_tokens(modes, context, sparsity)
+    tokens, pages = bench_e2e.read_tokens(engine, context, sparsity)
+    assert pages == 2 * (budget - 1) - 10 + 1
+    assert tokens == pytest.approx(base + 0.5 * (budget - 11) * n_p)
+    engine.cache.selected = lists[:, :, :, :1]
+    assert bench_e2e.read_tokens(engine, context, sparsity) == (base, budget)
+    assert bench_e2e.read_tokens(engine, budget * n_p, sparsity)[1] is None
