@@ -36,6 +36,7 @@ from lserve_jax.sparsity.heads import load_gates
 from lserve_jax.sparsity.policy import SELECT, attended_tokens
 from pallas_kernels.page_select import kernel as select_kernel
 from pallas_kernels.sparse_decode import kernel as decode_kernel
+from pallas_kernels.sparse_decode import merge as decode_merge
 
 DECODE = [(1, t) for t in (16384, 32768, 65536, 131072, 262144)] + [
     (b, t) for b in (4, 8) for t in (32768, 65536, 131072)]
@@ -177,6 +178,7 @@ def ttft_row(cfg, params, name, sparsity, gates, context, backend, profile: int 
 KNOBS = {  # kernel constants that --vary may set (read when a kernel is traced)
     "MIN_PAGES_PER_SPLIT": decode_kernel, "MIN_PROGRAMS": decode_kernel,
     "TOPK_WARPS": select_kernel, "TOPK_CHUNK": select_kernel,
+    "MERGE_CHUNK": decode_merge, "MERGE_BLOCK_H": decode_merge,
 }
 
 
