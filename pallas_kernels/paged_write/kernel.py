@@ -54,18 +54,20 @@ def _append_kernel(
         return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
     page, slot = phys_ref[b, kh], slot_ref[b]
+    row = page * (k_pool.shape[1] // logical_page) + slot // logical_page
+    if stats:  # loaded first: no store of this program stands between them and their address
+        old = [(kmin_in[row, part], kmax_in[row, part]) for part in (lo, hi)]
     key = [x.astype(k_pool.dtype) for x in rotate(qkv_ref[b, n_q + kh, lo],
                                                   qkv_ref[b, n_q + kh, hi])]
     k_pool[page, slot, lo] = key[0]
     k_pool[page, slot, hi] = key[1]
     v_pool[page, slot, :] = qkv_ref[b, n_q + n_kv + kh, :].astype(v_pool.dtype)
     if stats:
-        row = page * (k_pool.shape[1] // logical_page) + slot // logical_page
         first = slot % logical_page == 0
-        for part, x in zip((lo, hi), key):
+        for part, x, (low, high) in zip((lo, hi), key, old):
             x = x.astype(kmin.dtype)
-            kmin[row, part] = jnp.where(first, x, jnp.minimum(kmin_in[row, part], x))
-            kmax[row, part] = jnp.where(first, x, jnp.maximum(kmax_in[row, part], x))
+            kmin[row, part] = jnp.where(first, x, jnp.minimum(low, x))
+            kmax[row, part] = jnp.where(first, x, jnp.maximum(high, x))
 
     head = jax.lax.broadcasted_iota(jnp.int32, (gp,), 0)
     real = head < groups
