@@ -177,6 +177,7 @@ def ttft_row(cfg, params, name, sparsity, gates, context, backend, profile: int 
 
 KNOBS = {  # kernel constants that --vary may set (read when a kernel is traced)
     "MIN_PAGES_PER_SPLIT": decode_kernel, "MIN_PROGRAMS": decode_kernel,
+    "NUM_WARPS": decode_kernel, "NUM_STAGES": decode_kernel,
     "TOPK_WARPS": select_kernel, "TOPK_CHUNK": select_kernel,
     "MERGE_CHUNK": decode_merge, "MERGE_BLOCK_H": decode_merge,
 }

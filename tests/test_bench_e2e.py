@@ -54,7 +54,7 @@ def test_a_varied_kernel_constant_reaches_the_kernel_and_is_restored():
 
 def test_an_unknown_knob_is_refused_with_the_known_ones():
     with pytest.raises(SystemExit, match="TOPK_WARPS"):
-        bench_e2e.parse_vary("NUM_WARPS=4,8")
+        bench_e2e.parse_vary("WARPS=4,8")
 
 
 def test_rows_parse_with_and_without_a_knob_and_refuse_what_they_cannot_read():

@@ -38,14 +38,15 @@ TARGET_PROGRAMS = 2048
 # per-KV-head lists: 40 us of attention against 59 us with 2, two processes alike).
 MIN_PAGES_PER_SPLIT = 8
 MIN_PROGRAMS = 256
+NUM_WARPS, NUM_STAGES = 4, 3  # `for_shape`'s (bench_e2e may vary them)
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeBlocks:
     pages_per_block: int  # pages per loop step (x page_size keys); 1 loads one contiguous tile
     pages_per_split: int  # list entries one program walks
-    num_warps: int = 4
-    num_stages: int = 3
+    num_warps: int = NUM_WARPS
+    num_stages: int = NUM_STAGES
 
     def __post_init__(self):
         check_power_of_two("DecodeBlocks", pages_per_block=self.pages_per_block,
@@ -66,6 +67,7 @@ class DecodeBlocks:
         while floor > 2 and programs * -(-list_width // floor) < MIN_PROGRAMS:
             floor //= 2
         pps = next_power_of_two(max(ppb, floor, -(-list_width // splits)))
+        kwargs = {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES, **kwargs}
         return cls(pages_per_block=ppb, pages_per_split=pps, **kwargs)
 
 
