@@ -32,13 +32,14 @@ from pallas_kernels.sparse_decode.reference import SELECT
 
 # H200, one Llama-3-8B layer, half the heads streaming (B=1 256K, B=8 128K, B=1 32K): ~2048
 # score programs (one 32-page block each at B=1 256K) beat 256 pages a program by 1.1-1.7x;
-# top-k with 2-bit digits beat 1 and 4 bits at B=1 256K and tied elsewhere; counting 4096
-# (key, digit) pairs a loop step was as good as 16384 (a whole row of 16K pages with 4-bit
-# digits at once took minutes to compile).
+# top-k with 2-bit digits beat 1 and 4 bits at B=1 256K and tied elsewhere. Counting 16384
+# (key, digit) pairs a loop step (a 256K row of 4096 pages in one step) cut selection by 5-16%
+# against 4096 once the passes stop early (session 8, one layer, B=1 256K and B=8 128K, both
+# list kinds); a whole row of 16K pages with 4-bit digits at once took minutes to compile.
 TARGET_PROGRAMS = 2048
 RADIX_BITS = (1, 2, 4)  # digit widths that divide 32 and keep the counts small
 DEFAULT_RADIX_BITS = 2
-TOPK_CHUNK = 4096  # keys x candidate digits counted per top-k loop step
+TOPK_CHUNK = 16384  # keys x candidate digits counted per top-k loop step
 TOPK_WARPS = 4  # warps of a top-k program (one program per selection row)
 
 
