@@ -148,7 +148,7 @@ def read_tokens(engine: Engine, context: int, sparsity: SparsityConfig):
         return mean, None
     union = np.mean([np.unique(x[x >= 0]).size for x in lists.reshape(-1, np.prod(
         lists.shape[2:]))]) + 1  # + the current page
-    mean += select.mean() * (union - sparsity.budget_pages) * sparsity.page_size
+    mean += float(select.mean()) * (union - sparsity.budget_pages) * sparsity.page_size
     return mean, round(float(union), 1)
 
 
