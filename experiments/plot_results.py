@@ -21,22 +21,19 @@ def _load(name: str) -> dict:
 
 
 def _lines(ax, rows, names, title):
-    bases = sorted({n.removesuffix("_2page") for n in names})
-    for name in names:
+    for i, name in enumerate(names):
         pts = sorted((r["context"], r["ms"]) for r in rows if r["name"] == name and "ms" in r)
-        base = name.removesuffix("_2page")
-        if pts:  # one colour per variant; dashed: measured with an earlier kernel default
-            ax.plot(*zip(*pts), marker="o", label=name, color=f"C{bases.index(base)}",
-                    linestyle="--" if name != base else "-")
-    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per layer",
-           title=title)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=name, color=f"C{i}")
+    _context_axis(ax, [r["context"] for r in rows if "ms" in r])
+    ax.set(yscale="log", ylabel="ms per layer", title=title)
     ax.grid(True, which="both", alpha=0.3)
 
 
 def plot_decode() -> pathlib.Path:
     data = _load("decode_attention")
     kernels = ["dense_paged_kernel", "lserve_kv_head", "lserve_query_head", "quest_query_head"]
-    names = ["dense_cudnn", "dense_xla", *kernels, *(k + "_2page" for k in kernels)]
+    names = ["dense_cudnn", "dense_xla", *kernels]
     batches = sorted({r["batch"] for r in data["rows"]})
     fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     for ax, b in zip(axes[0], batches):
