@@ -123,7 +123,7 @@ def test_each_kernel_lowers_once_for_every_layer(params, policy):
     kernels = step_kernels(CFG, params, engine.cache, engine.modes)
     selection = ["page_scores", "top_pages"] if policy == "lserve" else []
     assert CFG.n_layers > 1 and sorted(set(kernels)) == sorted(
-        ["add_rms_norm", "kv_append", "sparse_paged_decode"] + selection)
+        ["add_rms_norm", "kv_append", "merge_partials", "sparse_paged_decode"] + selection)
     deeper = dataclasses.replace(CFG, n_layers=CFG.n_layers + 1)
     modes = np.concatenate([engine.modes, engine.modes[-1:]])
     cache = Engine(deeper, None, sparsity, CacheConfig(max_seq_len=256, max_batch=1),
