@@ -212,8 +212,8 @@ def _topk_kernel(
             """The k-th largest key is the largest t with #(key >= t) >= k: fix t's next
             digit. Once #(key >= prefix) == k the chosen set is final (every later digit
             keeps the same k keys), so the passes stop there."""
-            done, threshold, _ = carry
-            shift = jnp.uint32(32 - radix_bits) - done.astype(jnp.uint32) * radix_bits
+            passes, threshold, _ = carry
+            shift = jnp.uint32(32 - radix_bits) - passes.astype(jnp.uint32) * radix_bits
             trial = threshold | (digit << shift)  # non-decreasing in the digit
 
             def count(c, acc):
@@ -223,7 +223,7 @@ def _topk_kernel(
             at_least = jnp.sum(acc, axis=1)  # [digits] #(key >= trial), non-increasing
             chosen = jnp.sum(((at_least >= k) & (digit > 0)).astype(jnp.uint32))
             exact = jnp.sum(jnp.where(digit == chosen, at_least, 0)) == k
-            return done + 1, threshold | (chosen << shift), exact
+            return passes + 1, threshold | (chosen << shift), exact
 
         _, threshold, _ = jax.lax.while_loop(
             lambda carry: (carry[0] < 32 // radix_bits) & ~carry[2], fix_digit,

@@ -44,10 +44,9 @@ def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, chunk: int):
         acc, top, total = carry
         start = jnp.minimum(c * chunk, n - chunk)
         fresh = start + jax.lax.broadcasted_iota(jnp.int32, (chunk, rows), 0) >= c * chunk
-        m = jnp.where(fresh, m_ref[pl.ds(start, chunk), :], NEG_INF)
-        l = jnp.where(fresh, l_ref[pl.ds(start, chunk), :], 0.0)
+        m, l = m_ref[pl.ds(start, chunk), :], l_ref[pl.ds(start, chunk), :]
         o = o_ref[pl.ds(start, chunk), :, :]
-        new = jnp.maximum(top, jnp.max(m, axis=0))
+        new = jnp.maximum(top, jnp.max(m, axis=0))  # entries merged before are <= top already
         alpha = jnp.exp2(top - new)
         w = jnp.where(fresh, jnp.exp2(m - new[None, :]), 0.0)  # [chunk, rows]
         acc = alpha[:, None] * acc + jnp.sum(w[:, :, None] * o, axis=0)
