@@ -29,6 +29,7 @@ from pallas_kernels.sparse_decode import reference as decode_ref
 from pallas_kernels.sparse_decode.api import query_rows, sparse_decode
 from pallas_kernels.sparse_prefill.api import sparse_prefill
 from pallas_kernels.sparse_prefill.reference import sparse_prefill_reference
+from pallas_kernels.sparse_prefill.windowed import windowed_prefill
 
 assert (DENSE, SELECT, STREAM) == (decode_ref.DENSE, decode_ref.SELECT, decode_ref.STREAM)
 PALLAS = ("pallas", "pallas_interpret")
@@ -89,9 +90,9 @@ def attend(qkv: jax.Array, rope: tuple[jax.Array, jax.Array], cache: KVCache, la
                        aligned=meta.phase != "decode")
     if meta.phase == "prefill":
         with jax.named_scope("prefill_attention"):
-            if backend == "pallas" and meta.prefill_kernel == "composite":
+            if backend == "pallas" and meta.prefill_kernel != "fused":
                 return composite_prefill(q, k, v, meta.new_lens, meta.stream_heads[layer],
-                                         sparsity), cache
+                                         sparsity, meta.prefill_kernel == "windowed"), cache
             if backend == "cudnn":
                 _require_dense(sparsity, backend)
                 return cudnn_causal(q, k, v, meta.new_lens), cache
@@ -199,24 +200,30 @@ def _prefill(q, k, v, q_lens, kv_lens, streaming, sparsity, backend) -> jax.Arra
               local=sparsity.prefill_local)
 
 
-def composite_prefill(q, k, v, lens, stream_kv: tuple[int, ...], sparsity) -> jax.Array:
-    """Dense heads through cuDNN, streaming heads through the Pallas kernel; the two head
-    groups are gathered from the in-flight q/k/v (the cache is not touched)."""
+def composite_prefill(q, k, v, lens, stream_kv: tuple[int, ...], sparsity,
+                      windowed: bool = False) -> jax.Array:
+    """Dense heads through cuDNN, streaming heads through the Pallas kernel (or, `windowed`,
+    through cuDNN's sliding window plus a sink call merged by log-sum-exp); the two head groups
+    are gathered from the in-flight q/k/v (the cache is not touched)."""
     kh = k.shape[2]
     g = q.shape[2] // kh
     dense_kv = tuple(x for x in range(kh) if x not in stream_kv)
+
+    def streaming(q, k, v):
+        if windowed:
+            return windowed_prefill(q, k, v, lens, sink=sparsity.prefill_sink,
+                                    local=sparsity.prefill_local)
+        return sparse_prefill(q, k, v, lens, lens, jnp.ones((k.shape[2],), bool),
+                              sink=sparsity.prefill_sink, local=sparsity.prefill_local)
+
     if not dense_kv or not stream_kv:
-        streaming = jnp.full((kh,), bool(stream_kv))
-        return _prefill(q, k, v, lens, lens, streaming, sparsity, "pallas") if stream_kv else (
-            cudnn_causal(q, k, v, lens))
+        return streaming(q, k, v) if stream_kv else cudnn_causal(q, k, v, lens)
 
     def heads(kv):
         return jnp.asarray([x * g + i for x in kv for i in range(g)])
 
     out_d = cudnn_causal(q[:, :, heads(dense_kv)], k[:, :, dense_kv], v[:, :, dense_kv], lens)
-    out_s = sparse_prefill(q[:, :, heads(stream_kv)], k[:, :, stream_kv], v[:, :, stream_kv],
-                           lens, lens, jnp.ones((len(stream_kv),), bool),
-                           sink=sparsity.prefill_sink, local=sparsity.prefill_local)
+    out_s = streaming(q[:, :, heads(stream_kv)], k[:, :, stream_kv], v[:, :, stream_kv])
     order = jnp.argsort(jnp.concatenate([heads(dense_kv), heads(stream_kv)]))
     return jnp.concatenate([out_d, out_s], axis=2)[:, :, order]
 

@@ -313,14 +313,15 @@ class RunConfig:
     stop_tokens: tuple[int, ...] = ()
     backend: Backend = "reference"
     # with backend "pallas": "composite" sends dense/retrieval heads' prefill to cuDNN and only
-    # streaming heads to our kernel; "fused" runs every head in our kernel (one launch)
-    prefill_kernel: Literal["fused", "composite"] = "composite"
+    # streaming heads to our kernel; "windowed" sends streaming heads to cuDNN's sliding window
+    # too (plus a sink call); "fused" runs every head in our kernel (one launch)
+    prefill_kernel: Literal["fused", "composite", "windowed"] = "windowed"
     prefill_bucket: int = 128  # prompts are padded to a multiple of this (fewer recompiles)
 
     def __post_init__(self):
         _positive(self, "max_new_tokens", "prefill_bucket")
         _one_of(self, "backend", BACKENDS)
-        _one_of(self, "prefill_kernel", ("fused", "composite"))
+        _one_of(self, "prefill_kernel", ("fused", "composite", "windowed"))
         _require(self.temperature >= 0.0, "RunConfig.temperature", self.temperature, "must be >= 0")
         _require(0.0 < self.top_p <= 1.0, "RunConfig.top_p", self.top_p, "must lie in (0, 1]")
 
