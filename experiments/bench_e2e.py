@@ -12,7 +12,8 @@ TTFT: `Engine.generate(max_new_tokens=1)` on random prompts (chunked when longer
 rows with a kernel constant at each value (one process: on a fresh H200 this script takes ~2
 minutes to reach its first row, so sweeping by relaunching wastes the budget); `--rows` lists
 decode rows one by one instead (`lserve:1x262144:MIN_PAGES_PER_SPLIT=4` ...), in that order.
-`--profile [TOP]` adds each row's TOP (20) kernels from one more profiled run.
+`--profile [TOP]` adds each row's TOP (20) kernels from one more profiled run;
+`--prefill-kernel composite windowed` times the sparse policies' TTFT once per prefill path.
 
     python experiments/bench_e2e.py --pattern ../shared/duo_patterns/Llama-3-8B-Instruct-Gradient-1048k
 """
@@ -152,11 +153,12 @@ def read_tokens(engine: Engine, context: int, sparsity: SparsityConfig):
     return mean, round(float(union), 1)
 
 
-def ttft_row(cfg, params, name, sparsity, gates, context, backend, profile: int = 0):
+def ttft_row(cfg, params, name, sparsity, gates, context, backend, profile: int = 0,
+             prefill_kernel: str = RunConfig.prefill_kernel):
     engine = Engine(cfg, params, sparsity, CacheConfig(max_seq_len=context + 128, max_batch=1),
                     gates)
     prompt = np.random.default_rng(context).integers(0, cfg.vocab_size, context).tolist()
-    run = RunConfig(max_new_tokens=1, backend=backend)
+    run = RunConfig(max_new_tokens=1, backend=backend, prefill_kernel=prefill_kernel)
     start = time.perf_counter()
     engine.generate([prompt], run)  # compile
     first = time.perf_counter() - start
@@ -165,7 +167,7 @@ def ttft_row(cfg, params, name, sparsity, gates, context, backend, profile: int 
     ms = 1e3 * (time.perf_counter() - start)
     row = {"name": f"ttft_{name}", "policy": name, "batch": 1, "context": context,
            "ms": round(ms, 1), "compile_s": round(first - ms / 1e3, 1),
-           "peak_gib": round(_peak() / 2**30, 1)}
+           "peak_gib": round(_peak() / 2**30, 1), "prefill_kernel": prefill_kernel}
     if profile:
         def once():
             engine.generate([prompt], run)
@@ -254,6 +256,9 @@ def main():
     parser.add_argument("--backend", default="pallas")
     parser.add_argument("--decode", nargs="*", default=None, help="BATCHxCONTEXT ...")
     parser.add_argument("--ttft", type=int, nargs="*", default=list(TTFT))
+    parser.add_argument("--prefill-kernel", nargs="+", default=[RunConfig.prefill_kernel],
+                        choices=("fused", "composite", "windowed"),
+                        help="TTFT rows of the sparse policies once per prefill path")
     parser.add_argument("--vary", default=None, metavar="NAME=V1,V2",
                         help=f"decode rows once per value of a kernel constant: {sorted(KNOBS)}")
     parser.add_argument("--rows", nargs="+", default=None, metavar="POLICY:BxT[:NAME=V]",
@@ -276,7 +281,9 @@ def main():
             for name, b, t, knob in listed]
     for t in args.ttft:
         jobs += [(name, ttft_row, (cfg, params, name, configs[name], gates, t, args.backend,
-                                   args.profile)) for name in args.policies]
+                                   args.profile, kernel)) for name in args.policies
+                 for kernel in (args.prefill_kernel[:1] if name == "dense" else
+                                args.prefill_kernel)]
     jobs += [(name, capacity_row, (cfg, params, weights, name, configs[name], gates, t))
              for t in (131072, 262144) for name in args.policies]
     rows = []

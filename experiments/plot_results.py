@@ -47,11 +47,12 @@ def plot_decode() -> pathlib.Path:
 def plot_prefill() -> pathlib.Path:
     data = _load("prefill_attention")
     names = ["cudnn_dense", "fused_dense", "fused_half_stream_local8192",
-             "composite_half_stream_local8192", "composite_half_stream_local4096"]
+             "composite_half_stream_local8192", "windowed_half_stream_local8192",
+             "windowed_half_stream_local4096"]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     _lines(ax, data["rows"], names, "prefill attention, batch 1")
     for r in data["rows"]:
-        if r["name"] == "composite_half_stream_local8192":
+        if r["name"] == "windowed_half_stream_local8192":
             ax.annotate(f"{r['speedup']:.2f}x", (r["context"], r["ms"]), fontsize=7,
                         textcoords="offset points", xytext=(4, -10))
     ax.legend(fontsize=7)
@@ -89,6 +90,9 @@ def plot_e2e() -> pathlib.Path:
         if pts:
             axes[-1].plot(*zip(*pts), marker="o", color=f"C{i}", label=policy)
     for r in rows:
+        if r["name"].startswith("ttft") and r["policy"] != "dense" and r.get("speedup"):
+            axes[-1].annotate(f"{r['speedup']:.2f}x", (r["context"], r["ms"] / 1e3), fontsize=7,
+                              textcoords="offset points", xytext=(4, -10))
         if r["name"].startswith("ttft") and r.get("chunk"):
             axes[-1].annotate(f"chunks of {r['chunk'] // 1024}K", (r["context"], r["ms"] / 1e3),
                               fontsize=7, textcoords="offset points", xytext=(-80, -3))
