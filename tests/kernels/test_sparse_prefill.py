@@ -1,11 +1,15 @@
 """Fused sparse prefill kernel against its plain-jnp reference (interpret mode on CPU,
 compiled on a GPU)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lserve_jax import attention
+from lserve_jax.config import SparsityConfig
 from pallas_kernels._compat import lower_for_cuda
 from pallas_kernels.sparse_prefill.api import sparse_prefill
 from pallas_kernels.sparse_prefill.kernel import PrefillBlocks
@@ -77,3 +81,23 @@ def test_windowed_merge_weighs_the_parts_in_f32():
     out = windowed_prefill(q, k, v, lens, **kw, implementation="xla" if INTERPRET else "cudnn")
     out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
     assert np.abs(out - ref).max() / np.abs(ref).max() < 8e-3
+
+
+def test_composite_prefill_puts_each_head_group_back_in_place(monkeypatch):
+    """The composite path gathers the retrieval and the streaming heads, runs each group through
+    its own attention and puts the outputs back in head order. Off the GPU both groups run the
+    plain-jnp twins of their cuDNN calls."""
+    def xla_causal(q, k, v, lens):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, query_seq_lengths=lens,
+                                            key_value_seq_lengths=lens, implementation="xla")
+
+    if INTERPRET:
+        monkeypatch.setattr(attention, "cudnn_causal", xla_causal)
+        monkeypatch.setattr(attention, "windowed_prefill", functools.partial(
+            windowed_prefill, implementation="xla"))
+    q, k, v, lens, _, _ = _case(4, (True, False), seed=17, kh=4)
+    streaming = jnp.asarray([True, False, False, True])
+    sparsity = SparsityConfig(prefill_sink=16, prefill_local=32)
+    ref = sparse_prefill_reference(q, k, v, lens, lens, streaming, sink=16, local=32)
+    out = attention.composite_prefill(q, k, v, lens, (0, 3), sparsity, windowed=True)
+    close(out, ref, jnp.bfloat16)
