@@ -9,7 +9,7 @@
 #   (MIN_PROGRAMS=1) or below 2048, ~7 min). The testbed recipe is testbed (stages
 #   1-2 from scratch, ~9 min), finetune (stages 3-4 on distinct questions, ~11 min), stage5
 #   (eval-shaped rows, ~6 min) and gates (its DuoAttention pattern, ~2 min); ablations runs
-#   the accuracy configs on the committed testbed (all eight take more than one call: split
+#   the accuracy configs on the committed testbed (all nine take more than one call: split
 #   them with ABLATIONS="policies heads budget", e.g. one list per GPU).
 # e2e reads a DuoAttention pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git
 # ignores it: it is another project's data) and carry that folder to the device.
@@ -48,7 +48,8 @@ for step in $steps; do
               experiments/configs/train_testbed_stage5.toml ;;
     gates) timeout 120 python3 experiments/train_gates.py --steps 600 --local 64 ;;
     ablations) timeout ${ABLATIONS_S:-580} python3 experiments/run_ablations.py $(for c in \
-                 ${ABLATIONS:-policies heads budget page_size reuse static_sparsity sink_page granularity}
+                 ${ABLATIONS:-policies policies_pages16 heads budget page_size reuse static_sparsity
+                   sink_page granularity}
                  do echo experiments/configs/$c.toml; done) ;;
     *) echo "unknown step $step" ;;
   esac 2>&1 | tee "$out/$step.log" | grep -v "^WARNING" | tail -40
