@@ -66,7 +66,8 @@ def rows_for(t: int, iters: int) -> list[dict]:
             lambda q, k, v, local=local: sparse_prefill(q, k, v, lens, lens, half, sink=SINK,
                                                         local=local), "lserve", ideal)
         for windowed in (False, True):
-            variants[f"{('composite', 'windowed')[windowed]}_half_stream_local{local}"] = (
+            path = "windowed" if windowed else "composite"
+            variants[f"{path}_half_stream_local{local}"] = (
                 lambda q, k, v, local=local, windowed=windowed: composite_prefill(
                     q, k, v, lens, stream_kv,
                     SparsityConfig(prefill_sink=SINK, prefill_local=local), windowed),

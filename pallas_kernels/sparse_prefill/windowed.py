@@ -69,20 +69,19 @@ def windowed_prefill(
     scale = h ** -0.5 if scale is None else scale
     lens = lens.astype(jnp.int32)
     kw = dict(scale=scale, implementation=implementation)
+    valid = jnp.arange(t)[None, :] < lens[:, None]  # [B, T]
     out, lse = attention_lse(q, k, v, lens, lens, window=local, **kw)
     shift = local + 1  # the first query position that may see a sink key outside the window
     if sink == 0 or t <= shift:
-        return jnp.where((jnp.arange(t) < lens[:, None])[..., None, None], out, 0)
-    q_sink = jnp.maximum(lens - shift, 0)
-    o_s, lse_s = attention_lse(q[:, shift:], k[:, :sink], v[:, :sink], q_sink,
+        return jnp.where(valid[..., None, None], out, 0)
+    o_s, lse_s = attention_lse(q[:, shift:], k[:, :sink], v[:, :sink], jnp.maximum(lens - shift, 0),
                                jnp.clip(lens, 1, sink), window=None, **kw)
     pad = ((0, 0), (shift, 0), (0, 0))
-    sees_sink = (jnp.arange(t)[None, :] < lens[:, None]) & (jnp.arange(t)[None, :] >= shift)
-    lse_s = jnp.where(sees_sink[..., None], jnp.pad(lse_s, pad), -jnp.inf)
+    sees_sink = (valid & (jnp.arange(t)[None, :] >= shift))[..., None]  # [B, T, 1]
+    lse_s = jnp.where(sees_sink, jnp.pad(lse_s, pad), -jnp.inf)
     total = jnp.logaddexp(lse, lse_s)
-    w_local = jnp.exp(lse - jnp.where(jnp.isfinite(total), total, 0.0))[..., None]
-    w_sink = jnp.exp(lse_s - jnp.where(jnp.isfinite(total), total, 0.0))[..., None]
-    o_s = jnp.where(sees_sink[..., None, None], jnp.pad(o_s, pad + ((0, 0),)), 0)
-    merged = w_local * out.astype(jnp.float32) + w_sink * o_s.astype(jnp.float32)
-    valid = (jnp.arange(t) < lens[:, None])[..., None, None]
-    return jnp.where(valid, merged, 0).astype(q.dtype)
+    total = jnp.where(jnp.isfinite(total), total, 0.0)
+    o_s = jnp.where(sees_sink[..., None], jnp.pad(o_s, pad + ((0, 0),)), 0)
+    merged = (jnp.exp(lse - total)[..., None] * out.astype(jnp.float32)
+              + jnp.exp(lse_s - total)[..., None] * o_s.astype(jnp.float32))
+    return jnp.where(valid[..., None, None], merged, 0).astype(q.dtype)
