@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lserve_jax.attention import TrainMetadata, attend_train
+from lserve_jax.attention import TrainMetadata, attend_train, streaming_train
 from lserve_jax.config import CacheConfig, ModelConfig, RunConfig, SparsityConfig, from_dict
 from lserve_jax.duo import GateConfig, train_gates
 from lserve_jax.engine import Engine
@@ -24,17 +24,39 @@ from pallas_kernels.sparse_prefill.reference import sparse_prefill_reference
 PATTERN = "experiments/patterns/testbed"
 
 
-@pytest.mark.parametrize("gate", [0.0, 0.3, 1.0])
-def test_gated_attention_mixes_causal_and_streaming(gate):
-    b, t, n, kh, h = 2, 40, 4, 2, 16
+@pytest.mark.parametrize("gate,sink,local,t", [(0.0, 4, 7, 40), (0.3, 4, 7, 40),
+                                               (1.0, 4, 7, 40), (0.0, 0, 5, 33),
+                                               (0.0, 16, 8, 41), (0.0, 3, 64, 40)])
+def test_gated_attention_mixes_causal_and_streaming(gate, sink, local, t):
+    """Covers a T that the block does not divide, no sink, a sink wider than the window and a
+    window wider than T."""
+    b, n, kh, h = 2, 4, 2, 16
     q, k, v = (jax.random.normal(key, (b, t, heads, h)) for key, heads in
-               zip(jax.random.split(jax.random.key(3), 3), (n, kh, kh)))
+               zip(jax.random.split(jax.random.key(t + sink), 3), (n, kh, kh)))
     lens = jnp.full((b,), t)
-    meta = TrainMetadata(gates=jnp.full((1, kh), gate), sink=4, local=7)
+    meta = TrainMetadata(gates=jnp.full((1, kh), gate), sink=sink, local=local)
     out = attend_train(q, k, v, 0, meta)
-    ref = [sparse_prefill_reference(q, k, v, lens, lens, jnp.full((kh,), s), sink=4, local=7)
-           for s in (False, True)]
+    ref = [sparse_prefill_reference(q, k, v, lens, lens, jnp.full((kh,), s), sink=sink,
+                                    local=local) for s in (False, True)]
     np.testing.assert_allclose(out, gate * ref[0] + (1 - gate) * ref[1], atol=2e-5)
+
+
+def test_streaming_train_gradients_match_the_reference():
+    """The banded streaming attention trains the testbed's streaming heads: its gradients with
+    respect to q, k and v equal those of the masked reference."""
+    b, t, n, kh, h = 1, 29, 4, 2, 8
+    q, k, v, w = (jax.random.normal(key, (b, t, heads, h)) for key, heads in
+                  zip(jax.random.split(jax.random.key(5), 4), (n, kh, kh, n)))
+    lens = jnp.full((b,), t)
+
+    def ref(q, k, v):
+        return sparse_prefill_reference(q, k, v, lens, lens, jnp.ones((kh,), bool), sink=3,
+                                        local=6)
+
+    grads = [jax.grad(lambda *x, f=f: jnp.sum(f(*x) * w), argnums=(0, 1, 2))(q, k, v)
+             for f in (ref, lambda q, k, v: streaming_train(q, k, v, 3, 6))]
+    for want, got in zip(*grads):
+        np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_train_config_rejects_lengths_that_do_not_fill_a_step():
