@@ -30,10 +30,15 @@ def plot_history(history: list[dict], path: pathlib.Path) -> None:
     ax1.set_xlabel("step")
     ax1.set_ylabel("nats")
     ax1.legend()
-    ax2.plot(steps, [100 * r["answer_acc"] for r in history], label="training rows")
-    if any(r.get("eval_acc") for r in history):
-        ax2.plot(steps, [100 * r.get("eval_acc", 0) for r in history], label="eval-shaped rows")
-        ax2.legend()
+    for streamed in sorted({r.get("streamed", False) for r in history}):
+        rows = [r for r in history if r.get("streamed", False) == streamed]
+        mode = " (streaming heads restricted)" if streamed else ""
+        x = [r["step"] for r in rows]
+        ax2.plot(x, [100 * r["answer_acc"] for r in rows], label=f"training rows{mode}")
+        if any(r.get("eval_acc") for r in rows):
+            ax2.plot(x, [100 * r.get("eval_acc", 0) for r in rows],
+                     label=f"eval-shaped rows{mode}")
+    ax2.legend()
     ax2.set_xlabel("step")
     ax2.set_ylabel("answer tokens predicted (%)")
     fig.suptitle("testbed training (teacher-forced; every length mixed)")

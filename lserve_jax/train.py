@@ -6,9 +6,11 @@ prompts followed by their answers, weighted alike). Master weights are f32; the 
 the model's dtype (bf16: cuDNN flash attention on the GPU). Each step draws one sequence length
 from `TrainConfig.lengths` and fills `tokens_per_step` with rows of that length, so every length
 is trained at the same token rate. Batches are built by worker processes (the Python task
-generator is slower than the small model's step); batch i depends only on (seed, i). The
-result is an orbax checkpoint (`save_checkpoint`) that `lserve_jax.model.load_model(name)`
-loads.
+generator is slower than the small model's step); batch i depends only on (seed, i).
+`TrainConfig.stream_pattern` trains a head split in: in a share of the steps, the pattern's
+streaming heads see only sink + local keys (`attention.streaming_train`), so the retrieval
+work moves to the other heads. The result is an orbax checkpoint (`save_checkpoint`) that
+`lserve_jax.model.load_model(name)` loads.
 
     python experiments/train_testbed.py experiments/configs/train_testbed.toml
 """
@@ -34,6 +36,8 @@ from lserve_jax.attention import TrainMetadata
 from lserve_jax.config import ModelConfig, RopeScaling, _positive, _require
 from lserve_jax.eval import tasks
 from lserve_jax.model.llama import Llama, init_params
+from lserve_jax.sparsity.heads import load_gates
+from lserve_jax.sparsity.policy import retrieval_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +61,15 @@ class TrainConfig:
                              # one question at the end), before the layouts above split the rest
     eval_answer_scale: float = 1.0  # their answers' weight, x tasks.ANSWER_WEIGHT: a row holds
                                     # one question, so at 1 they carry ~0.3% of an 8K batch's loss
+    stream_pattern: str = ""  # a DuoAttention pattern directory: its heads below the
+                              # stream_sparsity quantile attend to sink + local keys only in a
+                              # stream_share of the steps (dense in the rest), so the model's
+                              # heads split into retrieval and streaming roles as its policies
+                              # assume; "": every step dense
+    stream_sparsity: float = 0.5
+    stream_share: float = 0.5
+    stream_sink: int = 16  # the window those heads train with (the decode window of the
+    stream_local: int = 64  # policy tables: decode_sink, decode_local)
     data_workers: int = 0  # processes building batches; 0: one per CPU core but one (max 12)
     lr: float = 2e-3
     warmup: int = 150
@@ -72,18 +85,24 @@ class TrainConfig:
                  "must lie in [0, 1]")
         _require(self.eval_answer_scale >= 1.0, "TrainConfig.eval_answer_scale",
                  self.eval_answer_scale, "must be >= 1")
+        _require(0.0 < self.stream_sparsity < 1.0, "TrainConfig.stream_sparsity",
+                 self.stream_sparsity, "must lie in (0, 1)")
+        _require(0.0 <= self.stream_share <= 1.0, "TrainConfig.stream_share", self.stream_share,
+                 "must lie in [0, 1]")
+        _positive(self, "stream_local")
         for n in self.lengths:
             _require(self.tokens_per_step % n == 0, "TrainConfig.lengths", n,
                      f"must divide tokens_per_step={self.tokens_per_step}")
 
 
-def loss_fn(params, model: Llama, tokens, weights):
+def loss_fn(params, model: Llama, tokens, weights, meta: TrainMetadata = TrainMetadata()):
     """Weighted next-token cross entropy; also the share of answer tokens predicted exactly
-    (answer_acc; eval_acc for the eval-shaped rows' answers when eval_answer_scale > 1)."""
+    (answer_acc; eval_acc for the eval-shaped rows' answers when eval_answer_scale > 1).
+    meta.gates (0 / 1 per head) makes the 0 heads attend to sink + local keys only."""
     cast = jax.tree.map(lambda p: p.astype(model.cfg.dtype), params)
     inputs, targets, w = tokens[:, :-1], tokens[:, 1:], weights[:, 1:]
     positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
-    logits, _ = model.apply({"params": cast}, inputs, positions, None, TrainMetadata())
+    logits, _ = model.apply({"params": cast}, inputs, positions, None, meta)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     right = jnp.argmax(logits, -1) == targets
     answers, scaled = w == tasks.ANSWER_WEIGHT, w > tasks.ANSWER_WEIGHT  # scaled: eval-shaped
@@ -129,6 +148,25 @@ def _batches(cfg: TrainConfig):
         pool.shutdown(cancel_futures=True)
 
 
+def stream_gates(cfg: TrainConfig, model_cfg: ModelConfig) -> np.ndarray | None:
+    """[L, K] f32, 1 for a retrieval head and 0 for a head that streams in streaming steps
+    (policy.retrieval_heads of cfg.stream_pattern at cfg.stream_sparsity); None without one."""
+    if not cfg.stream_pattern:
+        return None
+    gates = load_gates(cfg.stream_pattern)
+    want = (model_cfg.n_layers, model_cfg.n_kv_heads)
+    _require(gates.shape == want, "TrainConfig.stream_pattern", cfg.stream_pattern,
+             f"has gates of shape {gates.shape}, but model {cfg.model!r} has {want}: use a "
+             "pattern of this model")
+    return retrieval_heads(gates, cfg.stream_sparsity).astype(np.float32)
+
+
+def streams(cfg: TrainConfig, index: int) -> bool:
+    """Whether step `index` restricts the streaming heads (depends only on (seed, index))."""
+    return bool(cfg.stream_pattern) and bool(
+        np.random.default_rng([cfg.seed, index, 1]).random() < cfg.stream_share)
+
+
 def train(cfg: TrainConfig) -> tuple[dict, list[dict]]:
     """Returns (f32 params, history rows). Progress bar shows loss and answer accuracy."""
     model_cfg = ModelConfig.from_name(cfg.model)
@@ -138,15 +176,18 @@ def train(cfg: TrainConfig) -> tuple[dict, list[dict]]:
         params = jax.jit(init_params, static_argnums=0)(
             dataclasses.replace(model_cfg, dtype="float32"), jax.random.key(cfg.seed))
     model = Llama(model_cfg)  # computes in the preset's dtype from the f32 master weights
+    split = stream_gates(cfg, model_cfg)
+    gates = {False: None if split is None else np.ones_like(split), True: split}
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.inject_hyperparams(
         optax.adamw)(learning_rate=0.0, b2=0.95, weight_decay=cfg.weight_decay))
     state = opt.init(params)
 
     @jax.jit
-    def step(params, state, tokens, weights, lr):
+    def step(params, state, tokens, weights, lr, gates):
         state[1].hyperparams["learning_rate"] = lr  # inject_hyperparams: the schedule is host-side
+        meta = TrainMetadata(gates=gates, sink=cfg.stream_sink, local=cfg.stream_local)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model, tokens,
-                                                                       weights)
+                                                                       weights, meta)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, {"loss": loss, **aux}
 
@@ -155,12 +196,14 @@ def train(cfg: TrainConfig) -> tuple[dict, list[dict]]:
     batches = _batches(cfg)
     for i, (tokens, weights) in zip(range(cfg.steps), batches):
         lr = jnp.float32(_learning_rate(cfg, i, progress))
-        params, state, metrics = step(params, state, tokens, weights, lr)
+        streamed = streams(cfg, i)
+        params, state, metrics = step(params, state, tokens, weights, lr, gates[streamed])
         elapsed = time.perf_counter() - start
         progress = max(i / cfg.steps, elapsed / (60 * cfg.max_minutes) if cfg.max_minutes else 0)
         bar.update()
         if i % cfg.log_every == 0 or progress >= 1 or i == cfg.steps - 1:
-            row = {"step": i, "length": tokens.shape[1] - 1, "seconds": round(elapsed, 1),
+            row = {"step": i, "length": tokens.shape[1] - 1, "streamed": streamed,
+                   "seconds": round(elapsed, 1),
                    "lr": float(lr), **{k: round(float(v), 4) for k, v in metrics.items()}}
             history.append(row)
             bar.set_postfix(loss=row["loss"], answer_acc=row["answer_acc"],

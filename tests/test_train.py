@@ -16,9 +16,10 @@ from lserve_jax.duo import GateConfig, train_gates
 from lserve_jax.engine import Engine
 from lserve_jax.eval import tasks
 from lserve_jax.model import CHECKPOINTS, load_model
-from lserve_jax.model.llama import init_params
+from lserve_jax.model.llama import Llama, init_params
 from lserve_jax.sparsity.heads import load_pattern, save_pattern
-from lserve_jax.train import TrainConfig, load_checkpoint, make_batch, save_checkpoint, train
+from lserve_jax.train import (TrainConfig, load_checkpoint, loss_fn, make_batch, save_checkpoint,
+                              stream_gates, streams, train)
 from pallas_kernels.sparse_prefill.reference import sparse_prefill_reference
 
 PATTERN = "experiments/patterns/testbed"
@@ -83,6 +84,34 @@ def test_training_lowers_the_loss_and_checkpoints_round_trip(tmp_path):
     assert jax.tree.structure(by_path) == jax.tree.structure(loaded)
     with pytest.raises(ValueError, match="checkpoint name"):
         load_model(str(tmp_path / "missing"))
+
+
+def test_streaming_steps_restrict_the_patterns_low_heads(tmp_path):
+    """With a stream pattern, a streamed step's loss is the loss with the pattern's low-gate
+    heads on sink + local keys (and differs from the dense loss); step choice is seeded."""
+    model_cfg = ModelConfig.from_name("tiny")
+    save_pattern(tmp_path, np.array([[0.9, 0.1], [0.2, 0.8]]), sink_size=4, recent_size=8)
+    cfg = TrainConfig(model="tiny", steps=1, tokens_per_step=1024, lengths=(256,),
+                      stream_pattern=str(tmp_path), stream_sink=4, stream_local=8,
+                      stream_share=1.0, log_every=1)
+    split = stream_gates(cfg, model_cfg)
+    np.testing.assert_array_equal(split, [[1, 0], [0, 1]])
+    _, history = train(cfg)
+    assert history[0]["streamed"] is True
+    params = init_params(dataclasses.replace(model_cfg, dtype="float32"), jax.random.key(0))
+    tokens, weights = make_batch(cfg, 0)
+    losses = [float(loss_fn(params, Llama(model_cfg), tokens, weights, meta)[0]) for meta in
+              (TrainMetadata(gates=jnp.asarray(split), sink=4, local=8), TrainMetadata())]
+    np.testing.assert_allclose(history[0]["loss"], losses[0], rtol=2e-3)
+    assert abs(losses[0] - losses[1]) > 10 * abs(history[0]["loss"] - losses[0])
+    half = dataclasses.replace(cfg, stream_share=0.5)
+    chosen = [streams(half, i) for i in range(400)]
+    assert chosen == [streams(half, i) for i in range(400)] and 0.4 < np.mean(chosen) < 0.6
+    assert not any(streams(dataclasses.replace(half, stream_pattern=""), i) for i in range(50))
+    with pytest.raises(ValueError, match="TrainConfig.stream_pattern"):
+        stream_gates(dataclasses.replace(cfg, model="testbed"), ModelConfig.from_name("testbed"))
+    with pytest.raises(ValueError, match="TrainConfig.stream_share"):
+        TrainConfig(stream_share=2.0)
 
 
 def test_gate_training_returns_clipped_gates(tmp_path):
