@@ -175,8 +175,8 @@ def test_models_with_a_tokenizer_get_text_prompts_and_judges():
     from lserve_jax.model.hf import load_tokenizer
 
     tokenizer = load_tokenizer(HF_DIR)
-    exp = dataclasses.replace(SMALL, model=HF_DIR, samples=2)
-    probes = ablation.text_probes("multikey", 300, 0.5, exp, tokenizer)
+    exp = dataclasses.replace(SMALL, model=HF_DIR, samples=2, depths=(0.5,))
+    probes = ablation.text_probes("multikey", 300, 0, exp, tokenizer)
     assert len(probes) == 2 and probes[0].prompt != probes[1].prompt
     # sized by whole filler sentences: within one sentence (~50 characters) of the request
     assert all(240 <= len(probe.prompt) <= 300 for probe in probes)
@@ -191,8 +191,8 @@ def test_text_judge_accepts_the_answer_and_rejects_others():
 
     tokenizer = load_tokenizer(HF_DIR)
     exp = dataclasses.replace(SMALL, model=HF_DIR, samples=1)
-    probe = ablation.text_probes("passkey", 300, 0.0, exp, tokenizer)[0]
-    _, answer = text_sample("passkey", 300, 0.0, exp.run.seed, tokenizer)
+    probe = ablation.text_probes("passkey", 300, 0, exp, tokenizer)[0]
+    _, answer = text_sample("passkey", 300, 0.0, exp.run.seed * len(exp.depths), tokenizer)
     right = list(tokenizer.encode(answer + " and more", add_special_tokens=False))
     wrong = list(tokenizer.encode(" 1" + answer.strip()[1:][::-1], add_special_tokens=False))
     assert probe.judge(right) and not probe.judge(wrong) and not probe.judge([])
@@ -212,3 +212,17 @@ def test_a_grid_cut_short_keeps_the_cells_it_measured(tmp_path):
     record = json.loads((tmp_path / "reuse.json").read_text())
     assert seen == [(2, 1, 2)] and record["partial"] == "1 of 2 cells"
     assert [r["variant"] for r in record["rows"]] == ["4", "4"] and record["platform"] == "cpu"
+
+
+def test_every_prompt_of_a_grid_has_its_own_world():
+    """Each (depth, sample) of a context draws its own keys and values, the depth's prompts equal
+    make_sample's at that depth, and the same grid gives the same prompts again."""
+    from lserve_jax.eval.tasks import make_sample, probe_seed
+
+    exp = dataclasses.replace(SMALL, depths=(0.0, 0.5, 1.0), samples=2)
+    answers = [tuple(p.judge.keywords["answer"]) for at in range(3)
+               for p in ablation.token_probes("passkey", 300, at, exp)]
+    assert len(set(answers)) == len(answers) == 6
+    again = ablation.token_probes("passkey", 300, 1, exp)
+    want = make_sample("passkey", 300, 0.5, probe_seed(exp.run.seed, 3, 1, 2, 1))
+    assert again[1].prompt == want.prompt.tolist()

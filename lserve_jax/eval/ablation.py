@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from lserve_jax.config import CacheConfig, ExperimentConfig, SparsityConfig
 from lserve_jax.engine import Engine
-from lserve_jax.eval.tasks import END, VOCAB_SIZE, make_samples, score, text_sample
+from lserve_jax.eval.tasks import END, VOCAB_SIZE, make_samples, probe_seed, score, text_sample
 from lserve_jax.experiment import head_gates, markdown_table, provenance
 from lserve_jax.model import load_model
 from lserve_jax.sparsity.policy import attended_tokens
@@ -79,20 +79,23 @@ class Probe:
     judge: Callable[[list[int]], bool]
 
 
-def token_probes(task: str, context: int, depth: float, exp: ExperimentConfig) -> list[Probe]:
-    """The synthetic-vocabulary prompts (testbed, presets): exact match of the answer tokens."""
+def token_probes(task: str, context: int, at: int, exp: ExperimentConfig) -> list[Probe]:
+    """The synthetic-vocabulary prompts (testbed, presets) at depth exp.depths[at]: exact match
+    of the answer tokens. Seeds follow `at`, so no two cells of a context share a world."""
     return [Probe(s.prompt.tolist(), len(s.answer), functools.partial(score, answer=s.answer))
-            for s in make_samples(task, context, [depth], exp.samples, seed=exp.run.seed)]
+            for s in make_samples(task, context, exp.depths, exp.samples,
+                                  seed=exp.run.seed)[at * exp.samples:(at + 1) * exp.samples]]
 
 
-def text_probes(task: str, context: int, depth: float, exp: ExperimentConfig,
+def text_probes(task: str, context: int, at: int, exp: ExperimentConfig,
                 tokenizer) -> list[Probe]:
-    """Text prompts for a model with a tokenizer (HF directories): the decoded generation must
-    start with the answer's number (whitespace ignored, as decoders differ in spacing)."""
+    """Text prompts for a model with a tokenizer (HF directories) at depth exp.depths[at]: the
+    decoded generation must start with the answer's number (whitespace ignored, as decoders
+    differ in spacing)."""
     probes = []
     for i in range(exp.samples):
-        prompt, answer = text_sample(task, context, depth, exp.run.seed * exp.samples + i,
-                                     tokenizer)
+        seed = probe_seed(exp.run.seed, len(exp.depths), at, exp.samples, i)
+        prompt, answer = text_sample(task, context, exp.depths[at], seed, tokenizer)
 
         def judge(tokens, answer=answer):
             return "".join(tokenizer.decode(tokens).split()).startswith("".join(answer.split()))
@@ -115,8 +118,8 @@ def run_accuracy(exp: ExperimentConfig,
         raise ValueError(f"model={exp.model!r} has vocab_size={cfg.vocab_size}, but the tasks use "
                          f"{VOCAB_SIZE} token ids: use the testbed or a larger vocabulary")
     make = functools.partial(text_probes, tokenizer=tokenizer) if tokenizer else token_probes
-    probes = {context: {(task, depth): make(task, context, depth, exp)
-                        for task in exp.tasks for depth in exp.depths}
+    probes = {context: {(task, depth): make(task, context, at, exp)
+                        for task in exp.tasks for at, depth in enumerate(exp.depths)}
               for context in exp.contexts}  # built first: a too-short context fails at once
     sizes = {context: (max(len(p.prompt) for group in groups.values() for p in group),
                        max(p.max_new for group in groups.values() for p in group))

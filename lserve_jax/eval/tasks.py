@@ -202,9 +202,15 @@ def _eval_prompt(rng: np.random.Generator, task: str, context: int, depth: float
 
 def make_samples(task: str, context: int, depths: Sequence[float], n_per_depth: int,
                  seed: int) -> list[Sample]:
-    """n_per_depth samples per depth, depth-major; sample i uses seed seed * len(list) + i."""
-    return [make_sample(task, context, depth, (seed * len(depths) + i) * n_per_depth + j)
+    """n_per_depth samples per depth, depth-major; the k-th uses seed seed * len(depths) *
+    n_per_depth + k, so each has its own keys and values (`probe_seed`)."""
+    return [make_sample(task, context, depth, probe_seed(seed, len(depths), i, n_per_depth, j))
             for i, depth in enumerate(depths) for j in range(n_per_depth)]
+
+
+def probe_seed(seed: int, n_depths: int, depth_index: int, n_per_depth: int, j: int) -> int:
+    """The seed of sample j at depth number depth_index of a grid (make_samples' numbering)."""
+    return (seed * n_depths + depth_index) * n_per_depth + j
 
 
 def score(generated: Sequence[int], answer: np.ndarray) -> bool:
