@@ -2,15 +2,17 @@
 # Everything that needs the H200, in one go: kernel tests compiled for the GPU, then the
 # benchmarks. Results land in OUT (default experiments/results); logs beside them.
 #   bash experiments/gpu_suite.sh [OUT] [STEP ...]
-#   steps: fixture tests prefill decode probe dense e2e splits testbed finetune stage5 gates
-#   ablations
+#   steps: fixture tests prefill decode probe dense e2e splits testbed finetune stage5 stage6
+#   gates ablations
 #   (default: the kernel and speed steps; splits reruns short-context and LServe decode rows
 #   with the decode kernel's split floor relaxed below 256 programs (the default), never
 #   (MIN_PROGRAMS=1) or below 2048, ~7 min). The testbed recipe is testbed (stages
 #   1-2 from scratch, ~9 min), finetune (stages 3-4 on distinct questions, ~11 min), stage5
-#   (eval-shaped rows, ~6 min) and gates (its DuoAttention pattern, ~2 min); ablations runs
-#   the accuracy configs on the committed testbed (all nine take more than one call: split
-#   them with ABLATIONS="policies heads budget", e.g. one list per GPU).
+#   (eval-shaped rows and its DuoAttention pattern, patterns/testbed_stage5, ~7 min), stage6
+#   (that pattern's low heads trained to stream in half of the steps, ~7 min) and gates (the
+#   committed pattern, ~1 min); ablations runs the accuracy configs on the committed testbed,
+#   three processes sharing the GPU (an 8K prefill of the reference backend takes ~17 GB;
+#   nine of them took 8 min on one H200; pick some with ABLATIONS="policies heads").
 # e2e reads a DuoAttention pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git
 # ignores it: it is another project's data) and carry that folder to the device.
 set -uo pipefail
@@ -45,12 +47,16 @@ for step in $steps; do
               && timeout 330 python3 experiments/train_testbed.py \
                    experiments/configs/train_testbed_stage4.toml ;;
     stage5) timeout 340 python3 experiments/train_testbed.py \
-              experiments/configs/train_testbed_stage5.toml ;;
-    gates) timeout 120 python3 experiments/train_gates.py --steps 600 --local 64 ;;
-    ablations) timeout ${ABLATIONS_S:-580} python3 experiments/run_ablations.py $(for c in \
-                 ${ABLATIONS:-policies policies_pages16 heads budget page_size reuse static_sparsity
-                   sink_page granularity}
-                 do echo experiments/configs/$c.toml; done) ;;
+              experiments/configs/train_testbed_stage5.toml \
+            && timeout 120 python3 experiments/train_gates.py --steps 600 --local 64 \
+                 --out experiments/patterns/testbed_stage5 --results "$out/stage5_gates" ;;
+    stage6) timeout 450 python3 experiments/train_testbed.py \
+              experiments/configs/train_testbed_stage6.toml ;;
+    gates) timeout 120 python3 experiments/train_gates.py --steps 400 --length 8192 --local 64 ;;
+    ablations) printf "%s\n" ${ABLATIONS:-policies policies_pages16 page_size heads reuse \
+                 reuse_pages16 static_sparsity budget sink_page granularity} \
+               | XLA_PYTHON_CLIENT_MEM_FRACTION=0.31 xargs -P 3 -I{} timeout ${ABLATIONS_S:-580} \
+                   python3 experiments/run_ablations.py experiments/configs/{}.toml ;;
     *) echo "unknown step $step" ;;
   esac 2>&1 | tee "$out/$step.log" | grep -v "^WARNING" | tail -40
 done
