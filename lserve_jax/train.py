@@ -176,8 +176,7 @@ def train(cfg: TrainConfig) -> tuple[dict, list[dict]]:
         params = jax.jit(init_params, static_argnums=0)(
             dataclasses.replace(model_cfg, dtype="float32"), jax.random.key(cfg.seed))
     model = Llama(model_cfg)  # computes in the preset's dtype from the f32 master weights
-    split = stream_gates(cfg, model_cfg)
-    gates = {False: None if split is None else np.ones_like(split), True: split}
+    gates = {False: None, True: stream_gates(cfg, model_cfg)}  # None: the causal path alone
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.inject_hyperparams(
         optax.adamw)(learning_rate=0.0, b2=0.95, weight_decay=cfg.weight_decay))
     state = opt.init(params)

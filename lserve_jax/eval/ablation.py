@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from lserve_jax.config import CacheConfig, ExperimentConfig, SparsityConfig
 from lserve_jax.engine import Engine
-from lserve_jax.eval.tasks import END, VOCAB_SIZE, make_samples, probe_seed, score, text_sample
+from lserve_jax.eval.tasks import END, VOCAB_SIZE, make_sample, probe_seed, score, text_sample
 from lserve_jax.experiment import head_gates, markdown_table, provenance
 from lserve_jax.model import load_model
 from lserve_jax.sparsity.policy import attended_tokens
@@ -82,9 +82,11 @@ class Probe:
 def token_probes(task: str, context: int, at: int, exp: ExperimentConfig) -> list[Probe]:
     """The synthetic-vocabulary prompts (testbed, presets) at depth exp.depths[at]: exact match
     of the answer tokens. Seeds follow `at`, so no two cells of a context share a world."""
+    samples = [make_sample(task, context, exp.depths[at],
+                           probe_seed(exp.run.seed, len(exp.depths), at, exp.samples, j))
+               for j in range(exp.samples)]
     return [Probe(s.prompt.tolist(), len(s.answer), functools.partial(score, answer=s.answer))
-            for s in make_samples(task, context, exp.depths, exp.samples,
-                                  seed=exp.run.seed)[at * exp.samples:(at + 1) * exp.samples]]
+            for s in samples]
 
 
 def text_probes(task: str, context: int, at: int, exp: ExperimentConfig,
