@@ -254,7 +254,8 @@ def _plot_bars(exp: ExperimentConfig, rows: list[dict], path: pathlib.Path, plt)
         heights = [_mean_pct(groups[(policy, v)]) for v in exp.sweep_values]
         ax.bar(np.arange(len(heights)) + (k - (len(policies) - 1) / 2) * width, heights, width,
                label=policy)
-    ax.set_xticks(range(len(exp.sweep_values)), exp.sweep_values)
+    ax.set_xticks(range(len(exp.sweep_values)),  # long paths break at their slashes
+                  [v if len(v) <= 12 else v.replace("/", "/\n") for v in exp.sweep_values])
     ax.set(xlabel=exp.sweep, ylabel="accuracy (%)", ylim=(0, 100),
            title=f"{exp.name}: mean over tasks, contexts and depths")
     ax.legend(fontsize=7)
