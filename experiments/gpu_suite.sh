@@ -53,8 +53,8 @@ for step in $steps; do
     stage6) timeout 450 python3 experiments/train_testbed.py \
               experiments/configs/train_testbed_stage6.toml ;;
     gates) timeout 120 python3 experiments/train_gates.py --steps 400 --length 8192 --local 64 ;;
-    ablations) printf "%s\n" ${ABLATIONS:-policies policies_pages16 page_size heads reuse \
-                 reuse_pages16 static_sparsity budget sink_page granularity} \
+    ablations) printf "%s\n" ${ABLATIONS:-policies policies_pages16 policies_pages16_r1 page_size heads \
+                 reuse reuse_pages16 static_sparsity budget sink_page granularity} \
                | XLA_PYTHON_CLIENT_MEM_FRACTION=0.31 xargs -P 3 -I{} timeout ${ABLATIONS_S:-580} \
                    python3 experiments/run_ablations.py experiments/configs/{}.toml ;;
     *) echo "unknown step $step" ;;
