@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import textwrap
 import typing
 from collections.abc import Callable
 
@@ -239,7 +240,8 @@ def _plot_heatmaps(exp: ExperimentConfig, rows: list[dict], path: pathlib.Path, 
     bar = fig.colorbar(image, ax=axes, shrink=0.8)
     bar.set_label("accuracy (%)", fontsize=7)
     bar.ax.tick_params(labelsize=7)
-    fig.suptitle(f"{exp.name}: accuracy, mean over {', '.join(exp.tasks)}", fontsize=9)
+    title = f"{exp.name}: accuracy, mean over {', '.join(exp.tasks)}"
+    fig.suptitle(textwrap.fill(title, int(11 * fig.get_figwidth())), fontsize=9)  # ~11 chars/in
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
