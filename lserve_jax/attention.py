@@ -19,6 +19,7 @@ from lserve_jax.cache.paged import KVCache, empty_cache, gather_layer
 from lserve_jax.config import Backend, ModelConfig, SparsityConfig
 from lserve_jax.sparsity import pages as selector
 from lserve_jax.sparsity.policy import DENSE, SELECT, STREAM, head_modes, list_width
+from lserve_jax.train_attention import selected_train, streaming_train
 from pallas_kernels.page_select.api import select_pages
 from pallas_kernels.page_select.reference import page_scores_reference, select_pages_reference
 from pallas_kernels.paged_write.api import append_decode, write_tokens
@@ -116,6 +117,12 @@ class TrainMetadata:
     gates: jax.Array | None = None  # [L, K] f32 in [0, 1]: DuoAttention gates, or None (causal)
     sink: int = dataclasses.field(default=128, metadata={"static": True})
     local: int = dataclasses.field(default=8192, metadata={"static": True})
+    # (page_size, logical_page_size, budget_pages): the queries at select_at ([B, T'] int32
+    # positions, >= T pads) attend on the full side to the pages LServe's decode would select
+    # (`selected_train`) instead of every earlier key
+    select: tuple[int, int, int] | None = dataclasses.field(default=None,
+                                                            metadata={"static": True})
+    select_at: jax.Array | None = None
 
 
 def attend_train(q: jax.Array, k: jax.Array, v: jax.Array, layer: int,
@@ -123,47 +130,20 @@ def attend_train(q: jax.Array, k: jax.Array, v: jax.Array, layer: int,
     """Causal attention over whole sequences (q: [B, T, N, H]; k, v: [B, T, K, H]; no cache).
     With gates, each KV head's output is g * causal + (1 - g) * streaming (sink + local keys):
     DuoAttention's training mix. On the GPU, cuDNN flash attention serves the causal part
-    (bf16/f16); the streaming part is `streaming_train`, banded, so any T fits."""
+    (bf16/f16); the streaming part is `streaming_train`, banded, so any T fits. With
+    meta.select, the queries at meta.select_at attend to selected pages on the full side."""
     fast = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-    causal = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                          implementation="cudnn" if fast else "xla")
+    full = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                        implementation="cudnn" if fast else "xla")
+    if meta.select:
+        chosen = selected_train(q, k, v, *meta.select, at=meta.select_at)
+        rows = jnp.arange(q.shape[0])[:, None]
+        full = full.at[rows, meta.select_at].set(chosen.astype(full.dtype), mode="drop")
     if meta.gates is None:
-        return causal
+        return full
     streaming = streaming_train(q, k, v, meta.sink, meta.local)
     gate = jnp.repeat(meta.gates[layer], q.shape[2] // k.shape[2])[:, None]  # [N, 1]
-    return (gate * causal + (1 - gate) * streaming).astype(q.dtype)
-
-
-def streaming_train(q: jax.Array, k: jax.Array, v: jax.Array, sink: int,
-                    local: int) -> jax.Array:
-    """Sink + local attention (query i sees keys j <= i with j < sink or j >= i - local) in
-    plain, differentiable jnp, in O(T * (2 * local + sink)) memory: queries go in blocks of
-    `local`, each against its own and the previous key block plus the sink keys (softmax in
-    f32). q: [B, T, N, H]; k, v: [B, T, K, H]; returns [B, T, N, H] f32."""
-    b, t, n, h = q.shape
-    kh, blk = k.shape[2], max(1, min(local, t))
-    nb = -(-t // blk)
-    pad = ((0, 0), (0, nb * blk - t), (0, 0), (0, 0))
-    qb = jnp.pad(q, pad).reshape(b, nb, blk, kh, n // kh, h)
-    kb, vb = (jnp.pad(x, pad).reshape(b, nb, blk, kh, h) for x in (k, v))
-    pair = [jnp.concatenate([jnp.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1], x],
-                            axis=2) for x in (kb, vb)]  # [B, nb, 2 blk, K, H]: previous, own
-    s = min(sink, t)
-    qpos = (jnp.arange(nb) * blk)[:, None] + jnp.arange(blk)  # [nb, blk]
-    kpos = (jnp.arange(nb) * blk)[:, None] + jnp.arange(-blk, blk)  # [nb, 2 blk]
-    near = ((kpos[:, None] <= qpos[..., None]) & (kpos[:, None] >= qpos[..., None] - local)
-            & (kpos[:, None] >= s))  # the sink keys are counted once, below
-    far = jnp.arange(s) <= qpos[..., None]  # [nb, blk, s]
-    scale = h ** -0.5
-    scores = jnp.concatenate([
-        jnp.einsum("bnqkgh,bnjkh->bnkgqj", qb, pair[0], preferred_element_type=jnp.float32),
-        jnp.einsum("bnqkgh,bjkh->bnkgqj", qb, k[:, :s], preferred_element_type=jnp.float32)],
-        axis=-1) * scale
-    mask = jnp.concatenate([near, far], axis=-1)[None, :, None, None]
-    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
-    out = (jnp.einsum("bnkgqj,bnjkh->bnqkgh", probs[..., :2 * blk], pair[1].astype(jnp.float32))
-           + jnp.einsum("bnkgqj,bjkh->bnqkgh", probs[..., 2 * blk:], v[:, :s].astype(jnp.float32)))
-    return out.reshape(b, nb * blk, n, h)[:, :t]
+    return (gate * full + (1 - gate) * streaming).astype(q.dtype)
 
 
 def residual_norm(x: jax.Array, delta: jax.Array | None, weight: jax.Array, eps: float,

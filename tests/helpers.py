@@ -1,4 +1,5 @@
-"""Test helpers: caches with allocated page tables, poisoned with NaN."""
+"""Test helpers: caches with allocated page tables, poisoned with NaN; a per-query reference of
+LServe's page selection."""
 
 from __future__ import annotations
 
@@ -38,3 +39,25 @@ def allocated_cache(cfg: ModelConfig, sparsity: SparsityConfig, capacities: list
     cache = empty_cache(cfg, sparsity, num_pages=total, batch=len(capacities),
                         max_pages=max_pages, fill=fill)
     return dataclasses.replace(cache, page_table=jnp.asarray(table)), owned
+
+
+def allowed_keys(q, k, page, logical, budget):
+    """[B, N, T, T] bool, one query at a time: own page + the budget - 1 earlier pages with the
+    best Quest bound (all earlier pages when there are fewer), keys j <= i."""
+    b, t, n, h = q.shape
+    g = n // k.shape[2]
+    mask = np.zeros((b, n, t, t), bool)
+    for bi in range(b):
+        for head in range(n):
+            keys = k[bi, :, head // g]
+            for i in range(t):
+                cur = i // page
+                scores = []
+                for p in range(cur):
+                    bounds = [np.sum(np.maximum(q[bi, i, head] * keys[s:s + logical].min(0),
+                                                q[bi, i, head] * keys[s:s + logical].max(0)))
+                              for s in range(p * page, (p + 1) * page, logical)]
+                    scores.append(max(bounds))
+                pages = set(np.argsort(scores)[::-1][:budget - 1].tolist()) | {cur}
+                mask[bi, head, i, : i + 1] = [j // page in pages for j in range(i + 1)]
+    return mask

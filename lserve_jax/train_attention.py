@@ -1,0 +1,131 @@
+"""Training-time attention in plain, differentiable jnp: what a head computes when the testbed
+trains under a policy's restriction. `streaming_train` is a streaming head (sink + local keys);
+`selected_train` a retrieval head of LServe's decode (Quest-selected pages), at every query or
+at chosen ones. Both run in memory linear in T per query block, so 8K-token rows train on one
+GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def streaming_train(q: jax.Array, k: jax.Array, v: jax.Array, sink: int,
+                    local: int) -> jax.Array:
+    """Sink + local attention (query i sees keys j <= i with j < sink or j >= i - local) in
+    plain, differentiable jnp, in O(T * (2 * local + sink)) memory: queries go in blocks of
+    `local`, each against its own and the previous key block plus the sink keys (softmax in
+    f32). q: [B, T, N, H]; k, v: [B, T, K, H]; returns [B, T, N, H] f32."""
+    b, t, n, h = q.shape
+    kh, blk = k.shape[2], max(1, min(local, t))
+    nb = -(-t // blk)
+    pad = ((0, 0), (0, nb * blk - t), (0, 0), (0, 0))
+    qb = jnp.pad(q, pad).reshape(b, nb, blk, kh, n // kh, h)
+    kb, vb = (jnp.pad(x, pad).reshape(b, nb, blk, kh, h) for x in (k, v))
+    pair = [jnp.concatenate([jnp.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :-1], x],
+                            axis=2) for x in (kb, vb)]  # [B, nb, 2 blk, K, H]: previous, own
+    s = min(sink, t)
+    qpos = (jnp.arange(nb) * blk)[:, None] + jnp.arange(blk)  # [nb, blk]
+    kpos = (jnp.arange(nb) * blk)[:, None] + jnp.arange(-blk, blk)  # [nb, 2 blk]
+    near = ((kpos[:, None] <= qpos[..., None]) & (kpos[:, None] >= qpos[..., None] - local)
+            & (kpos[:, None] >= s))  # the sink keys are counted once, below
+    far = jnp.arange(s) <= qpos[..., None]  # [nb, blk, s]
+    scale = h ** -0.5
+    scores = jnp.concatenate([
+        jnp.einsum("bnqkgh,bnjkh->bnkgqj", qb, pair[0], preferred_element_type=jnp.float32),
+        jnp.einsum("bnqkgh,bjkh->bnkgqj", qb, k[:, :s], preferred_element_type=jnp.float32)],
+        axis=-1) * scale
+    mask = jnp.concatenate([near, far], axis=-1)[None, :, None, None]
+    probs = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
+    out = (jnp.einsum("bnkgqj,bnjkh->bnqkgh", probs[..., :2 * blk], pair[1].astype(jnp.float32))
+           + jnp.einsum("bnkgqj,bjkh->bnqkgh", probs[..., 2 * blk:], v[:, :s].astype(jnp.float32)))
+    return out.reshape(b, nb * blk, n, h)[:, :t]
+
+
+def selected_train(q: jax.Array, k: jax.Array, v: jax.Array, page_size: int,
+                   logical_page_size: int, budget_pages: int, at: jax.Array | None = None,
+                   block: int = 512) -> jax.Array:
+    """Queries as retrieval heads of a decode step: query i attends to the keys j <= i of its
+    own page (i // page_size) and of the budget_pages - 1 earlier pages with the best Quest
+    bounds for it (each query head chooses its own, as `page_select`'s reference with
+    group_reduce "none": a logical page scores sum_h max(q_h kmin_h, q_h kmax_h) over the
+    channel-wise min / max of its keys, a physical page the max of its logical pages). With
+    budget_pages - 1 or fewer earlier pages, all are kept. The choice is not differentiated;
+    attention over the chosen keys is (softmax in f32).
+    q: [B, T, N, H]; k, v: [B, T, K, H]. Returns [B, T, N, H] f32 for every query (in blocks
+    of `block`, each recomputed in the backward pass: memory O(block * T)), or, with `at`
+    ([B, T'] int32 query positions; >= T pads), [B, T', N, H] for those queries only."""
+    b, t, n, h = q.shape
+    blk = min(-(-block // page_size), -(-t // page_size)) * page_size  # whole pages
+    tp = -(-t // blk) * blk
+    pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
+    qp, kp, vp = (jnp.pad(x, pad) for x in (q, k, v))
+    pages = page_stats(kp, logical_page_size)
+    attend = functools.partial(_attend_chosen, kp=kp, vp=vp, pages=pages, page_size=page_size,
+                               logical_page_size=logical_page_size,
+                               keep=min(budget_pages - 1, tp // page_size))
+    if at is not None:
+        pos = jnp.minimum(at, t - 1)
+        return attend(jnp.take_along_axis(q, pos[:, :, None, None], axis=1), pos)
+
+    @jax.checkpoint
+    def one_block(start):
+        pos = jnp.broadcast_to(start + jnp.arange(blk), (b, blk))
+        return attend(jax.lax.dynamic_slice_in_dim(qp, start, blk, axis=1), pos)
+
+    out = jax.lax.map(one_block, jnp.arange(0, tp, blk))  # [nb, B, blk, N, H]
+    return out.transpose(1, 0, 2, 3, 4).reshape(b, tp, n, h)[:, :t]
+
+
+def page_stats(k: jax.Array, logical_page_size: int) -> tuple[jax.Array, jax.Array]:
+    """(kmin, kmax) [B, S / N_L, K, H] f32: the channel-wise min and max of the keys k
+    [B, S, K, H] of each logical page (S a multiple of N_L), as the cache keeps them."""
+    b, t, kh, h = k.shape
+    logical = jax.lax.stop_gradient(k).astype(jnp.float32).reshape(
+        b, t // logical_page_size, logical_page_size, kh, h)
+    return logical.min(axis=2), logical.max(axis=2)
+
+
+def quest_choice(q: jax.Array, pos: jax.Array, pages: tuple[jax.Array, jax.Array],
+                 page_size: int, logical_page_size: int, keep: int) -> jax.Array:
+    """[B, K, G, T, M] bool: for each query q [B, T, K, G, H] at positions pos [B, T], the (at
+    most) `keep` pages before its own with the best Quest bounds, given the logical-page key
+    statistics `pages` = (kmin, kmax) [B, S / N_L, K, H] of S keys; M = S / page_size."""
+    lo, hi = pages
+    qf = jax.lax.stop_gradient(q).astype(jnp.float32)
+    bound = (jnp.einsum("bqkgh,blkh->bkgql", jnp.maximum(qf, 0), hi)
+             + jnp.einsum("bqkgh,blkh->bkgql", jnp.minimum(qf, 0), lo))
+    scores = bound.reshape(*bound.shape[:-1], -1, page_size // logical_page_size).max(axis=-1)
+    earlier = (jnp.arange(scores.shape[-1]) < (pos // page_size)[..., None])[:, None, None]
+    scores = jnp.where(earlier, scores, -jnp.inf)
+    kth = (jax.lax.top_k(scores, keep)[0][..., -1:] if keep
+           else jnp.full_like(scores[..., :1], jnp.inf))
+    return earlier & (scores >= kth)  # kth = -inf when fewer pages: all earlier ones
+
+
+def page_keys(chosen: jax.Array, pos: jax.Array, page_size: int, n_keys: int) -> jax.Array:
+    """[B, K, G, T, n_keys] bool: the keys a query at pos [B, T] attends to given its chosen
+    earlier pages [B, K, G, T, M]: theirs and its own page's, up to itself."""
+    kpage = jnp.arange(n_keys) // page_size
+    own = kpage == (pos // page_size)[..., None]  # [B, T, n_keys]
+    causal = jnp.arange(n_keys) <= pos[..., None]
+    return (jnp.take(chosen, kpage, axis=-1) | own[:, None, None]) & causal[:, None, None]
+
+
+def _attend_chosen(q, pos, *, kp, vp, pages, page_size: int, logical_page_size: int,
+                   keep: int) -> jax.Array:
+    """q: [B, T, N, H] queries at positions pos [B, T] over keys kp, vp [B, S, K, H] with
+    logical-page statistics `pages`: the selected-page attention of `selected_train`."""
+    b, m, n, h = q.shape
+    kh, tp = kp.shape[2], kp.shape[1]
+    qb = q.reshape(b, m, kh, n // kh, h)
+    chosen = quest_choice(qb, pos, pages, page_size, logical_page_size, keep)
+    mask = page_keys(chosen, pos, page_size, tp)
+    logits = jnp.einsum("bqkgh,bjkh->bkgqj", qb, kp,
+                        preferred_element_type=jnp.float32) * h ** -0.5
+    probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    out = jnp.einsum("bkgqj,bjkh->bqkgh", probs, vp.astype(jnp.float32))
+    return out.reshape(b, m, n, h)
