@@ -30,9 +30,13 @@ def plot_history(history: list[dict], path: pathlib.Path) -> None:
     ax1.set_xlabel("step")
     ax1.set_ylabel("nats")
     ax1.legend()
-    for streamed in sorted({r.get("streamed", False) for r in history}):
-        rows = [r for r in history if r.get("streamed", False) == streamed]
-        mode = " (streaming heads restricted)" if streamed else ""
+    kinds = {(False, False): "", (True, False): " (streaming heads restricted)",
+             (True, True): " (streaming + page-selected heads)"}
+    for kind, mode in kinds.items():
+        rows = [r for r in history
+                if (r.get("streamed", False), bool(r.get("selected"))) == kind]
+        if not rows:
+            continue
         x = [r["step"] for r in rows]
         ax2.plot(x, [100 * r["answer_acc"] for r in rows], label=f"training rows{mode}")
         if any(r.get("eval_acc") for r in rows):

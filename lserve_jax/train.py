@@ -8,8 +8,10 @@ from `TrainConfig.lengths` and fills `tokens_per_step` with rows of that length,
 is trained at the same token rate. Batches are built by worker processes (the Python task
 generator is slower than the small model's step); batch i depends only on (seed, i).
 `TrainConfig.stream_pattern` trains a head split in: in a share of the steps, the pattern's
-streaming heads see only sink + local keys (`attention.streaming_train`), so the retrieval
-work moves to the other heads. The result is an orbax checkpoint (`save_checkpoint`) that
+streaming heads see only sink + local keys (`train_attention.streaming_train`), so the
+retrieval work moves to the other heads; with `select_share`, some of those steps also give
+the other heads only the pages LServe's decode would select (`train_attention.
+selected_train`). The result is an orbax checkpoint (`save_checkpoint`) that
 `lserve_jax.model.load_model(name)` loads.
 
     python experiments/train_testbed.py experiments/configs/train_testbed.toml
@@ -20,6 +22,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -33,7 +36,7 @@ import optax
 from tqdm.auto import tqdm
 
 from lserve_jax.attention import TrainMetadata
-from lserve_jax.config import ModelConfig, RopeScaling, _positive, _require
+from lserve_jax.config import ModelConfig, RopeScaling, SparsityConfig, _positive, _require
 from lserve_jax.eval import tasks
 from lserve_jax.model.llama import Llama, init_params
 from lserve_jax.sparsity.heads import load_gates
@@ -70,6 +73,14 @@ class TrainConfig:
     stream_share: float = 0.5
     stream_sink: int = 16  # the window those heads train with (the decode window of the
     stream_local: int = 64  # policy tables: decode_sink, decode_local)
+    select_share: float = 0.0  # of the streaming steps, the share in which the other heads
+                               # attend as in LServe's decode at the answer tokens (they stand
+                               # for generated ones): each to its own page and the pages with
+                               # the best Quest bounds (`selected_train`); the other queries see
+                               # every key, as in LServe's prefill
+    select_pages: tuple[str, ...] = ("64/16",)  # "N_P/N_L" of those steps, one drawn per step
+    select_budget: int = 256  # tokens a query's pages may hold (SparsityConfig.token_budget)
+    select_queries: int = 512  # answer tokens per row that select (the first ones; static)
     data_workers: int = 0  # processes building batches; 0: one per CPU core but one (max 12)
     lr: float = 2e-3
     warmup: int = 150
@@ -89,7 +100,13 @@ class TrainConfig:
                  self.stream_sparsity, "must lie in (0, 1)")
         _require(0.0 <= self.stream_share <= 1.0, "TrainConfig.stream_share", self.stream_share,
                  "must lie in [0, 1]")
-        _positive(self, "stream_local")
+        _positive(self, "stream_local", "select_queries")
+        _require(0.0 <= self.select_share <= 1.0, "TrainConfig.select_share", self.select_share,
+                 "must lie in [0, 1]")
+        _require(bool(self.select_pages), "TrainConfig.select_pages", self.select_pages,
+                 'needs at least one "N_P/N_L" entry')
+        for entry in self.select_pages:
+            select_shape(self, entry)
         for n in self.lengths:
             _require(self.tokens_per_step % n == 0, "TrainConfig.lengths", n,
                      f"must divide tokens_per_step={self.tokens_per_step}")
@@ -167,6 +184,36 @@ def streams(cfg: TrainConfig, index: int) -> bool:
         np.random.default_rng([cfg.seed, index, 1]).random() < cfg.stream_share)
 
 
+def select_shape(cfg: TrainConfig, entry: str) -> tuple[int, int, int]:
+    """(page_size, logical_page_size, budget_pages) of one `select_pages` entry, as the decode
+    of a SparsityConfig with those pages and token_budget=select_budget selects."""
+    n_p, _, n_l = entry.partition("/")
+    try:
+        sparsity = SparsityConfig(page_size=int(n_p), logical_page_size=int(n_l or n_p),
+                                  token_budget=cfg.select_budget)
+    except ValueError as err:
+        raise ValueError(f"TrainConfig.select_pages: {entry!r} with select_budget="
+                         f"{cfg.select_budget} is not a valid page shape ({err})") from None
+    return sparsity.page_size, sparsity.logical_page_size, sparsity.budget_pages
+
+
+def answer_queries(weights: jax.Array, m: int) -> jax.Array:
+    """[B, m] int32: the first m input positions of each row whose target is an answer token
+    (weights [B, T + 1] as `make_batch` gives them), padded with T."""
+    targets = weights[:, 1:] >= tasks.ANSWER_WEIGHT
+    return jax.vmap(lambda row: jnp.nonzero(row, size=m, fill_value=row.shape[0])[0])(
+        targets).astype(jnp.int32)
+
+
+def selects(cfg: TrainConfig, index: int) -> str | None:
+    """The `select_pages` entry step `index` trains with, or None (dense or streaming only);
+    only streaming steps select, and the choice depends only on (seed, index)."""
+    rng = np.random.default_rng([cfg.seed, index, 2])
+    if not streams(cfg, index) or rng.random() >= cfg.select_share:
+        return None
+    return cfg.select_pages[int(rng.integers(len(cfg.select_pages)))]
+
+
 def train(cfg: TrainConfig) -> tuple[dict, list[dict]]:
     """Returns (f32 params, history rows). Progress bar shows loss and answer accuracy."""
     model_cfg = ModelConfig.from_name(cfg.model)
@@ -181,10 +228,12 @@ def train(cfg: TrainConfig) -> tuple[dict, list[dict]]:
         optax.adamw)(learning_rate=0.0, b2=0.95, weight_decay=cfg.weight_decay))
     state = opt.init(params)
 
-    @jax.jit
-    def step(params, state, tokens, weights, lr, gates):
+    @functools.partial(jax.jit, static_argnames="select")
+    def step(params, state, tokens, weights, lr, gates, select=None):
         state[1].hyperparams["learning_rate"] = lr  # inject_hyperparams: the schedule is host-side
-        meta = TrainMetadata(gates=gates, sink=cfg.stream_sink, local=cfg.stream_local)
+        at = answer_queries(weights, cfg.select_queries) if select else None
+        meta = TrainMetadata(gates=gates, sink=cfg.stream_sink, local=cfg.stream_local,
+                             select=select, select_at=at)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model, tokens,
                                                                        weights, meta)
         updates, state = opt.update(grads, state, params)
@@ -195,13 +244,15 @@ def train(cfg: TrainConfig) -> tuple[dict, list[dict]]:
     batches = _batches(cfg)
     for i, (tokens, weights) in zip(range(cfg.steps), batches):
         lr = jnp.float32(_learning_rate(cfg, i, progress))
-        streamed = streams(cfg, i)
-        params, state, metrics = step(params, state, tokens, weights, lr, gates[streamed])
+        streamed, pages = streams(cfg, i), selects(cfg, i)
+        params, state, metrics = step(params, state, tokens, weights, lr, gates[streamed],
+                                      select=pages and select_shape(cfg, pages))
         elapsed = time.perf_counter() - start
         progress = max(i / cfg.steps, elapsed / (60 * cfg.max_minutes) if cfg.max_minutes else 0)
         bar.update()
         if i % cfg.log_every == 0 or progress >= 1 or i == cfg.steps - 1:
             row = {"step": i, "length": tokens.shape[1] - 1, "streamed": streamed,
+                   "selected": pages,
                    "seconds": round(elapsed, 1),
                    "lr": float(lr), **{k: round(float(v), 4) for k, v in metrics.items()}}
             history.append(row)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lserve_jax.attention import TrainMetadata, attend_train, streaming_train
+from lserve_jax.attention import TrainMetadata, attend_train
 from lserve_jax.config import CacheConfig, ModelConfig, RunConfig, SparsityConfig, from_dict
 from lserve_jax.duo import GateConfig, train_gates
 from lserve_jax.engine import Engine
@@ -19,7 +19,9 @@ from lserve_jax.model import CHECKPOINTS, load_model
 from lserve_jax.model.llama import Llama, init_params
 from lserve_jax.sparsity.heads import load_pattern, save_pattern
 from lserve_jax.train import (TrainConfig, load_checkpoint, loss_fn, make_batch, save_checkpoint,
-                              stream_gates, streams, train)
+                              answer_queries, select_shape, selects, stream_gates, streams,
+                              train)
+from lserve_jax.train_attention import streaming_train
 from pallas_kernels.sparse_prefill.reference import sparse_prefill_reference
 
 PATTERN = "experiments/patterns/testbed"
@@ -108,6 +110,44 @@ def test_streaming_steps_restrict_the_patterns_low_heads(tmp_path):
     chosen = [streams(half, i) for i in range(400)]
     assert chosen == [streams(half, i) for i in range(400)] and 0.4 < np.mean(chosen) < 0.6
     assert not any(streams(dataclasses.replace(half, stream_pattern=""), i) for i in range(50))
+
+
+def test_selecting_steps_give_the_other_heads_selected_pages(tmp_path):
+    """With select_share, a streaming step may also restrict the pattern's high-gate heads to
+    the pages LServe's decode selects at the answer tokens: its logged loss is loss_fn with
+    that metadata, which differs from the streaming-only loss."""
+    model_cfg = ModelConfig.from_name("tiny")
+    save_pattern(tmp_path, np.array([[0.9, 0.1], [0.2, 0.8]]), sink_size=4, recent_size=8)
+    cfg = TrainConfig(model="tiny", steps=1, tokens_per_step=1024, lengths=(256,),
+                      stream_pattern=str(tmp_path), stream_sink=4, stream_local=8,
+                      stream_share=1.0, select_share=1.0, select_pages=("16/4",),
+                      select_budget=32, log_every=1)
+    assert select_shape(cfg, "16/4") == (16, 4, 3)  # 2 pages of budget, but K >= 3 as decode
+    _, history = train(cfg)
+    assert history[0]["streamed"] is True and history[0]["selected"] == "16/4"
+    params = init_params(dataclasses.replace(model_cfg, dtype="float32"), jax.random.key(0))
+    tokens, weights = make_batch(cfg, 0)
+    split = jnp.asarray(stream_gates(cfg, model_cfg))
+    at = answer_queries(jnp.asarray(weights), cfg.select_queries)
+    answers = np.asarray(weights)[:, 1:] >= tasks.ANSWER_WEIGHT
+    assert [sorted(r[r < 256].tolist()) for r in np.asarray(at)] == [
+        np.flatnonzero(row).tolist() for row in answers]
+    losses = [float(loss_fn(params, Llama(model_cfg), tokens, weights,
+                            TrainMetadata(gates=split, sink=4, local=8, select=select,
+                                          select_at=at if select else None))[0])
+              for select in ((16, 4, 3), None)]
+    np.testing.assert_allclose(history[0]["loss"], losses[0], rtol=2e-3)
+    assert abs(losses[0] - losses[1]) > 10 * abs(history[0]["loss"] - losses[0])
+    mixed = dataclasses.replace(cfg, stream_share=0.5, select_share=0.5,
+                                select_pages=("16/4", "32/8"))
+    chosen = [selects(mixed, i) for i in range(400)]
+    assert all(streams(mixed, i) for i, c in enumerate(chosen) if c)
+    assert 0.15 < np.mean([c is not None for c in chosen]) < 0.35
+    assert {c for c in chosen if c} == {"16/4", "32/8"}
+    with pytest.raises(ValueError, match="TrainConfig.select_pages"):
+        TrainConfig(select_pages=("64/48",))
+    with pytest.raises(ValueError, match="TrainConfig.select_pages"):
+        TrainConfig(select_pages=("64/16",), select_budget=100)
     with pytest.raises(ValueError, match="TrainConfig.stream_pattern"):
         stream_gates(dataclasses.replace(cfg, model="testbed"), ModelConfig.from_name("testbed"))
     with pytest.raises(ValueError, match="TrainConfig.stream_share"):
