@@ -1,7 +1,7 @@
 """Runs accuracy experiment configs one after another (the GPU path of `lserve run`, which
 needs no CLI library): `python experiments/run_ablations.py experiments/configs/policies.toml
-... [--contexts 2048 8192] [--policies dense lserve] [--backend pallas]`. Each writes JSON,
-markdown and plots into its output_dir."""
+... [--contexts 2048 8192] [--policies dense lserve] [--backend pallas] [--output-dir D]`.
+Each writes JSON, markdown and plots into its output_dir."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def main():
     parser.add_argument("--contexts", type=int, nargs="+", default=None, help="override")
     parser.add_argument("--policies", nargs="+", default=None, help="override")
     parser.add_argument("--backend", default=None, help="override run.backend")
+    parser.add_argument("--output-dir", default=None, help="override output_dir")
     args = parser.parse_args()
     for path in args.configs:
         exp = load_experiment(path)
@@ -27,6 +28,8 @@ def main():
             exp = dataclasses.replace(exp, policies=tuple(args.policies))
         if args.backend:
             exp = dataclasses.replace(exp, run=dataclasses.replace(exp.run, backend=args.backend))
+        if args.output_dir:
+            exp = dataclasses.replace(exp, output_dir=args.output_dir)
         print(f"== {path}", flush=True)
         run_experiment(exp)
 
