@@ -287,6 +287,13 @@ class SparsityConfig:
         return math.ceil(max(self.decode_local, reach) / self.page_size) + 1
 
 
+def page_shape(text: str) -> dict[str, int]:
+    """The SparsityConfig page fields of "N_P/N_L" (hierarchical pages, e.g. "64/16") or "N"
+    (flat pages, N_P = N_L = N); ValueError when they are not integers."""
+    n_p, _, n_l = text.partition("/")
+    return {"page_size": int(n_p), "logical_page_size": int(n_l or n_p)}
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache. `num_pages` counts physical pages of one (layer, KV head); 0 sizes the pool

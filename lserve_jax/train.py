@@ -36,7 +36,8 @@ import optax
 from tqdm.auto import tqdm
 
 from lserve_jax.attention import TrainMetadata
-from lserve_jax.config import ModelConfig, RopeScaling, SparsityConfig, _positive, _require
+from lserve_jax.config import (ModelConfig, RopeScaling, SparsityConfig, _positive, _require,
+                               page_shape)
 from lserve_jax.eval import tasks
 from lserve_jax.model.llama import Llama, init_params
 from lserve_jax.sparsity.heads import load_gates
@@ -187,10 +188,8 @@ def streams(cfg: TrainConfig, index: int) -> bool:
 def select_shape(cfg: TrainConfig, entry: str) -> tuple[int, int, int]:
     """(page_size, logical_page_size, budget_pages) of one `select_pages` entry, as the decode
     of a SparsityConfig with those pages and token_budget=select_budget selects."""
-    n_p, _, n_l = entry.partition("/")
     try:
-        sparsity = SparsityConfig(page_size=int(n_p), logical_page_size=int(n_l or n_p),
-                                  token_budget=cfg.select_budget)
+        sparsity = SparsityConfig(**page_shape(entry), token_budget=cfg.select_budget)
     except ValueError as err:
         raise ValueError(f"TrainConfig.select_pages: {entry!r} with select_budget="
                          f"{cfg.select_budget} is not a valid page shape ({err})") from None

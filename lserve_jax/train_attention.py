@@ -1,13 +1,10 @@
 """Training-time attention in plain, differentiable jnp: what a head computes when the testbed
 trains under a policy's restriction. `streaming_train` is a streaming head (sink + local keys);
-`selected_train` a retrieval head of LServe's decode (Quest-selected pages), at every query or
-at chosen ones. Both run in memory linear in T per query block, so 8K-token rows train on one
-GPU.
+`selected_train` a retrieval head of LServe's decode (Quest-selected pages) at chosen queries
+(a row's answer tokens: O(answers * T) memory).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -46,38 +43,31 @@ def streaming_train(q: jax.Array, k: jax.Array, v: jax.Array, sink: int,
 
 
 def selected_train(q: jax.Array, k: jax.Array, v: jax.Array, page_size: int,
-                   logical_page_size: int, budget_pages: int, at: jax.Array | None = None,
-                   block: int = 512) -> jax.Array:
-    """Queries as retrieval heads of a decode step: query i attends to the keys j <= i of its
-    own page (i // page_size) and of the budget_pages - 1 earlier pages with the best Quest
-    bounds for it (each query head chooses its own, as `page_select`'s reference with
-    group_reduce "none": a logical page scores sum_h max(q_h kmin_h, q_h kmax_h) over the
-    channel-wise min / max of its keys, a physical page the max of its logical pages). With
-    budget_pages - 1 or fewer earlier pages, all are kept. The choice is not differentiated;
-    attention over the chosen keys is (softmax in f32).
-    q: [B, T, N, H]; k, v: [B, T, K, H]. Returns [B, T, N, H] f32 for every query (in blocks
-    of `block`, each recomputed in the backward pass: memory O(block * T)), or, with `at`
-    ([B, T'] int32 query positions; >= T pads), [B, T', N, H] for those queries only."""
+                   logical_page_size: int, budget_pages: int, at: jax.Array) -> jax.Array:
+    """The queries at positions `at` ([B, T'] int32; >= T pads) as retrieval heads of a decode
+    step: query i attends to the keys j <= i of its own page (i // page_size) and of the
+    budget_pages - 1 earlier pages with the best Quest bounds for it (each query head chooses
+    its own, as `page_select`'s reference with group_reduce "none": a logical page scores
+    sum_h max(q_h kmin_h, q_h kmax_h) over the channel-wise min / max of its keys, a physical
+    page the max of its logical pages). With budget_pages - 1 or fewer earlier pages, all are
+    kept. The choice is not differentiated; attention over the chosen keys is (softmax in f32).
+    q: [B, T, N, H]; k, v: [B, T, K, H]; returns [B, T', N, H] f32."""
     b, t, n, h = q.shape
-    blk = min(-(-block // page_size), -(-t // page_size)) * page_size  # whole pages
-    tp = -(-t // blk) * blk
+    tp = -(-t // page_size) * page_size
     pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
-    qp, kp, vp = (jnp.pad(x, pad) for x in (q, k, v))
-    pages = page_stats(kp, logical_page_size)
-    attend = functools.partial(_attend_chosen, kp=kp, vp=vp, pages=pages, page_size=page_size,
-                               logical_page_size=logical_page_size,
-                               keep=min(budget_pages - 1, tp // page_size))
-    if at is not None:
-        pos = jnp.minimum(at, t - 1)
-        return attend(jnp.take_along_axis(q, pos[:, :, None, None], axis=1), pos)
-
-    @jax.checkpoint
-    def one_block(start):
-        pos = jnp.broadcast_to(start + jnp.arange(blk), (b, blk))
-        return attend(jax.lax.dynamic_slice_in_dim(qp, start, blk, axis=1), pos)
-
-    out = jax.lax.map(one_block, jnp.arange(0, tp, blk))  # [nb, B, blk, N, H]
-    return out.transpose(1, 0, 2, 3, 4).reshape(b, tp, n, h)[:, :t]
+    kp, vp = (jnp.pad(x, pad) for x in (k, v))
+    pos = jnp.minimum(at, t - 1)
+    qb = jnp.take_along_axis(q, pos[:, :, None, None], axis=1).reshape(
+        b, -1, k.shape[2], n // k.shape[2], h)
+    keep = min(budget_pages - 1, tp // page_size)
+    chosen = quest_choice(qb, pos, page_stats(kp, logical_page_size), page_size,
+                          logical_page_size, keep)
+    mask = page_keys(chosen, pos, page_size, tp)
+    logits = jnp.einsum("bqkgh,bjkh->bkgqj", qb, kp,
+                        preferred_element_type=jnp.float32) * h ** -0.5
+    probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    out = jnp.einsum("bkgqj,bjkh->bqkgh", probs, vp.astype(jnp.float32))
+    return out.reshape(b, -1, n, h)
 
 
 def page_stats(k: jax.Array, logical_page_size: int) -> tuple[jax.Array, jax.Array]:
@@ -113,19 +103,3 @@ def page_keys(chosen: jax.Array, pos: jax.Array, page_size: int, n_keys: int) ->
     own = kpage == (pos // page_size)[..., None]  # [B, T, n_keys]
     causal = jnp.arange(n_keys) <= pos[..., None]
     return (jnp.take(chosen, kpage, axis=-1) | own[:, None, None]) & causal[:, None, None]
-
-
-def _attend_chosen(q, pos, *, kp, vp, pages, page_size: int, logical_page_size: int,
-                   keep: int) -> jax.Array:
-    """q: [B, T, N, H] queries at positions pos [B, T] over keys kp, vp [B, S, K, H] with
-    logical-page statistics `pages`: the selected-page attention of `selected_train`."""
-    b, m, n, h = q.shape
-    kh, tp = kp.shape[2], kp.shape[1]
-    qb = q.reshape(b, m, kh, n // kh, h)
-    chosen = quest_choice(qb, pos, pages, page_size, logical_page_size, keep)
-    mask = page_keys(chosen, pos, page_size, tp)
-    logits = jnp.einsum("bqkgh,bjkh->bkgqj", qb, kp,
-                        preferred_element_type=jnp.float32) * h ** -0.5
-    probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
-    out = jnp.einsum("bkgqj,bjkh->bqkgh", probs, vp.astype(jnp.float32))
-    return out.reshape(b, m, n, h)

@@ -24,17 +24,21 @@ def inputs(seed, t, n, kh, h=8, b=2):
             zip(jax.random.split(jax.random.key(seed), 3), (n, kh, kh))]
 
 
-@pytest.mark.parametrize("t,page,logical,budget,n,kh,block", [
-    (37, 4, 2, 3, 4, 2, 8),    # ragged T, several blocks, GQA 2
-    (64, 8, 4, 4, 8, 2, 16),   # GQA 4, hierarchical pages
-    (45, 4, 4, 2, 4, 4, 512),  # flat pages, MHA, one page chosen, one block
-    (20, 8, 2, 9, 2, 1, 8),    # budget past the pages: causal attention
+def every(t, b=2):
+    """Every query position of b rows."""
+    return jnp.broadcast_to(jnp.arange(t), (b, t))
+
+
+@pytest.mark.parametrize("t,page,logical,budget,n,kh", [
+    (37, 4, 2, 3, 4, 2),   # ragged T, GQA 2
+    (64, 8, 4, 4, 8, 2),   # GQA 4, hierarchical pages
+    (45, 4, 4, 2, 4, 4),   # flat pages, MHA, one page chosen
+    (20, 8, 2, 9, 2, 1),   # budget past the pages: causal attention
 ])
-def test_selected_attention_matches_the_per_query_reference(t, page, logical, budget, n, kh,
-                                                            block):
+def test_selected_attention_matches_the_per_query_reference(t, page, logical, budget, n, kh):
     q, k, v = inputs(t + page, t, n, kh)
     mask = allowed_keys(np.asarray(q), np.asarray(k), page, logical, budget)
-    got = selected_train(q, k, v, page, logical, budget, block=block)
+    got = selected_train(q, k, v, page, logical, budget, every(t))
     np.testing.assert_allclose(got, masked_attention(q, k, v, mask), atol=2e-5)
     assert budget > -(-t // page) or not mask[..., -1, :].all()  # the selection drops keys
 
@@ -46,7 +50,7 @@ def test_selected_attention_gradients_follow_the_chosen_keys():
     mask = allowed_keys(np.asarray(q), np.asarray(k), page, logical, budget)
     grads = [jax.grad(lambda *x, f=f: jnp.sum(f(*x) * w), argnums=(0, 1, 2))(q, k, v) for f in
              (lambda q, k, v: masked_attention(q, k, v, mask),
-              lambda q, k, v: selected_train(q, k, v, page, logical, budget, block=8))]
+              lambda q, k, v: selected_train(q, k, v, page, logical, budget, every(t)))]
     for want, got in zip(*grads):
         np.testing.assert_allclose(got, want, atol=1e-4)
 
@@ -56,10 +60,10 @@ def test_selected_attention_at_chosen_queries_equals_those_rows():
     q, k, v = inputs(6, t, 4, 2)
     at = jnp.asarray([[3, 20, 36, t], [t + 5, 0, 17, 30]])  # >= T pads
     got = selected_train(q, k, v, page, logical, budget, at=at)
-    every = selected_train(q, k, v, page, logical, budget)
+    full = selected_train(q, k, v, page, logical, budget, every(t))
     for row in range(2):
         real = np.asarray(at[row]) < t
-        np.testing.assert_allclose(got[row][real], every[row][np.asarray(at[row])[real]],
+        np.testing.assert_allclose(got[row][real], full[row][np.asarray(at[row])[real]],
                                    atol=2e-5)
 
 
@@ -72,7 +76,7 @@ def test_train_metadata_select_restricts_the_retrieval_heads_at_select_at():
     meta = TrainMetadata(gates=jnp.asarray([[1.0, 0.0]]), sink=4, local=8,
                          select=(page, logical, budget), select_at=at)
     out = np.asarray(attend_train(q, k, v, 0, meta))
-    selected = selected_train(q, k, v, page, logical, budget)
+    selected = selected_train(q, k, v, page, logical, budget, every(t))
     causal = attend_train(q, k, v, 0, TrainMetadata())
     streaming = attend_train(q, k, v, 0, TrainMetadata(gates=jnp.zeros((1, 2)), sink=4, local=8))
     for row, picked in enumerate(([5, 22, 39], [12, 30])):

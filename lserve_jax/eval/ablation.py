@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from lserve_jax.config import CacheConfig, ExperimentConfig, SparsityConfig
+from lserve_jax.config import CacheConfig, ExperimentConfig, SparsityConfig, page_shape
 from lserve_jax.engine import Engine
 from lserve_jax.eval.tasks import END, VOCAB_SIZE, make_sample, probe_seed, score, text_sample
 from lserve_jax.experiment import head_gates, markdown_table, provenance
@@ -35,8 +35,7 @@ def sweep_override(field: str, value: str) -> dict:
     hint = typing.get_type_hints(SparsityConfig)[field]
     try:
         if field == "page_size":
-            n_p, _, n_l = value.partition("/")
-            return {"page_size": int(n_p), "logical_page_size": int(n_l or n_p)}
+            return page_shape(value)
         if hint is bool:
             if value not in ("true", "false"):
                 raise ValueError(value)
