@@ -26,8 +26,7 @@ from lserve_jax.model import load_model
 from lserve_jax.sparsity.policy import head_modes
 
 
-def measure(args) -> list[dict]:
-    exp = load_experiment(args.config)
+def measure(args, exp) -> list[dict]:
     base = exp.sparsity.for_policy("lserve")
     pages = args.pages or [f"{base.page_size}/{base.logical_page_size}"]
     rows = []
@@ -101,7 +100,8 @@ def main():
     parser.add_argument("--out", default="experiments/results")
     parser.add_argument("--name", default="attention_coverage")
     args = parser.parse_args()
-    rows = measure(args)
+    exp = load_experiment(args.config)
+    rows = measure(args, exp)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     columns = ["model", "pages", "layer", "kv_head", "gate", "selected", "oracle"]
@@ -112,7 +112,7 @@ def main():
         f"# {args.name}\n\nShare of each retrieval head's dense attention (mean over its query "
         f"heads, the answer tokens of {args.samples} prompts per task x depth at context "
         f"{args.context}) on the pages LServe selects (`selected`) and on the best pages by "
-        f"mass (`oracle`), budget {load_experiment(args.config).sparsity.token_budget} "
+        f"mass (`oracle`), budget {exp.sparsity.token_budget} "
         f"tokens.\n\n{table}\n")
     plot(rows, out / f"{args.name}.png",
          f"dense attention mass kept at the answer tokens, context {args.context}")

@@ -59,9 +59,8 @@ def selected_train(q: jax.Array, k: jax.Array, v: jax.Array, page_size: int,
     pos = jnp.minimum(at, t - 1)
     qb = jnp.take_along_axis(q, pos[:, :, None, None], axis=1).reshape(
         b, -1, k.shape[2], n // k.shape[2], h)
-    keep = min(budget_pages - 1, tp // page_size)
     chosen = quest_choice(qb, pos, page_stats(kp, logical_page_size), page_size,
-                          logical_page_size, keep)
+                          logical_page_size, budget_pages - 1)
     mask = page_keys(chosen, pos, page_size, tp)
     logits = jnp.einsum("bqkgh,bjkh->bkgqj", qb, kp,
                         preferred_element_type=jnp.float32) * h ** -0.5
@@ -91,6 +90,7 @@ def quest_choice(q: jax.Array, pos: jax.Array, pages: tuple[jax.Array, jax.Array
     scores = bound.reshape(*bound.shape[:-1], -1, page_size // logical_page_size).max(axis=-1)
     earlier = (jnp.arange(scores.shape[-1]) < (pos // page_size)[..., None])[:, None, None]
     scores = jnp.where(earlier, scores, -jnp.inf)
+    keep = min(keep, scores.shape[-1])
     kth = (jax.lax.top_k(scores, keep)[0][..., -1:] if keep
            else jnp.full_like(scores[..., :1], jnp.inf))
     return earlier & (scores >= kth)  # kth = -inf when fewer pages: all earlier ones
