@@ -65,6 +65,9 @@ class TrainConfig:
                              # one question at the end), before the layouts above split the rest
     eval_answer_scale: float = 1.0  # their answers' weight, x tasks.ANSWER_WEIGHT: a row holds
                                     # one question, so at 1 they carry ~0.3% of an 8K batch's loss
+    eval_tasks: tuple[str, ...] = tasks.TASKS  # the eval-shaped rows' tasks, drawn uniformly:
+                                               # repeat one to weight it
+    eval_edge_share: float = 0.0  # of those rows, the share with the target at depth 0 or 1
     stream_pattern: str = ""  # a DuoAttention pattern directory: its heads below the
                               # stream_sparsity quantile attend to sink + local keys only in a
                               # stream_share of the steps (dense in the rest), so the model's
@@ -95,6 +98,13 @@ class TrainConfig:
                  self.distinct_share, "must lie in [0, 1]")
         _require(0.0 <= self.eval_share <= 1.0, "TrainConfig.eval_share", self.eval_share,
                  "must lie in [0, 1]")
+        for task in self.eval_tasks:
+            _require(task in tasks.TASKS, "TrainConfig.eval_tasks", task,
+                     f"is not a task; pick from {tasks.TASKS}")
+        _require(bool(self.eval_tasks), "TrainConfig.eval_tasks", self.eval_tasks,
+                 "needs at least one task")
+        _require(0.0 <= self.eval_edge_share <= 1.0, "TrainConfig.eval_edge_share",
+                 self.eval_edge_share, "must lie in [0, 1]")
         _require(self.eval_answer_scale >= 1.0, "TrainConfig.eval_answer_scale",
                  self.eval_answer_scale, "must be >= 1")
         _require(0.0 < self.stream_sparsity < 1.0, "TrainConfig.stream_sparsity",
@@ -136,7 +146,8 @@ def make_batch(cfg: TrainConfig, index: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([cfg.seed, index])
     length = int(rng.choice(cfg.lengths))
     n_rows = cfg.tokens_per_step // length
-    rows = [tasks.eval_sequence(rng, length + 1) for _ in range(round(cfg.eval_share * n_rows))]
+    rows = [tasks.eval_sequence(rng, length + 1, cfg.eval_tasks, cfg.eval_edge_share)
+            for _ in range(round(cfg.eval_share * n_rows))]
     rows = [(t, np.where(w == tasks.ANSWER_WEIGHT, w * cfg.eval_answer_scale, w).astype(w.dtype))
             for t, w in rows]
     n_rest, n_distinct = n_rows - len(rows), 0

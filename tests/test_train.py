@@ -244,6 +244,37 @@ def test_eval_share_rows_are_eval_prompts_then_answers():
     assert seen == set(tasks.TASKS)
 
 
+def test_eval_tasks_and_edge_share_steer_the_eval_rows():
+    """eval_tasks draws the task from its list; in an eval_edge_share of the rows the target
+    sits right after BOS (depth 0) or right before the query (depth 1)."""
+    cfg = TrainConfig(model="tiny", tokens_per_step=8192, lengths=(1024,), eval_share=1.0,
+                      eval_tasks=("vartrack",), eval_edge_share=1.0)
+    tokens, weights = make_batch(cfg, 0)
+    rng = np.random.default_rng([cfg.seed, 0])
+    rng.choice(cfg.lengths)
+    starts = []
+    for row, w in zip(tokens, weights):
+        assert rng.integers(1) == 0  # the task
+        uniform = rng.random()
+        assert rng.random() < cfg.eval_edge_share  # the edge draw
+        depth = float(uniform < 0.5)
+        n = int(np.sum(w == tasks.ANSWER_WEIGHT))
+        prompt, _, answer, at = tasks._eval_prompt(rng, "vartrack", len(row) - n, depth,
+                                                   answered=False)
+        np.testing.assert_array_equal(row, np.concatenate([prompt, answer]))
+        assert row[at] == tasks.VAR
+        starts.append(at)
+    assert 1 in starts and any(at > 900 for at in starts)
+    assert all(at == 1 or at > 900 for at in starts)
+    mixed = dataclasses.replace(cfg, eval_tasks=("passkey", "vartrack"), eval_edge_share=0.0)
+    tokens = make_batch(mixed, 0)[0]
+    has_var = (tokens == tasks.VAR).any(axis=1)
+    assert has_var.any() and not has_var.all()
+    for bad in [dict(eval_tasks=("needle",)), dict(eval_tasks=()), dict(eval_edge_share=1.5)]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TrainConfig(**bad)
+
+
 def test_eval_share_zero_keeps_the_batches():
     """eval_share=0 draws nothing more: distinct, then repeating rows, as before it existed."""
     cfg = TrainConfig(model="tiny", tokens_per_step=2048, lengths=(512, 1024), query_every=128,

@@ -162,12 +162,19 @@ def make_sample(task: str, context: int, depth: float, seed: int) -> Sample:
     return Sample(task, int(context), float(depth), tokens, answer, start)
 
 
-def eval_sequence(rng: np.random.Generator, length: int) -> tuple[np.ndarray, np.ndarray]:
+def eval_sequence(rng: np.random.Generator, length: int, tasks: Sequence[str] = TASKS,
+                  edge_share: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(tokens [length] int32, weights [length] f32): make_sample's prompt of length - len(answer)
-    tokens (a uniformly random task and depth, drawn from rng), then its answer. Weights as in
-    training_sequence: ANSWER_WEIGHT on the answer only."""
-    task = TASKS[int(rng.integers(len(TASKS)))]
+    tokens, then its answer. The task is drawn uniformly from `tasks` (repeat one to weight it);
+    the depth is uniform in [0, 1], except in an `edge_share` of the rows, where it is 0 (the
+    target right after BOS) or 1 (right before the query), half each: a uniform depth almost
+    never puts it there. Weights as in training_sequence: ANSWER_WEIGHT on the answer only."""
+    task = tasks[int(rng.integers(len(tasks)))]
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is unknown; pick from {TASKS}")
     depth = float(rng.random())
+    if edge_share > 0.0 and rng.random() < edge_share:
+        depth = float(depth < 0.5)
     return _eval_prompt(rng, task, length, depth, answered=True)[:2]
 
 
