@@ -3,17 +3,19 @@
 # benchmarks. Results land in OUT (default experiments/results); logs beside them.
 #   bash experiments/gpu_suite.sh [OUT] [STEP ...]
 #   steps: fixture tests prefill decode probe dense e2e splits testbed finetune stage5 stage6
-#   gates ablations
+#   stage8 gates ablations
 #   (default: the kernel and speed steps; splits reruns short-context and LServe decode rows
 #   with the decode kernel's split floor relaxed below 256 programs (the default), never
 #   (MIN_PROGRAMS=1) or below 2048, ~7 min). The testbed recipe is testbed (stages
 #   1-2 from scratch, ~9 min), finetune (stages 3-4 on distinct questions, ~11 min), stage5
 #   (eval-shaped rows and its DuoAttention pattern, patterns/testbed_stage5, ~7 min), stage6
-#   (that pattern's low heads trained to stream in half of the steps, ~7 min) and gates (the
+#   (that pattern's low heads trained to stream in half of the steps, ~7 min), stage8 (eval
+#   rows weighted toward two-hop tracking and the edge depths, ~6 min) and gates (the
 #   committed pattern, ~1 min); ablations runs the accuracy configs on the committed testbed,
-#   three processes sharing the GPU (an 8K prefill of the reference backend takes ~17 GB;
-#   nine of them took 8 min on one H200; policies_n20, 20 prompts per cell, was measured one
-#   process per context and is unmeasured as one; pick some with ABLATIONS="policies heads").
+#   three processes sharing the GPU (an 8K prefill of the reference backend takes ~17 GB; the
+#   eleven 4-prompt configs took 7 + 4.5 min in two runs on one H200; policies_n20, 20
+#   prompts per cell, was measured as four processes and is unmeasured as one; pick some with
+#   ABLATIONS="policies heads").
 # e2e reads a DuoAttention pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git
 # ignores it: it is another project's data) and carry that folder to the device.
 set -uo pipefail
@@ -53,6 +55,8 @@ for step in $steps; do
                  --out experiments/patterns/testbed_stage5 --results "$out/stage5_gates" ;;
     stage6) timeout 450 python3 experiments/train_testbed.py \
               experiments/configs/train_testbed_stage6.toml ;;
+    stage8) timeout 360 python3 experiments/train_testbed.py \
+              experiments/configs/train_testbed_stage8.toml ;;
     gates) timeout 120 python3 experiments/train_gates.py --steps 400 --length 8192 --local 64 ;;
     ablations) printf "%s\n" ${ABLATIONS:-policies policies_pages16 policies_pages16_r1 policies_n20 \
                  page_size heads reuse reuse_pages16 static_sparsity budget sink_page granularity} \
