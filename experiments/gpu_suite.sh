@@ -13,9 +13,9 @@
 #   rows weighted toward two-hop tracking and the edge depths, ~6 min) and gates (the
 #   committed pattern, ~1 min); ablations runs the accuracy configs on the committed testbed,
 #   three processes sharing the GPU (an 8K prefill of the reference backend takes ~17 GB; the
-#   eleven 4-prompt configs took 7 + 4.5 min in two runs on one H200; policies_n20, 20
-#   prompts per cell, was measured as four processes and is unmeasured as one; pick some with
-#   ABLATIONS="policies heads").
+#   eleven 4-prompt configs took 7 + 4.5 min in two runs on one H200; policies_n20 and
+#   budget_n20, 20 prompts per cell, were measured as four and two processes and are
+#   unmeasured as one; pick some with ABLATIONS="policies heads").
 # e2e reads a DuoAttention pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git
 # ignores it: it is another project's data) and carry that folder to the device.
 set -uo pipefail
@@ -59,7 +59,8 @@ for step in $steps; do
               experiments/configs/train_testbed_stage8.toml ;;
     gates) timeout 120 python3 experiments/train_gates.py --steps 400 --length 8192 --local 64 ;;
     ablations) printf "%s\n" ${ABLATIONS:-policies policies_pages16 policies_pages16_r1 policies_n20 \
-                 page_size heads reuse reuse_pages16 static_sparsity budget sink_page granularity} \
+                 budget_n20 page_size heads reuse reuse_pages16 static_sparsity budget sink_page \
+                 granularity} \
                | XLA_PYTHON_CLIENT_MEM_FRACTION=0.31 xargs -P 3 -I{} timeout ${ABLATIONS_S:-580} \
                    python3 experiments/run_ablations.py experiments/configs/{}.toml ;;
     *) echo "unknown step $step" ;;
