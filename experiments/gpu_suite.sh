@@ -3,7 +3,7 @@
 # benchmarks. Results land in OUT (default experiments/results); logs beside them.
 #   bash experiments/gpu_suite.sh [OUT] [STEP ...]
 #   steps: fixture tests prefill decode probe dense e2e splits testbed finetune stage5 stage6
-#   stage8 gates ablations
+#   stage8 stage9 gates ablations
 #   (default: the kernel and speed steps; splits reruns short-context and LServe decode rows
 #   with the decode kernel's split floor relaxed below 256 programs (the default), never
 #   (MIN_PROGRAMS=1) or below 2048, ~7 min). The testbed recipe is testbed (stages
@@ -11,7 +11,9 @@
 #   (eval-shaped rows and its DuoAttention pattern, patterns/testbed_stage5, ~7 min), stage6
 #   (that pattern's low heads trained to stream in half of the steps, ~7 min), stage8 (eval
 #   rows weighted toward two-hop tracking and the edge depths, ~6 min) and gates (the
-#   committed pattern, ~1 min); ablations runs the accuracy configs on the committed testbed,
+#   committed pattern, ~1 min); stage9 trains the candidate stage 9 (stage 8 with the
+#   concentration loss: 9b, then 9c, ~10 min; measured with 9b beside stage 9, so alone 9b
+#   runs more steps) into runs/testbed_stage9c; ablations runs the accuracy configs on the committed testbed,
 #   three processes sharing the GPU (an 8K prefill of the reference backend takes ~17 GB; the
 #   eleven 4-prompt configs took 7 + 4.5 min in two runs on one H200; policies_n20 and
 #   budget_n20, 20 prompts per cell, were measured as four and two processes and are
@@ -57,10 +59,14 @@ for step in $steps; do
               experiments/configs/train_testbed_stage6.toml ;;
     stage8) timeout 360 python3 experiments/train_testbed.py \
               experiments/configs/train_testbed_stage8.toml ;;
+    stage9) timeout 330 python3 experiments/train_testbed.py \
+              experiments/configs/train_testbed_stage9b.toml \
+            && timeout 360 python3 experiments/train_testbed.py \
+                 experiments/configs/train_testbed_stage9c.toml ;;
     gates) timeout 120 python3 experiments/train_gates.py --steps 400 --length 8192 --local 64 ;;
     ablations) printf "%s\n" ${ABLATIONS:-policies policies_pages16 policies_pages16_r1 policies_n20 \
                  budget_n20 page_size heads reuse reuse_pages16 static_sparsity budget sink_page \
-                 granularity} \
+                 granularity window_n20 prefill_window_n20 sink_page_n20 paper_n20} \
                | XLA_PYTHON_CLIENT_MEM_FRACTION=0.31 xargs -P 3 -I{} timeout ${ABLATIONS_S:-580} \
                    python3 experiments/run_ablations.py experiments/configs/{}.toml ;;
     *) echo "unknown step $step" ;;

@@ -24,8 +24,11 @@ def plot_history(history: list[dict], path: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax1.plot(steps, [r["loss"] for r in history], label="weighted loss")
+    kept = [r for r in history if "kept" in r]  # TrainConfig.concentrate_weight > 0
+    fig, axes = plt.subplots(1, 3 if kept else 2, figsize=(15 if kept else 10, 3.5))
+    ax1, ax2 = axes[:2]
+    ax1.plot(steps, [r["loss"] for r in history],
+             label="weighted loss" + (" + concentration" if kept else ""))
     ax1.plot(steps, [r["filler_ce"] for r in history], label="filler cross entropy")
     ax1.set_xlabel("step")
     ax1.set_ylabel("nats")
@@ -45,6 +48,11 @@ def plot_history(history: list[dict], path: pathlib.Path) -> None:
     ax2.legend()
     ax2.set_xlabel("step")
     ax2.set_ylabel("answer tokens predicted (%)")
+    if kept:
+        axes[2].plot([r["step"] for r in kept], [100 * r["kept"] for r in kept])
+        axes[2].set_xlabel("step")
+        axes[2].set_ylabel("retrieval heads' attention kept (%)")
+        axes[2].set_title("on the selected pages, at answer tokens", fontsize=9)
     fig.suptitle("testbed training (teacher-forced; every length mixed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -123,6 +123,10 @@ class TrainMetadata:
     select: tuple[int, int, int] | None = dataclasses.field(default=None,
                                                             metadata={"static": True})
     select_at: jax.Array | None = None
+    # (page_size, logical_page_size, budget_pages): every layer sows `kept_mass`, the share of
+    # each head's dense attention at select_at that those pages would keep (`selected_mass`)
+    concentrate: tuple[int, int, int] | None = dataclasses.field(default=None,
+                                                                 metadata={"static": True})
 
 
 def attend_train(q: jax.Array, k: jax.Array, v: jax.Array, layer: int,

@@ -85,6 +85,11 @@ class TrainConfig:
     select_pages: tuple[str, ...] = ("64/16",)  # "N_P/N_L" of those steps, one drawn per step
     select_budget: int = 256  # tokens a query's pages may hold (SparsityConfig.token_budget)
     select_queries: int = 512  # answer tokens per row that select (the first ones; static)
+    concentrate_weight: float = 0.0  # > 0: every step adds this x the mean -log of the share of
+                                     # each retrieval head's dense attention at those answer
+                                     # tokens that its concentrate_pages selection keeps
+                                     # (`selected_mass`; retrieval: stream_pattern's, or all)
+    concentrate_pages: str = "16/4"  # "N_P/N_L" of that selection, budget select_budget
     data_workers: int = 0  # processes building batches; 0: one per CPU core but one (max 12)
     lr: float = 2e-3
     warmup: int = 150
@@ -118,26 +123,47 @@ class TrainConfig:
                  'needs at least one "N_P/N_L" entry')
         for entry in self.select_pages:
             select_shape(self, entry)
+        _require(self.concentrate_weight >= 0.0, "TrainConfig.concentrate_weight",
+                 self.concentrate_weight, "must be >= 0 (0: no concentration loss)")
+        select_shape(self, self.concentrate_pages, "concentrate_pages")
         for n in self.lengths:
             _require(self.tokens_per_step % n == 0, "TrainConfig.lengths", n,
                      f"must divide tokens_per_step={self.tokens_per_step}")
 
 
-def loss_fn(params, model: Llama, tokens, weights, meta: TrainMetadata = TrainMetadata()):
+def loss_fn(params, model: Llama, tokens, weights, meta: TrainMetadata = TrainMetadata(),
+            retrieval=None, concentrate_weight: float = 0.0):
     """Weighted next-token cross entropy; also the share of answer tokens predicted exactly
     (answer_acc; eval_acc for the eval-shaped rows' answers when eval_answer_scale > 1).
-    meta.gates (0 / 1 per head) makes the 0 heads attend to sink + local keys only."""
+    meta.gates (0 / 1 per head) makes the 0 heads attend to sink + local keys only. With
+    meta.concentrate, adds concentrate_weight x the mean -log of the heads' `kept_mass` at
+    meta.select_at over the heads that `retrieval` ([L, K], > 0: counted; None: every head)
+    marks, and reports that mean mass as `kept`."""
     cast = jax.tree.map(lambda p: p.astype(model.cfg.dtype), params)
     inputs, targets, w = tokens[:, :-1], tokens[:, 1:], weights[:, 1:]
     positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
-    logits, _ = model.apply({"params": cast}, inputs, positions, None, meta)
+    (logits, _), state = model.apply({"params": cast}, inputs, positions, None, meta,
+                                     mutable=["intermediates"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
     right = jnp.argmax(logits, -1) == targets
     answers, scaled = w == tasks.ANSWER_WEIGHT, w > tasks.ANSWER_WEIGHT  # scaled: eval-shaped
-    return jnp.sum(w * ce) / jnp.sum(w), {
+    loss, metrics = jnp.sum(w * ce) / jnp.sum(w), {
         "answer_acc": jnp.sum(right & answers) / jnp.maximum(jnp.sum(answers), 1),
         "eval_acc": jnp.sum(right & scaled) / jnp.maximum(jnp.sum(scaled), 1),
         "filler_ce": jnp.sum(jnp.where(w == 1, ce, 0)) / jnp.maximum(jnp.sum(w == 1), 1)}
+    if meta.concentrate:
+        kept = jnp.stack([state["intermediates"][f"layers_{i}"]["attn"]["kept_mass"][0]
+                          for i in range(model.cfg.n_layers)])  # [L, B, K, G, T']
+        heads = (jnp.ones((kept.shape[0], kept.shape[2])) if retrieval is None
+                 else jnp.asarray(retrieval))
+        counted = ((meta.select_at < inputs.shape[1])[None, :, None, None, :]
+                   & (heads > 0)[:, None, :, None, None])
+        counted = jnp.broadcast_to(counted, kept.shape)
+        n = jnp.maximum(jnp.sum(counted), 1)
+        recall = jnp.sum(jnp.where(counted, -jnp.log(kept + 1e-6), 0.0)) / n
+        loss = loss + concentrate_weight * recall
+        metrics["kept"] = jnp.sum(jnp.where(counted, kept, 0.0)) / n
+    return loss, metrics
 
 
 def make_batch(cfg: TrainConfig, index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,13 +222,15 @@ def streams(cfg: TrainConfig, index: int) -> bool:
         np.random.default_rng([cfg.seed, index, 1]).random() < cfg.stream_share)
 
 
-def select_shape(cfg: TrainConfig, entry: str) -> tuple[int, int, int]:
-    """(page_size, logical_page_size, budget_pages) of one `select_pages` entry, as the decode
-    of a SparsityConfig with those pages and token_budget=select_budget selects."""
+def select_shape(cfg: TrainConfig, entry: str,
+                 field: str = "select_pages") -> tuple[int, int, int]:
+    """(page_size, logical_page_size, budget_pages) of one "N_P/N_L" entry (of `select_pages`
+    or `field`), as the decode of a SparsityConfig with those pages and
+    token_budget=select_budget selects."""
     try:
         sparsity = SparsityConfig(**page_shape(entry), token_budget=cfg.select_budget)
     except ValueError as err:
-        raise ValueError(f"TrainConfig.select_pages: {entry!r} with select_budget="
+        raise ValueError(f"TrainConfig.{field}: {entry!r} with select_budget="
                          f"{cfg.select_budget} is not a valid page shape ({err})") from None
     return sparsity.page_size, sparsity.logical_page_size, sparsity.budget_pages
 
@@ -234,6 +262,9 @@ def train(cfg: TrainConfig) -> tuple[dict, list[dict]]:
             dataclasses.replace(model_cfg, dtype="float32"), jax.random.key(cfg.seed))
     model = Llama(model_cfg)  # computes in the preset's dtype from the f32 master weights
     gates = {False: None, True: stream_gates(cfg, model_cfg)}  # None: the causal path alone
+    retrieval = gates[True]  # the heads the concentration loss counts (None: all)
+    concentrate = (select_shape(cfg, cfg.concentrate_pages, "concentrate_pages")
+                   if cfg.concentrate_weight else None)
     opt = optax.chain(optax.clip_by_global_norm(cfg.clip), optax.inject_hyperparams(
         optax.adamw)(learning_rate=0.0, b2=0.95, weight_decay=cfg.weight_decay))
     state = opt.init(params)
@@ -241,11 +272,11 @@ def train(cfg: TrainConfig) -> tuple[dict, list[dict]]:
     @functools.partial(jax.jit, static_argnames="select")
     def step(params, state, tokens, weights, lr, gates, select=None):
         state[1].hyperparams["learning_rate"] = lr  # inject_hyperparams: the schedule is host-side
-        at = answer_queries(weights, cfg.select_queries) if select else None
+        at = answer_queries(weights, cfg.select_queries) if select or concentrate else None
         meta = TrainMetadata(gates=gates, sink=cfg.stream_sink, local=cfg.stream_local,
-                             select=select, select_at=at)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, model, tokens,
-                                                                       weights, meta)
+                             select=select, select_at=at, concentrate=concentrate)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, model, tokens, weights, meta, retrieval, cfg.concentrate_weight)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state, {"loss": loss, **aux}
 

@@ -1,7 +1,8 @@
 """Training-time attention in plain, differentiable jnp: what a head computes when the testbed
 trains under a policy's restriction. `streaming_train` is a streaming head (sink + local keys);
 `selected_train` a retrieval head of LServe's decode (Quest-selected pages) at chosen queries
-(a row's answer tokens: O(answers * T) memory).
+(a row's answer tokens: O(answers * T) memory); `selected_mass` how much of a head's dense
+attention those pages keep there (the testbed's concentration loss).
 """
 
 from __future__ import annotations
@@ -52,21 +53,39 @@ def selected_train(q: jax.Array, k: jax.Array, v: jax.Array, page_size: int,
     page the max of its logical pages). With budget_pages - 1 or fewer earlier pages, all are
     kept. The choice is not differentiated; attention over the chosen keys is (softmax in f32).
     q: [B, T, N, H]; k, v: [B, T, K, H]; returns [B, T', N, H] f32."""
+    logits, mask = _decode_view(q, k, page_size, logical_page_size, budget_pages, at)
+    probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
+    vp = jnp.pad(v, ((0, 0), (0, logits.shape[-1] - v.shape[1]), (0, 0), (0, 0)))
+    out = jnp.einsum("bkgqj,bjkh->bqkgh", probs, vp.astype(jnp.float32))
+    return out.reshape(*at.shape, q.shape[2], q.shape[3])
+
+
+def selected_mass(q: jax.Array, k: jax.Array, page_size: int, logical_page_size: int,
+                  budget_pages: int, at: jax.Array) -> jax.Array:
+    """[B, K, G, T'] f32: the share of each query's causal attention (the queries at `at`, as in
+    `selected_train`) that falls on the keys `selected_train` keeps for it: LServe's selection
+    recall, differentiable in q and k (the choice is not). q: [B, T, N, H]; k: [B, T, K, H]."""
+    logits, mask = _decode_view(q, k, page_size, logical_page_size, budget_pages, at)
+    pos = jnp.minimum(at, q.shape[1] - 1)
+    causal = jnp.arange(logits.shape[-1]) <= pos[:, None, None, :, None]
+    probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
+    return jnp.sum(jnp.where(mask, probs, 0.0), axis=-1)
+
+
+def _decode_view(q, k, page_size, logical_page_size, budget_pages, at):
+    """(logits [B, K, G, T', Tp] f32 of the queries at `at` against every key, padded to
+    Tp = whole pages; keys mask [B, K, G, T', Tp] of what LServe's decode attends to)."""
     b, t, n, h = q.shape
     tp = -(-t // page_size) * page_size
-    pad = ((0, 0), (0, tp - t), (0, 0), (0, 0))
-    kp, vp = (jnp.pad(x, pad) for x in (k, v))
+    kp = jnp.pad(k, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
     pos = jnp.minimum(at, t - 1)
     qb = jnp.take_along_axis(q, pos[:, :, None, None], axis=1).reshape(
         b, -1, k.shape[2], n // k.shape[2], h)
     chosen = quest_choice(qb, pos, page_stats(kp, logical_page_size), page_size,
                           logical_page_size, budget_pages - 1)
-    mask = page_keys(chosen, pos, page_size, tp)
     logits = jnp.einsum("bqkgh,bjkh->bkgqj", qb, kp,
                         preferred_element_type=jnp.float32) * h ** -0.5
-    probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
-    out = jnp.einsum("bkgqj,bjkh->bqkgh", probs, vp.astype(jnp.float32))
-    return out.reshape(b, -1, n, h)
+    return logits, page_keys(chosen, pos, page_size, tp)
 
 
 def page_stats(k: jax.Array, logical_page_size: int) -> tuple[jax.Array, jax.Array]:

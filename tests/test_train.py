@@ -8,6 +8,7 @@ import tomllib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from lserve_jax.attention import TrainMetadata, attend_train
@@ -154,6 +155,46 @@ def test_selecting_steps_give_the_other_heads_selected_pages(tmp_path):
         TrainConfig(stream_share=2.0)
 
 
+def test_concentration_loss_raises_the_kept_attention(tmp_path):
+    """concentrate_weight adds -log of the share of the pattern's retrieval heads' attention at
+    the answer tokens that LServe's pages keep; train logs that share as `kept`, and steps on
+    the loss raise it."""
+    model_cfg = ModelConfig.from_name("tiny")
+    save_pattern(tmp_path, np.array([[0.9, 0.1], [0.2, 0.8]]), sink_size=4, recent_size=8)
+    cfg = TrainConfig(model="tiny", steps=1, tokens_per_step=1024, lengths=(256,),
+                      stream_pattern=str(tmp_path), stream_share=0.0, concentrate_weight=0.5,
+                      concentrate_pages="16/4", select_pages=("16/4",), select_budget=32,
+                      log_every=1)
+    _, history = train(cfg)
+    params = init_params(dataclasses.replace(model_cfg, dtype="float32"), jax.random.key(0))
+    tokens, weights = make_batch(cfg, 0)
+    at = answer_queries(jnp.asarray(weights), cfg.select_queries)
+    retrieval = stream_gates(cfg, model_cfg)
+
+    def run(params, weight, meta=TrainMetadata(select_at=at, concentrate=(16, 4, 3))):
+        return loss_fn(params, Llama(model_cfg), tokens, weights, meta, retrieval, weight)
+
+    (loss, metrics), plain = run(params, 0.5), run(params, 0.0, TrainMetadata())[0]
+    np.testing.assert_allclose(history[0]["loss"], loss, rtol=2e-3)
+    assert 0.05 < history[0]["kept"] < 0.95
+    assert loss - plain >= 0.5 * -np.log(metrics["kept"]) - 1e-4  # -log is convex (Jensen)
+    meta = TrainMetadata(select_at=at, concentrate=(16, 4, 3))
+    every = [float(loss_fn(params, Llama(model_cfg), tokens, weights, meta, heads, 0.5)[1]["kept"])
+             for heads in (None, np.ones((2, 2)))]  # no pattern: every head counts
+    assert every[0] == every[1] != float(metrics["kept"])
+    opt = optax.adam(3e-3)
+    state, kept = opt.init(params), [float(metrics["kept"])]
+    for _ in range(8):
+        grads, metrics = jax.grad(run, has_aux=True)(params, 20.0)
+        updates, state = opt.update(grads, state)
+        params = optax.apply_updates(params, updates)
+        kept.append(float(metrics["kept"]))
+    assert kept[-1] > kept[0] + 0.1, kept
+    for bad in ({"concentrate_weight": -1.0}, {"concentrate_pages": "16/32"}):
+        with pytest.raises(ValueError, match=f"TrainConfig.{next(iter(bad))}"):
+            TrainConfig(**bad)
+
+
 def test_gate_training_returns_clipped_gates(tmp_path):
     cfg = ModelConfig.from_name("tiny")
     params = init_params(cfg, jax.random.key(0))
@@ -296,6 +337,10 @@ def test_eval_share_zero_keeps_the_batches():
     (pathlib.Path(__file__).parents[1] / "experiments" / "configs").glob("train_*.toml")),
     ids=lambda p: p.stem)
 def test_training_configs_parse(path):
+    """Each starts from scratch, a committed checkpoint or another config's output."""
     cfg = from_dict(TrainConfig, tomllib.loads(path.read_text()))
     assert ModelConfig.from_name(cfg.model)
-    assert not cfg.init_from or (pathlib.Path(__file__).parents[1] / cfg.init_from).exists()
+    outputs = {tomllib.loads(other.read_text()).get("out_dir") for other in path.parent.glob(
+        "train_*.toml") if other != path}
+    assert (not cfg.init_from or cfg.init_from in outputs
+            or (pathlib.Path(__file__).parents[1] / cfg.init_from).exists())

@@ -1,5 +1,6 @@
 """`selected_train`: LServe's decode-time page selection applied at every query of a sequence,
-against a per-query numpy reference (values and gradients)."""
+against a per-query numpy reference (values and gradients); `selected_mass`, the share of the
+causal attention those pages keep."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from lserve_jax.attention import TrainMetadata, attend_train
-from lserve_jax.train_attention import selected_train
+from lserve_jax.train_attention import selected_mass, selected_train
 from tests.helpers import allowed_keys
 
 
@@ -85,3 +86,29 @@ def test_train_metadata_select_restricts_the_retrieval_heads_at_select_at():
         np.testing.assert_allclose(out[row, rest, :2], causal[row, rest, :2], atol=2e-5)
         np.testing.assert_allclose(out[row, :, 2:], streaming[row, :, 2:], atol=2e-5)
     assert not np.allclose(selected[0, 39, :2], causal[0, 39, :2], atol=1e-3)
+
+
+@pytest.mark.parametrize("t,page,logical,budget,n,kh", [
+    (37, 4, 2, 3, 4, 2),   # ragged T, GQA 2
+    (64, 8, 4, 4, 8, 2),   # GQA 4, hierarchical pages
+    (20, 8, 2, 9, 2, 1),   # budget past the pages: everything kept
+])
+def test_selected_mass_is_the_causal_attention_on_the_chosen_keys(t, page, logical, budget, n,
+                                                                   kh):
+    q, k, _ = inputs(t + 2 * page, t, n, kh)
+    mask = allowed_keys(np.asarray(q), np.asarray(k), page, logical, budget)  # [B, N, T, T]
+    causal = np.tril(np.ones((t, t), bool))
+    g = n // kh
+    logits = jnp.einsum("bqnh,bjnh->bnqj", q, jnp.repeat(k, g, axis=2)) * q.shape[-1] ** -0.5
+    probs = np.asarray(jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1))
+    want = (probs * mask).sum(-1)  # [B, N, T]
+    at = jnp.asarray([[t - 1, 5, 2 * page + 1, t], [page, t + 3, t - 2, 0]])  # >= T pads
+    got = np.asarray(selected_mass(q, k, page, logical, budget, at))  # [B, K, G, T']
+    for row in range(2):
+        real = np.asarray(at[row]) < t
+        np.testing.assert_allclose(got[row].reshape(n, -1)[:, real],
+                                   want[row][:, np.asarray(at[row])[real]], atol=2e-6)
+    if budget > -(-t // page):
+        np.testing.assert_allclose(got, 1.0, atol=1e-6)
+    else:
+        assert got.min() < 0.99  # the selection drops attention somewhere

@@ -20,6 +20,7 @@ import numpy as np
 from lserve_jax import attention
 from lserve_jax.cache.paged import KVCache
 from lserve_jax.config import Backend, ModelConfig, SparsityConfig
+from lserve_jax.train_attention import selected_mass
 
 _init = nn.initializers.normal(0.02)
 
@@ -74,8 +75,11 @@ class Attention(nn.Module):
         wo = self.param("o", _init, (n, c.head_dim, c.dim), c.dtype)
         qkv = jnp.einsum("BTD,DMH->BTMH", x, wqkv)
         if cache is None:  # whole sequences, no cache (training)
-            out = attention.attend_train(*attention.split_heads(qkv, rope, kh), self.layer,
-                                         meta)
+            q, k, v = attention.split_heads(qkv, rope, kh)
+            out = attention.attend_train(q, k, v, self.layer, meta)
+            if meta.concentrate:
+                self.sow("intermediates", "kept_mass",
+                         selected_mass(q, k, *meta.concentrate, at=meta.select_at))
         else:
             out, cache = attention.attend(qkv, rope, cache, self.layer, meta, self.sparsity,
                                           self.backend)
