@@ -66,7 +66,7 @@ for step in $steps; do
     gates) timeout 120 python3 experiments/train_gates.py --steps 400 --length 8192 --local 64 ;;
     ablations) printf "%s\n" ${ABLATIONS:-policies policies_pages16 policies_pages16_r1 policies_n20 \
                  budget_n20 page_size heads reuse reuse_pages16 static_sparsity budget sink_page \
-                 granularity window_n20 prefill_window_n20 sink_page_n20 paper_n20} \
+                 granularity window_n20 prefill_window_n20 sink_page_n20 paper_n20 paper_reuse_n20} \
                | XLA_PYTHON_CLIENT_MEM_FRACTION=0.31 xargs -P 3 -I{} timeout ${ABLATIONS_S:-580} \
                    python3 experiments/run_ablations.py experiments/configs/{}.toml ;;
     *) echo "unknown step $step" ;;
