@@ -3,7 +3,8 @@
 At each answer token of a teacher-forced prompt (the tokens a decode generates), every query
 head of a SELECT head gets its dense attention probabilities over the context. `selected` is
 the mass on the keys LServe's decode attends to (the query's own page and the pages with the
-best Quest bounds, `train_attention.quest_choice`), `oracle` the most any choice of as many
+best Quest bounds: `train_attention.selected_mass`, what the testbed's concentration loss
+trains), `oracle` the most any choice of as many
 earlier pages could keep (the pages with the most mass). A selector near the oracle with both
 low means the head's attention is spread: no choice of pages reproduces it.
 """
@@ -20,7 +21,7 @@ from lserve_jax.attention import TrainMetadata, rope_tables, split_heads
 from lserve_jax.config import ModelConfig, SparsityConfig
 from lserve_jax.model.llama import Llama, rope_inv_freq
 from lserve_jax.sparsity.policy import SELECT
-from lserve_jax.train_attention import page_keys, page_stats, quest_choice
+from lserve_jax.train_attention import selected_mass
 
 
 def coverage(cfg: ModelConfig, params, sequence: np.ndarray, queries: np.ndarray,
@@ -48,19 +49,19 @@ def _masses(cfg: ModelConfig, sparsity: SparsityConfig, params, sequence: jax.Ar
     pos = queries[None]
     keep = sparsity.budget_pages - 1
     page = jnp.arange(tp // n_p)
+    shape = (n_p, n_l, sparsity.budget_pages)
     out = []
     for layer in range(cfg.n_layers):
         normed = state["intermediates"][f"layers_{layer}"]["attn_norm"]["__call__"][0][1]
         qkv = jnp.einsum("BTD,DMH->BTMH", normed, params[f"layers_{layer}"]["attn"]["qkv"])
         q, k, _ = split_heads(qkv, rope, cfg.n_kv_heads)
+        selected = selected_mass(q.astype(jnp.float32), k.astype(jnp.float32), *shape, at=pos)
         k = jnp.pad(k, ((0, 0), (0, tp - t), (0, 0), (0, 0)))
         qb = q[:, queries].reshape(1, len(queries), cfg.n_kv_heads, cfg.group_size, -1)
-        chosen = quest_choice(qb, pos, page_stats(k, n_l), n_p, n_l, keep)
         logits = jnp.einsum("bqkgh,bjkh->bkgqj", qb.astype(jnp.float32),
                             k.astype(jnp.float32)) * cfg.head_dim ** -0.5
         probs = jax.nn.softmax(jnp.where(jnp.arange(tp) <= pos[..., None, None, :, None],
                                          logits, -jnp.inf), axis=-1)
-        selected = jnp.sum(probs * page_keys(chosen, pos, n_p, tp), axis=-1)
         mass = probs.reshape(*probs.shape[:-1], tp // n_p, n_p).sum(-1)  # [1, K, G, T, M]
         current = (pos // n_p)[..., None, None, :, None]
         best = jax.lax.top_k(jnp.where(page < current, mass, 0.0), min(keep, tp // n_p))[0]
