@@ -65,11 +65,19 @@ def selected_mass(q: jax.Array, k: jax.Array, page_size: int, logical_page_size:
     """[B, K, G, T'] f32: the share of each query's causal attention (the queries at `at`, as in
     `selected_train`) that falls on the keys `selected_train` keeps for it: LServe's selection
     recall, differentiable in q and k (the choice is not). q: [B, T, N, H]; k: [B, T, K, H]."""
+    probs, mask = dense_view(q, k, page_size, logical_page_size, budget_pages, at)
+    return jnp.sum(jnp.where(mask, probs, 0.0), axis=-1)
+
+
+def dense_view(q: jax.Array, k: jax.Array, page_size: int, logical_page_size: int,
+               budget_pages: int, at: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(probs, mask), [B, K, G, T', Tp] each (Tp: T padded to whole pages): the causal (dense)
+    attention of the queries at `at` (>= T pads) over every key, f32, and the keys
+    `selected_train` keeps for them."""
     logits, mask = _decode_view(q, k, page_size, logical_page_size, budget_pages, at)
     pos = jnp.minimum(at, q.shape[1] - 1)
     causal = jnp.arange(logits.shape[-1]) <= pos[:, None, None, :, None]
-    probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
-    return jnp.sum(jnp.where(mask, probs, 0.0), axis=-1)
+    return jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1), mask
 
 
 def _decode_view(q, k, page_size, logical_page_size, budget_pages, at):
