@@ -3,7 +3,7 @@
 # benchmarks. Results land in OUT (default experiments/results); logs beside them.
 #   bash experiments/gpu_suite.sh [OUT] [STEP ...]
 #   steps: fixture tests prefill decode probe dense e2e splits testbed finetune stage5 stage6
-#   stage8 stage9 gates ablations
+#   stage8 stage9 gates ablations diagnostics
 #   (default: the kernel and speed steps; splits reruns short-context and LServe decode rows
 #   with the decode kernel's split floor relaxed below 256 programs (the default), never
 #   (MIN_PROGRAMS=1) or below 2048, ~7 min). The testbed recipe is testbed (stages
@@ -11,13 +11,13 @@
 #   (eval-shaped rows and its DuoAttention pattern, patterns/testbed_stage5, ~7 min), stage6
 #   (that pattern's low heads trained to stream in half of the steps, ~7 min), stage8 (eval
 #   rows weighted toward two-hop tracking and the edge depths, ~6 min) and gates (the
-#   committed pattern, ~1 min); stage9 trains the candidate stage 9 (stage 8 with the
-#   concentration loss: 9b, then 9c, ~10 min; measured with 9b beside stage 9, so alone 9b
-#   runs more steps) into runs/testbed_stage9c; ablations runs the accuracy configs on the committed testbed,
-#   three processes sharing the GPU (an 8K prefill of the reference backend takes ~17 GB; the
-#   eleven 4-prompt configs took 7 + 4.5 min in two runs on one H200; policies_n20 and
-#   budget_n20, 20 prompts per cell, were measured as four and two processes and are
-#   unmeasured as one; pick some with ABLATIONS="policies heads").
+#   committed pattern, ~1 min); stage9 (after stage8: stage 8 with the concentration loss, 9b,
+#   then 9c, ~10 min, into lserve_jax/assets/testbed; measured with 9b beside a side run,
+#   stage 9, so alone 9b runs more steps). ablations runs the accuracy configs on the committed
+#   testbed and diagnostics the 20-prompt diagnostics, each as one process per (config,
+#   context) side by side under a GPU memory budget, merged per config
+#   (experiments/run_parallel.py; session 14 ran the ablations' parts and the gates in 7.4 min
+#   and the first three diagnostics in 3.6 min on one H200); pick with ABLATIONS="policies heads".
 # e2e reads a DuoAttention pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git
 # ignores it: it is another project's data) and carry that folder to the device.
 set -uo pipefail
@@ -64,11 +64,13 @@ for step in $steps; do
             && timeout 360 python3 experiments/train_testbed.py \
                  experiments/configs/train_testbed_stage9c.toml ;;
     gates) timeout 120 python3 experiments/train_gates.py --steps 400 --length 8192 --local 64 ;;
-    ablations) printf "%s\n" ${ABLATIONS:-policies policies_pages16 policies_pages16_r1 policies_n20 \
-                 budget_n20 page_size heads reuse reuse_pages16 static_sparsity budget sink_page \
-                 granularity window_n20 prefill_window_n20 sink_page_n20 paper_n20 paper_reuse_n20} \
-               | XLA_PYTHON_CLIENT_MEM_FRACTION=0.31 xargs -P 3 -I{} timeout ${ABLATIONS_S:-580} \
-                   python3 experiments/run_ablations.py experiments/configs/{}.toml ;;
+    ablations) timeout 590 python3 experiments/run_parallel.py $(printf \
+                 "experiments/configs/%s.toml " ${ABLATIONS:-policies policies_pages16 \
+                 policies_pages16_r1 policies_n20 budget_n20 page_size heads reuse reuse_pages16 \
+                 static_sparsity budget sink_page granularity}) --minutes 9.5 ;;
+    diagnostics) timeout 590 python3 experiments/run_parallel.py $(printf \
+                   "experiments/configs/%s.toml " ${DIAGNOSTICS:-window_n20 prefill_window_n20 \
+                   sink_page_n20 static_sparsity_n20 paper_n20 paper_reuse_n20}) --minutes 9.5 ;;
     *) echo "unknown step $step" ;;
   esac 2>&1 | tee "$out/$step.log" | grep -v "^WARNING" | tail -40
 done

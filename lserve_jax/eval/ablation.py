@@ -281,18 +281,18 @@ def _write_json(exp: ExperimentConfig, rows: list[dict], out_dir: pathlib.Path,
     return path
 
 
-def write_accuracy(exp: ExperimentConfig, rows: list[dict],
-                   out_dir: str | pathlib.Path) -> list[pathlib.Path]:
-    """Writes `<name>.json` (where and when it ran, config, rows), `<name>.md`,
-    `<name>_heatmap.png` and, with a sweep, `<name>_bars.png` under out_dir; prints the summary
-    table; returns the paths (JSON first)."""
+def write_accuracy(exp: ExperimentConfig, rows: list[dict], out_dir: str | pathlib.Path,
+                   **extra) -> list[pathlib.Path]:
+    """Writes `<name>.json` (where and when it ran, then `extra`, whose keys override those,
+    then config and rows), `<name>.md`, `<name>_heatmap.png` and, with a sweep,
+    `<name>_bars.png` under out_dir; prints the summary table; returns the paths (JSON first)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir = pathlib.Path(out_dir)
-    paths = [_write_json(exp, rows, out_dir), out_dir / f"{exp.name}.md"]
+    paths = [_write_json(exp, rows, out_dir, **extra), out_dir / f"{exp.name}.md"]
     summary, per_task = _tables(exp, rows)
     paths[1].write_text(
         f"# {exp.name}\n\nAccuracy (%) by context (tokens), mean over tasks {list(exp.tasks)} "
