@@ -1,5 +1,5 @@
 """Selection recall (`lserve_jax.eval.coverage`) against brute force on a tiny random model, and
-on the stage-9c candidate testbed."""
+on the committed testbed (stage 9c)."""
 
 import jax
 import numpy as np
