@@ -31,7 +31,8 @@ def merge(exp: ExperimentConfig, parts: list[dict], note: str,
                                  f"{getattr(exp, field)!r}; merge parts of one config only")
     rows = [row for part in parts for row in part["rows"]]
     present = {row["policy"] for row in rows}
-    named = dict.fromkeys([*exp.policies, *(p for part in parts for p in part["config"]["policies"])])
+    named = dict.fromkeys([*exp.policies,
+                           *(p for part in parts for p in part["config"]["policies"])])
     exp = dataclasses.replace(exp, policies=tuple(p for p in named if p in present),
                               contexts=tuple(sorted({row["context"] for row in rows})))
     rank = {key: {v: i for i, v in enumerate(values)} for key, values in (
