@@ -94,9 +94,9 @@ def run(parts: list[Part], budget: float, procs: int, seconds: float,
                 continue
             part.out.parent.mkdir(parents=True, exist_ok=True)
             env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION=str(part.memory))
-            log = open(f"{part.out}.log", "w")
-            running[part] = subprocess.Popen(["timeout", str(int(left)), *command(part)],
-                                             stdout=log, stderr=subprocess.STDOUT, env=env)
+            with open(f"{part.out}.log", "w") as log:  # the child keeps its own copy
+                running[part] = subprocess.Popen(["timeout", str(int(left)), *command(part)],
+                                                 stdout=log, stderr=subprocess.STDOUT, env=env)
             waiting.remove(part)
         if left < 1 and not running:
             break
