@@ -14,10 +14,11 @@
 #   committed pattern, ~1 min); stage9 (after stage8: stage 8 with the concentration loss, 9b,
 #   then 9c, ~10 min, into lserve_jax/assets/testbed; measured with 9b beside a side run,
 #   stage 9, so alone 9b runs more steps). ablations runs the accuracy configs on the committed
-#   testbed and diagnostics the 20-prompt diagnostics, each as one process per (config,
-#   context) side by side under a GPU memory budget, merged per config
-#   (experiments/run_parallel.py; session 14 ran the ablations' parts and the gates in 7.4 min
-#   and the first three diagnostics in 3.6 min on one H200); pick with ABLATIONS="policies heads".
+#   testbed and diagnostics the 20-prompt diagnostics, each config as two processes (its
+#   largest context, the rest) side by side under a GPU memory budget, merged per config
+#   (experiments/run_parallel.py; on one H200 this split ran 11 of the 13 ablations with the
+#   gates in 7.4 min, run_parallel.py 4 of them in 2.9; the 13 together are unmeasured, ~8-9
+#   min expected); pick with ABLATIONS="policies heads" or DIAGNOSTICS=....
 # e2e reads a DuoAttention pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git
 # ignores it: it is another project's data) and carry that folder to the device.
 set -uo pipefail
