@@ -16,9 +16,9 @@
 #   stage 9, so alone 9b runs more steps). ablations runs the accuracy configs on the committed
 #   testbed and diagnostics the 20-prompt diagnostics, each config as two processes (its
 #   largest context, the rest) side by side under a GPU memory budget, merged per config
-#   (experiments/run_parallel.py; on one H200 this split ran 11 of the 13 ablations with the
-#   gates in 7.4 min, run_parallel.py 4 of them in 2.9; the 13 together are unmeasured, ~8-9
-#   min expected); pick with ABLATIONS="policies heads" or DIAGNOSTICS=....
+#   (experiments/run_parallel.py; on one H200 this split ran the eleven 4-prompt configs,
+#   budget_n20, two of policies_n20's five policies and the gates in 7.4 min, run_parallel.py
+#   4 configs in 2.9; all 13 in one call are unmeasured, ~8-9 min expected); pick with ABLATIONS="policies heads" or DIAGNOSTICS=....
 # e2e reads a DuoAttention pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git
 # ignores it: it is another project's data) and carry that folder to the device.
 set -uo pipefail
