@@ -26,6 +26,10 @@ out=${1:-experiments/results}; shift || true
 steps=${*:-tests prefill decode dense e2e}
 mkdir -p "$out"
 export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+side_by_side() {  # accuracy configs by name, side by side on the GPU, merged per config
+  timeout 590 python3 experiments/run_parallel.py $(printf "experiments/configs/%s.toml " "$@") \
+    --minutes 9.5
+}
 for step in $steps; do
   case $step in
     fixture) timeout 90 python3 experiments/make_hf_fixture.py /tmp/hf_tiny_llama \
@@ -65,13 +69,11 @@ for step in $steps; do
             && timeout 360 python3 experiments/train_testbed.py \
                  experiments/configs/train_testbed_stage9c.toml ;;
     gates) timeout 120 python3 experiments/train_gates.py --steps 400 --length 8192 --local 64 ;;
-    ablations) timeout 590 python3 experiments/run_parallel.py $(printf \
-                 "experiments/configs/%s.toml " ${ABLATIONS:-policies policies_pages16 \
-                 policies_pages16_r1 policies_n20 budget_n20 page_size heads reuse reuse_pages16 \
-                 static_sparsity budget sink_page granularity}) --minutes 9.5 ;;
-    diagnostics) timeout 590 python3 experiments/run_parallel.py $(printf \
-                   "experiments/configs/%s.toml " ${DIAGNOSTICS:-window_n20 prefill_window_n20 \
-                   sink_page_n20 static_sparsity_n20 paper_n20 paper_reuse_n20}) --minutes 9.5 ;;
+    ablations) side_by_side ${ABLATIONS:-policies policies_pages16 policies_pages16_r1 policies_n20 \
+                 budget_n20 page_size heads reuse reuse_pages16 static_sparsity budget sink_page \
+                 granularity} ;;
+    diagnostics) side_by_side ${DIAGNOSTICS:-window_n20 prefill_window_n20 sink_page_n20 \
+                   static_sparsity_n20 paper_n20 paper_reuse_n20} ;;
     *) echo "unknown step $step" ;;
   esac 2>&1 | tee "$out/$step.log" | grep -v "^WARNING" | tail -40
 done
