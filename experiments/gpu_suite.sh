@@ -3,22 +3,25 @@
 # benchmarks. Results land in OUT (default experiments/results); logs beside them.
 #   bash experiments/gpu_suite.sh [OUT] [STEP ...]
 #   steps: fixture tests prefill decode probe dense e2e splits testbed finetune stage5 stage6
-#   stage8 stage9 gates ablations diagnostics
+#   stage8 stage9 stage10 gates ablations diagnostics
 #   (default: the kernel and speed steps; splits reruns short-context and LServe decode rows
 #   with the decode kernel's split floor relaxed below 256 programs (the default), never
 #   (MIN_PROGRAMS=1) or below 2048, ~7 min). The testbed recipe is testbed (stages
 #   1-2 from scratch, ~9 min), finetune (stages 3-4 on distinct questions, ~11 min), stage5
 #   (eval-shaped rows and its DuoAttention pattern, patterns/testbed_stage5, ~7 min), stage6
 #   (that pattern's low heads trained to stream in half of the steps, ~7 min), stage8 (eval
-#   rows weighted toward two-hop tracking and the edge depths, ~6 min) and gates (the
-#   committed pattern, ~1 min); stage9 (after stage8: stage 8 with the concentration loss, 9b,
-#   then 9c, ~10 min, into lserve_jax/assets/testbed; measured with 9b beside a side run,
-#   stage 9, so alone 9b runs more steps). ablations runs the accuracy configs on the committed
+#   rows weighted toward two-hop tracking and the edge depths, ~6 min), stage9 (after stage8:
+#   stage 8 with the concentration loss, 9b, then 9c, ~10 min; measured with 9b beside a side
+#   run, stage 9, so alone 9b runs more steps), stage10 (9c with its streaming heads streaming
+#   in 3 steps of 4, ~5 min, into lserve_jax/assets/testbed) and gates (the committed pattern,
+#   ~1 min). ablations runs the accuracy configs on the committed
 #   testbed and diagnostics the 20-prompt diagnostics, each config as two processes (its
 #   largest context, the rest) side by side under a GPU memory budget, merged per config
-#   (experiments/run_parallel.py; on one H200 this split ran the eleven 4-prompt configs,
-#   budget_n20, two of policies_n20's five policies and the gates in 7.4 min, run_parallel.py
-#   4 configs in 2.9; all 13 in one call are unmeasured, ~8-9 min expected); pick with ABLATIONS="policies heads" or DIAGNOSTICS=....
+#   (experiments/run_parallel.py). On one H200 (session 15) the 13 ablations, 20-prompt ones
+#   first, merged 11 in the step's 9.3 min; static_sparsity's and granularity's 8K parts, last
+#   to start, were cut off and took 1.4 min in a second call: under a 10-minute limit per
+#   call, run ABLATIONS="static_sparsity granularity" apart. Pick configs with ABLATIONS=... or
+#   DIAGNOSTICS=....
 # e2e reads a DuoAttention pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git
 # ignores it: it is another project's data) and carry that folder to the device.
 set -uo pipefail
@@ -68,12 +71,14 @@ for step in $steps; do
               experiments/configs/train_testbed_stage9b.toml \
             && timeout 360 python3 experiments/train_testbed.py \
                  experiments/configs/train_testbed_stage9c.toml ;;
+    stage10) timeout 330 python3 experiments/train_testbed.py \
+               experiments/configs/train_testbed_stage10.toml ;;
     gates) timeout 120 python3 experiments/train_gates.py --steps 400 --length 8192 --local 64 ;;
-    ablations) side_by_side ${ABLATIONS:-policies policies_pages16 policies_pages16_r1 policies_n20 \
-                 budget_n20 page_size heads reuse reuse_pages16 static_sparsity budget sink_page \
-                 granularity} ;;
+    ablations) side_by_side ${ABLATIONS:-policies_n20 budget_n20 policies policies_pages16 \
+                 policies_pages16_r1 heads page_size reuse reuse_pages16 static_sparsity budget \
+                 sink_page granularity} ;;
     diagnostics) side_by_side ${DIAGNOSTICS:-window_n20 prefill_window_n20 sink_page_n20 \
-                   static_sparsity_n20 paper_n20 paper_reuse_n20} ;;
+                   static_sparsity_n20 paper_reuse_n20 policies_n20_seed1} ;;
     *) echo "unknown step $step" ;;
   esac 2>&1 | tee "$out/$step.log" | grep -v "^WARNING" | tail -40
 done
