@@ -108,6 +108,18 @@ def text_probes(task: str, context: int, at: int, exp: ExperimentConfig,
     return probes
 
 
+def policy_engine(exp: ExperimentConfig, cfg, params, sparsity: SparsityConfig, longest: int,
+                  max_new: int, stops: tuple[int, ...]):
+    """(engine, run config) scoring prompts of up to `longest` tokens under `sparsity` (one
+    policy's): greedy, at most `max_new` new tokens, stopped early at a stop token (which ends a
+    wrong answer)."""
+    gates = head_gates(sparsity.head_pattern, exp.head_gates_seed, cfg.n_layers,
+                       cfg.n_kv_heads) if sparsity.static else None
+    cache = CacheConfig(max_seq_len=longest + max(16, max_new), max_batch=exp.cache.max_batch)
+    run = dataclasses.replace(exp.run, max_new_tokens=max_new, temperature=0.0, stop_tokens=stops)
+    return Engine(cfg, params, sparsity, cache, gates), run
+
+
 def run_accuracy(exp: ExperimentConfig,
                  on_cell: Callable[[list[dict], int, int], None] | None = None) -> list[dict]:
     """One row per (policy, variant, task, context, depth): accuracy over `exp.samples` prompts.
@@ -133,17 +145,10 @@ def run_accuracy(exp: ExperimentConfig,
     bar = tqdm(total=total, desc="accuracy", unit="cell")
     for policy in exp.policies:
         for label, base in cells:
-            sparsity = base.for_policy(policy)
-            gates = head_gates(sparsity.head_pattern, exp.head_gates_seed, cfg.n_layers,
-                               cfg.n_kv_heads) if sparsity.static else None
             for context in exp.contexts:
                 bar.set_postfix_str(f"{policy} {label} {context}")
-                longest, max_new = sizes[context]
-                cache = CacheConfig(max_seq_len=longest + max(16, max_new),
-                                    max_batch=exp.cache.max_batch)
-                engine = Engine(cfg, params, sparsity, cache, gates)
-                run = dataclasses.replace(exp.run, max_new_tokens=max_new, temperature=0.0,
-                                          stop_tokens=stops)  # an early stop ends a wrong answer
+                engine, run = policy_engine(exp, cfg, params, base.for_policy(policy),
+                                            *sizes[context], stops)
                 rows += _score(engine, run, {"policy": policy, "variant": label},
                                probes[context], context)
                 bar.update()
