@@ -14,10 +14,9 @@
 #   stage 8 with the concentration loss, 9b, then 9c, ~10 min; measured with 9b beside a side
 #   run, stage 9, so alone 9b runs more steps), stage10 (9c with its streaming heads streaming
 #   in 3 steps of 4, ~5 min, into lserve_jax/assets/testbed) and gates (the committed pattern,
-#   ~1 min). ablations runs the accuracy configs on the committed
-#   testbed and diagnostics the 20-prompt diagnostics, each config as two processes (its
-#   largest context, the rest) side by side under a GPU memory budget, merged per config
-#   (experiments/run_parallel.py). On one H200 (session 15) the 13 ablations, 20-prompt ones
+#   ~1 min). ablations runs the accuracy configs on the committed testbed and diagnostics the
+#   20-prompt diagnostics, each config as two processes (its largest context, the rest) side
+#   by side under a GPU memory budget, merged per config (experiments/run_parallel.py). On one H200 (session 15) the 13 ablations, 20-prompt ones
 #   first, merged 11 in the step's 9.3 min; static_sparsity's and granularity's 8K parts, last
 #   to start, were cut off and took 1.4 min in a second call: under a 10-minute limit per
 #   call, run ABLATIONS="static_sparsity granularity" apart. Pick configs with ABLATIONS=... or

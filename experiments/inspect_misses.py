@@ -17,8 +17,8 @@ import dataclasses
 import numpy as np
 
 from lserve_jax.config import load_experiment
-from lserve_jax.eval.ablation import policy_engine
-from lserve_jax.eval.tasks import END, IS, NEEDLE, VALUE_LEN, VAR, Sample, make_sample, probe_seed
+from lserve_jax.eval.ablation import cell_samples, policy_engine
+from lserve_jax.eval.tasks import END, IS, NEEDLE, VALUE_LEN, VAR, Sample
 from lserve_jax.model import load_model
 
 
@@ -70,10 +70,7 @@ def main():
         exp = dataclasses.replace(exp, run=dataclasses.replace(exp.run, seed=args.seed))
     if args.depth not in exp.depths:
         raise SystemExit(f"--depth {args.depth}: the config's depths are {list(exp.depths)}")
-    at = exp.depths.index(args.depth)
-    samples = [make_sample(args.task, args.context, args.depth,
-                           probe_seed(exp.run.seed, len(exp.depths), at, exp.samples, j))
-               for j in range(exp.samples)]
+    samples = cell_samples(args.task, args.context, exp.depths.index(args.depth), exp)
     cfg, params, _ = load_model(args.model or exp.model, exp.run.seed)
     engine, run = policy_engine(exp, cfg, params, exp.sparsity.for_policy(args.policy),
                                 args.context, max(len(s.answer) for s in samples), (END,))

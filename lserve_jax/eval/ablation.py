@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from lserve_jax.config import CacheConfig, ExperimentConfig, SparsityConfig, page_shape
 from lserve_jax.engine import Engine
-from lserve_jax.eval.tasks import END, VOCAB_SIZE, make_sample, probe_seed, score, text_sample
+from lserve_jax.eval.tasks import (END, VOCAB_SIZE, Sample, make_sample, probe_seed, score,
+                                   text_sample)
 from lserve_jax.experiment import head_gates, markdown_table, provenance
 from lserve_jax.model import load_model
 from lserve_jax.sparsity.policy import attended_tokens
@@ -79,14 +80,19 @@ class Probe:
     judge: Callable[[list[int]], bool]
 
 
+def cell_samples(task: str, context: int, at: int, exp: ExperimentConfig) -> list[Sample]:
+    """The grid's synthetic-vocabulary samples of one cell, at depth exp.depths[at]. Seeds
+    follow `at`, so no two cells of a context share a world."""
+    return [make_sample(task, context, exp.depths[at],
+                        probe_seed(exp.run.seed, len(exp.depths), at, exp.samples, j))
+            for j in range(exp.samples)]
+
+
 def token_probes(task: str, context: int, at: int, exp: ExperimentConfig) -> list[Probe]:
-    """The synthetic-vocabulary prompts (testbed, presets) at depth exp.depths[at]: exact match
-    of the answer tokens. Seeds follow `at`, so no two cells of a context share a world."""
-    samples = [make_sample(task, context, exp.depths[at],
-                           probe_seed(exp.run.seed, len(exp.depths), at, exp.samples, j))
-               for j in range(exp.samples)]
+    """The synthetic-vocabulary prompts (testbed, presets) of one cell (`cell_samples`): exact
+    match of the answer tokens."""
     return [Probe(s.prompt.tolist(), len(s.answer), functools.partial(score, answer=s.answer))
-            for s in samples]
+            for s in cell_samples(task, context, at, exp)]
 
 
 def text_probes(task: str, context: int, at: int, exp: ExperimentConfig,
