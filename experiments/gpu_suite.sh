@@ -3,7 +3,7 @@
 # benchmarks. Results land in OUT (default experiments/results); logs beside them.
 #   bash experiments/gpu_suite.sh [OUT] [STEP ...]
 #   steps: fixture tests prefill decode probe dense e2e splits testbed finetune stage5 stage6
-#   stage8 stage9 stage10 gates ablations diagnostics
+#   stage8 stage9 stage10 stage11 gates ablations diagnostics
 #   (default: the kernel and speed steps; splits reruns short-context and LServe decode rows
 #   with the decode kernel's split floor relaxed below 256 programs (the default), never
 #   (MIN_PROGRAMS=1) or below 2048, ~7 min). The testbed recipe is testbed (stages
@@ -13,7 +13,8 @@
 #   rows weighted toward two-hop tracking and the edge depths, ~6 min), stage9 (after stage8:
 #   stage 8 with the concentration loss, 9b, then 9c, ~10 min; measured with 9b beside a side
 #   run, stage 9, so alone 9b runs more steps), stage10 (9c with its streaming heads streaming
-#   in 3 steps of 4, ~5 min, into lserve_jax/assets/testbed) and gates (the committed pattern,
+#   in 3 steps of 4, ~5 min), stage11 (10 on rows weighted toward two-hop tracking and
+#   multi-value, ~7 min, into lserve_jax/assets/testbed) and gates (the committed pattern,
 #   ~1 min). ablations runs the accuracy configs on the committed testbed and diagnostics the
 #   20-prompt diagnostics, each config as two processes (its largest context, the rest) side
 #   by side under a GPU memory budget, merged per config (experiments/run_parallel.py). On one H200 (session 15) the 13 ablations, 20-prompt ones
@@ -72,6 +73,8 @@ for step in $steps; do
                  experiments/configs/train_testbed_stage9c.toml ;;
     stage10) timeout 330 python3 experiments/train_testbed.py \
                experiments/configs/train_testbed_stage10.toml ;;
+    stage11) timeout 440 python3 experiments/train_testbed.py \
+               experiments/configs/train_testbed_stage11.toml ;;
     gates) timeout 120 python3 experiments/train_gates.py --steps 400 --length 8192 --local 64 ;;
     ablations) side_by_side ${ABLATIONS:-policies_n20 budget_n20 policies policies_pages16 \
                  policies_pages16_r1 heads page_size reuse reuse_pages16 static_sparsity budget \

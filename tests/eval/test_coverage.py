@@ -1,5 +1,5 @@
 """Selection recall (`lserve_jax.eval.coverage`) against brute force on a tiny random model, and
-on the committed testbed (stage 10)."""
+on the committed testbed (stage 11)."""
 
 import jax
 import numpy as np
@@ -56,7 +56,7 @@ def test_coverage_is_the_mass_on_the_selected_and_the_heaviest_pages():
 
 def test_the_testbed_keeps_its_attention_on_the_selected_pages():
     """The README's stage-9 claim at small scale: at the answer tokens of 1K prompts of every
-    task, each retrieval head of the committed testbed (stage 10) keeps >= 95% of its dense
+    task, each retrieval head of the committed testbed (stage 11) keeps >= 95% of its dense
     attention on the pages LServe selects with the policy tables' 16/4 pages and 256 tokens
     (stage 8, before the concentration loss: 57-62% on average over its heads on the same
     prompts)."""
