@@ -20,7 +20,9 @@
 #   by side under a GPU memory budget, merged per config (experiments/run_parallel.py). On one H200 (session 15) the 13 ablations, 20-prompt ones
 #   first, merged 11 in the step's 9.3 min; static_sparsity's and granularity's 8K parts, last
 #   to start, were cut off and took 1.4 min in a second call: under a 10-minute limit per
-#   call, run ABLATIONS="static_sparsity granularity" apart. Pick configs with ABLATIONS=... or
+#   call, run ABLATIONS="static_sparsity granularity" apart. Session 16: 11 ablations plus
+#   policies_n20_seed1 merged all but budget in 9.2 min; budget, static_sparsity, granularity
+#   and five diagnostics all but prefill_window_n20 in 7.7. Pick configs with ABLATIONS=... or
 #   DIAGNOSTICS=....
 # e2e reads a DuoAttention pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git
 # ignores it: it is another project's data) and carry that folder to the device.
