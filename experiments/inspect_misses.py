@@ -18,7 +18,7 @@ import numpy as np
 
 from lserve_jax.config import load_experiment
 from lserve_jax.eval.ablation import cell_samples, policy_engine
-from lserve_jax.eval.tasks import END, IS, NEEDLE, VALUE_LEN, VAR, Sample
+from lserve_jax.eval.tasks import END, IS, NEEDLE, VALUE_LEN, VAR, Sample, score
 from lserve_jax.model import load_model
 
 
@@ -49,7 +49,7 @@ def locate(tokens, prompt: np.ndarray) -> str:
 
 def explain(sample: Sample, generated) -> str | None:
     """None for a right answer, else the answer and the generation located in the prompt."""
-    if list(generated[:len(sample.answer)]) == sample.answer.tolist():
+    if score(list(generated), sample.answer):
         return None
     return (f"answer {locate(sample.answer, sample.prompt)} | got "
             f"{locate(generated, sample.prompt)}")
