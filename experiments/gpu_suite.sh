@@ -17,13 +17,10 @@
 #   multi-value, ~7 min, into lserve_jax/assets/testbed) and gates (the committed pattern,
 #   ~1 min). ablations runs the accuracy configs on the committed testbed and diagnostics the
 #   20-prompt diagnostics, each config as two processes (its largest context, the rest) side
-#   by side under a GPU memory budget, merged per config (experiments/run_parallel.py). On one H200 (session 15) the 13 ablations, 20-prompt ones
-#   first, merged 11 in the step's 9.3 min; static_sparsity's and granularity's 8K parts, last
-#   to start, were cut off and took 1.4 min in a second call: under a 10-minute limit per
-#   call, run ABLATIONS="static_sparsity granularity" apart. Session 16: 11 ablations plus
-#   policies_n20_seed1 merged all but budget in 9.2 min; budget, static_sparsity, granularity
-#   and five diagnostics all but prefill_window_n20 in 7.7. Pick configs with ABLATIONS=... or
-#   DIAGNOSTICS=....
+#   by side under a GPU memory budget, merged per config (experiments/run_parallel.py). One
+#   H200 merges ~11 of the 13 ablations in a step's 9.5 min, the last configs' 8K parts cut off
+#   (timings in the README): under a 10-minute limit per call, run the rest apart, e.g.
+#   ABLATIONS="static_sparsity granularity". Pick configs with ABLATIONS=... or DIAGNOSTICS=....
 # e2e reads a DuoAttention pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git
 # ignores it: it is another project's data) and carry that folder to the device.
 set -uo pipefail
