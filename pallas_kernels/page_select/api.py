@@ -8,17 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._compat import check_power_of_two, layer_operand, next_power_of_two
-from pallas_kernels.page_select.kernel import (
-    DEFAULT_RADIX_BITS,
-    RADIX_BITS,
-    ScoreBlocks,
-    score_pages,
-    top_pages,
-)
+from pallas_kernels.page_select.kernel import ScoreBlocks, SelectTuning, score_pages, top_pages
 
 
 def _scores(q, kmin, kmax, table, lengths, modes, layer, group_reduce, page_size, blocks,
-            min_width, interpret):
+            min_width, target_programs, interpret):
     b, kh, g, h = q.shape
     if kmin.shape != kmax.shape or kmin.shape[2] != h:
         raise ValueError(f"kmin {kmin.shape} and kmax {kmax.shape} must be [P, R, {h}]")
@@ -33,7 +27,7 @@ def _scores(q, kmin, kmax, table, lengths, modes, layer, group_reduce, page_size
     if group_reduce not in ("none", "sum", "max"):
         raise ValueError(f"group_reduce={group_reduce!r} is invalid: use 'none', 'sum' or 'max'")
     width = next_power_of_two(max(table.shape[3], min_width))
-    blocks = blocks or ScoreBlocks.for_shape(width, b * kh)
+    blocks = blocks or ScoreBlocks.for_shape(width, b * kh, target_programs)
     gp = max(16, next_power_of_two(g))  # Triton dots need >= 16 rows
     return score_pages(jnp.pad(q, ((0, 0), (0, 0), (0, gp - g), (0, 0))), kmin, kmax,
                        table.astype(jnp.int32), lengths.astype(jnp.int32),
@@ -44,20 +38,20 @@ def _scores(q, kmin, kmax, table, lengths, modes, layer, group_reduce, page_size
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "page_size", "group_reduce", "blocks",
-                                             "interpret"))
+                                             "tuning", "interpret"))
 def page_scores(q, kmin, kmax, table, lengths, modes, *, layer: int, page_size: int,
                 group_reduce: str = "none", blocks: ScoreBlocks | None = None,
-                interpret: bool = False) -> jax.Array:
+                tuning: SelectTuning = SelectTuning(), interpret: bool = False) -> jax.Array:
     """Same result as `page_scores_reference`: [B, K, Gs, M] f32."""
     scores = _scores(q, kmin, kmax, table, lengths, modes, layer, group_reduce, page_size,
-                     blocks, 1, interpret)
+                     blocks, 1, tuning.target_programs, interpret)
     gs = q.shape[2] if group_reduce == "none" else 1
     return scores[:, :, :gs, : table.shape[3]]
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "k", "width", "page_size",
                                              "group_reduce", "keep_sink_page", "blocks",
-                                             "radix_bits", "interpret"))
+                                             "tuning", "interpret"))
 def select_pages(
     q: jax.Array,  # [B, K, G, H]
     kmin: jax.Array,  # [P, Np/Nl, H]
@@ -73,23 +67,24 @@ def select_pages(
     group_reduce: str = "none",
     keep_sink_page: bool = False,
     blocks: ScoreBlocks | None = None,
-    radix_bits: int = DEFAULT_RADIX_BITS,
+    tuning: SelectTuning = SelectTuning(),
     interpret: bool = False,
 ) -> jax.Array:
     """The k best pages per selection row, as `select_pages_reference(page_scores_reference(
     ...), lengths, modes[layer], ...)`: [B, K, Gs, width] int32, ascending, -1 padded; all -1
     for heads whose mode is not SELECT (nothing of theirs is read). Scores and top-k are two
-    kernels; no sort runs. `blocks` tiles the score kernel (default: ScoreBlocks.for_shape);
-    the top-k finds the k-th best score `radix_bits` (1, 2 or 4) bits per pass."""
+    kernels; no sort runs. `blocks` tiles the score kernel (default: ScoreBlocks.for_shape
+    at tuning.target_programs); the top-k finds the k-th best score tuning.radix_bits bits a
+    pass."""
     if not 0 < k <= width:
         raise ValueError(f"k={k} must lie in (0, width={width}]")
     check_power_of_two("select_pages", width=width)
-    if radix_bits not in RADIX_BITS:
-        raise ValueError(f"radix_bits={radix_bits} is invalid: use one of {RADIX_BITS}")
     scores = _scores(q, kmin, kmax, table, lengths, modes, layer, group_reduce, page_size,
-                     blocks, width, interpret)
+                     blocks, width, tuning.target_programs, interpret)
     return top_pages(scores, lengths.astype(jnp.int32), modes.astype(jnp.int32),
                      layer_operand(layer),
                      groups=q.shape[2] if group_reduce == "none" else 1, k=k, width=width,
                      page_size=page_size, keep_sink_page=keep_sink_page,
-                     radix_bits=radix_bits, interpret=interpret)
+                     radix_bits=tuning.radix_bits,
+                     chunk=min(scores.shape[-1], tuning.topk_chunk >> tuning.radix_bits),
+                     num_warps=tuning.topk_warps, interpret=interpret)

@@ -28,19 +28,36 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._compat import NEG_INF, check_power_of_two, next_power_of_two, whole
-from pallas_kernels.sparse_decode.reference import SELECT
+from pallas_kernels.layout import SELECT
 
-# H200, one Llama-3-8B layer, half the heads streaming (B=1 256K, B=8 128K, B=1 32K): ~2048
-# score programs (one 32-page block each at B=1 256K) beat 256 pages a program by 1.1-1.7x;
-# top-k with 2-bit digits beat 1 and 4 bits at B=1 256K and tied elsewhere. Counting 16384
-# (key, digit) pairs a loop step (a 256K row of 4096 pages in one step) cut selection by 5-16%
-# against 4096 once the passes stop early (session 8, one layer, B=1 256K and B=8 128K, both
-# list kinds); a whole row of 16K pages with 4-bit digits at once took minutes to compile.
-TARGET_PROGRAMS = 2048
 RADIX_BITS = (1, 2, 4)  # digit widths that divide 32 and keep the counts small
-DEFAULT_RADIX_BITS = 2
-TOPK_CHUNK = 16384  # keys x candidate digits counted per top-k loop step
-TOPK_WARPS = 4  # warps of a top-k program (one program per selection row)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectTuning:
+    """How the selection op tiles its work; passed explicitly (benchmarks sweep it).
+
+    Defaults measured on the H200 (one Llama-3-8B layer, half the heads streaming; B=1 256K,
+    B=8 128K, B=1 32K): ~2048 score programs (one 32-page block each at B=1 256K) beat 256
+    pages a program by 1.1-1.7x; top-k with 2-bit digits beat 1 and 4 bits at B=1 256K and
+    tied elsewhere; counting 16384 (key, digit) pairs a loop step (a 256K row of 4096 pages in
+    one step) cut selection by 5-16% against 4096; a whole row of 16K pages with 4-bit digits
+    at once took minutes to compile.
+    """
+
+    target_programs: int = 2048  # score programs to aim for
+    radix_bits: int = 2  # top-k digit width: 1, 2 or 4 bits a counting pass
+    topk_chunk: int = 16384  # keys x candidate digits counted per top-k loop step
+    topk_warps: int = 4  # warps of a top-k program (one program per selection row)
+
+    def __post_init__(self):
+        if self.radix_bits not in RADIX_BITS:
+            raise ValueError(f"SelectTuning.radix_bits={self.radix_bits} is invalid: use one of "
+                             f"{RADIX_BITS}")
+        check_power_of_two("SelectTuning", topk_chunk=self.topk_chunk,
+                           topk_warps=self.topk_warps)
+        if self.target_programs < 1:
+            raise ValueError(f"SelectTuning.target_programs={self.target_programs} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +75,13 @@ class ScoreBlocks:
                              f"and divide pages_per_program={self.pages_per_program}")
 
     @classmethod
-    def for_shape(cls, width: int, rows: int, pages_per_block: int = 32,
-                  **kwargs) -> ScoreBlocks:
+    def for_shape(cls, width: int, rows: int, target_programs: int = 2048,
+                  pages_per_block: int = 32, **kwargs) -> ScoreBlocks:
         """Blocks for `rows` (= B * K) score rows of `width` pages: pages_per_block capped
         at the row, and the fewest pages per program (at least one block) for which at most
-        about TARGET_PROGRAMS programs run."""
+        about `target_programs` programs run."""
         ppb = max(16, min(pages_per_block, next_power_of_two(width)))
-        ppp = next_power_of_two(-(-width * rows // TARGET_PROGRAMS))
+        ppp = next_power_of_two(-(-width * rows // target_programs))
         return cls(pages_per_block=ppb, pages_per_program=max(ppb, ppp), **kwargs)
 
 
@@ -257,16 +274,16 @@ def _topk_kernel(
 
 @functools.partial(jax.jit, static_argnames=("groups", "k", "width", "page_size",
                                              "keep_sink_page", "radix_bits", "chunk",
-                                             "interpret"))
+                                             "num_warps", "interpret"))
 def top_pages(scores, lengths, modes, layer, *, groups: int, k: int, width: int,
-              page_size: int, keep_sink_page: bool, radix_bits: int = DEFAULT_RADIX_BITS,
-              chunk: int | None = None, interpret: bool = False):
+              page_size: int, keep_sink_page: bool, radix_bits: int = 2,
+              chunk: int | None = None, num_warps: int = 4, interpret: bool = False):
     """scores: [B, K, >= groups, M'] (M' a power of two >= width; rows past `groups` are
     ignored); lengths: [B] int32; modes: [L, K] int32; layer: [1] int32 -> [B, K, groups,
     width] int32.
-    `chunk` (a power of two; default min(M', TOPK_CHUNK >> radix_bits)): pages per loop step."""
+    `chunk` (a power of two; default min(M', 16384 >> radix_bits)): pages per loop step."""
     b, kh, _, m = scores.shape
-    chunk = chunk or min(m, TOPK_CHUNK >> radix_bits)
+    chunk = chunk or min(m, 16384 >> radix_bits)
     assert m >= width and radix_bits in RADIX_BITS and m % chunk == 0, (m, width, radix_bits)
     kernel = functools.partial(_topk_kernel, k=k, page_size=page_size,
                                keep_sink_page=keep_sink_page, radix_bits=radix_bits,
@@ -278,7 +295,7 @@ def top_pages(scores, lengths, modes, layer, *, groups: int, k: int, width: int,
                   whole(lengths), whole(modes), whole(layer)],
         out_specs=pl.BlockSpec((None, None, None, width), lambda i, j, g: (i, j, g, 0)),
         out_shape=jax.ShapeDtypeStruct((b, kh, groups, width), jnp.int32),
-        compiler_params=plgpu.CompilerParams(num_warps=TOPK_WARPS, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="top_pages",
     )(scores, lengths, modes, layer)

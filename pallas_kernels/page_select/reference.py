@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._compat import NEG_INF
-from pallas_kernels.sparse_decode.reference import SELECT
+from pallas_kernels.layout import SELECT
 
 
 def reduce_groups(scores: jax.Array, group_reduce: str) -> jax.Array:

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.paged_write.kernel import append_rotated
-from pallas_kernels.paged_write.reference import destinations, dropped, write_tokens_reference
+from pallas_kernels.layout import destinations, dropped
+from pallas_kernels.paged_write.reference import write_tokens_reference
 
 
 @functools.partial(jax.jit, static_argnames=("q_rows", "sink_pages", "ring_pages", "stats",

@@ -1,9 +1,6 @@
 """Plain-jnp reference for writing tokens into the paged KV pool with page statistics.
 
-Layout (shared by every op): pools `[P, Np, H]` hold one (layer, KV head)'s `Np` tokens per
-physical page; statistics `[P, Np/Nl, H]` hold the channel-wise min/max of each logical page of
-`Nl` tokens; page 0 is the trash page: a token that must not land is routed there (the decode
-kernel writes it there; the multi-token scatters below skip it).
+The layout (pools, statistics, the trash page, the streaming ring) is `pallas_kernels.layout`'s.
 """
 
 from __future__ import annotations
@@ -11,27 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-TRASH_PAGE = 0
-
-
-def destinations(table, lengths, new_lens, streaming, t: int, n_p: int, *, sink_pages: int,
-                 ring_pages: int) -> tuple[jax.Array, jax.Array]:
-    """Where each new token lands: (physical page [B, T, K], slot in the page [B, T, 1]).
-
-    Token t of row b sits at position lengths[b] + t and is written iff t < new_lens[b]; a
-    streaming head's token lands only if its page is a sink page or one of the last
-    `ring_pages` pages after this write (the ring would overwrite the rest). The rest go to
-    the trash page.
-    """
-    positions = lengths[:, None] + jnp.arange(t)[None, :]  # [B, T]
-    logical = positions // n_p
-    last_page = (lengths + new_lens - 1) // n_p  # [B]
-    valid = jnp.arange(t)[None, :] < new_lens[:, None]  # [B, T]
-    in_ring = (logical < sink_pages) | (logical > last_page[:, None] - ring_pages)
-    keep = valid[..., None] & (~streaming[None, None, :] | in_ring[..., None])  # [B, T, K]
-    logical = jnp.minimum(logical, table.shape[-1] - 1)
-    phys = jnp.take_along_axis(table[:, None], logical[:, :, None, None], axis=-1)[..., 0]
-    return jnp.where(keep, phys, TRASH_PAGE), (positions % n_p)[..., None]
+from pallas_kernels.layout import destinations, dropped, rotate
 
 
 def write_tokens_reference(
@@ -70,14 +47,6 @@ def write_tokens_reference(
     return k_pool, v_pool, kmin, kmax
 
 
-def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """RoPE in HF's convention (channel pairs (i, i + H/2)) computed in f32 and rounded once
-    to x's dtype. x: [..., M, H]; cos, sin: [..., H/2] f32, broadcast over the heads M."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    c, s = cos[..., None, :], sin[..., None, :]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
-
-
 def append_rotated_reference(k_pool, v_pool, kmin, kmax, table, lengths,
                              qkv: jax.Array,  # [B, N + 2K, H] one new token per row
                              cos: jax.Array,  # [B, H/2] f32 rotation of the token's position
@@ -97,10 +66,3 @@ def append_rotated_reference(k_pool, v_pool, kmin, kmax, table, lengths,
                                    sink_pages=sink_pages, ring_pages=ring_pages, stats=stats)
     q = q.reshape(b, kh, n // kh, h)
     return (jnp.pad(q, ((0, 0), (0, 0), (0, q_rows - n // kh), (0, 0))), *pools)
-
-
-def dropped(phys: jax.Array, num_pages: int) -> jax.Array:
-    """Trash-page destinations made out of range, for scatters with mode="drop": the update is
-    skipped instead of landing (a prefill sends most streaming-head tokens to the trash page,
-    and thousands of updates colliding on one page serialise on the GPU)."""
-    return jnp.where(phys == TRASH_PAGE, num_pages, phys)

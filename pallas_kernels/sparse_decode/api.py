@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._compat import layer_operand, next_power_of_two
-from pallas_kernels.sparse_decode.kernel import DecodeBlocks, decode_partials
+from pallas_kernels.sparse_decode.kernel import DecodeBlocks, DecodeTuning, decode_partials
 from pallas_kernels.sparse_decode.merge import merge_partials
 
 
@@ -42,7 +42,8 @@ def _check(q, k_pool, v_pool, table, selected, lengths, modes, layer, g):
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "sink", "local", "budget_pages", "scale",
-                                             "max_listed", "blocks", "groups", "interpret"))
+                                             "max_listed", "blocks", "groups", "tuning",
+                                             "interpret"))
 def sparse_decode(
     q: jax.Array,  # [B, K, G, H], or [B, K, query_rows(G), H] zero past G (then give groups)
     k_pool: jax.Array,  # [P, Np, H]
@@ -60,11 +61,13 @@ def sparse_decode(
     max_listed: int | None = None,
     blocks: DecodeBlocks | None = None,
     groups: int | None = None,
+    tuning: DecodeTuning = DecodeTuning(),
     interpret: bool = False,
 ) -> jax.Array:
     """Same result as `sparse_decode_reference` on q[:, :, :G]; returns [B, K, G, H] in q's
     dtype. `max_listed` (default M) bounds every head's list length; it sizes the key splits.
-    `groups`: G when q arrives padded to the kernel's rows (as the fused append writes it)."""
+    `groups`: G when q arrives padded to the kernel's rows (as the fused append writes it).
+    `blocks` overrides the tiling that `tuning` derives for the shape."""
     g = groups or q.shape[2]
     _check(q, k_pool, v_pool, table, selected, lengths, modes, layer, g)
     b, kh, _, h = q.shape
@@ -72,7 +75,7 @@ def sparse_decode(
     n_p, m = k_pool.shape[1], table.shape[3]
     listed = min(m, max_listed or m)
     if blocks is None:
-        blocks = DecodeBlocks.for_shape(n_p, listed, b * kh * gs)
+        blocks = DecodeBlocks.for_shape(n_p, listed, b * kh * gs, tuning)
     if blocks.pages_per_block > w:  # the selection row must hold a whole block
         blocks = dataclasses.replace(blocks, pages_per_block=w,
                                      pages_per_split=max(w, blocks.pages_per_split))
@@ -87,4 +90,5 @@ def sparse_decode(
     # every (list, split) partial of a KV head is one more term of the same log-sum-exp
     return merge_partials(o.reshape(b, kh, gs * splits, gp, h), mx.reshape(b, kh, -1, gp),
                           l.reshape(b, kh, -1, gp), groups=g, dtype=q.dtype,
+                          chunk=tuning.merge_chunk, block_h=tuning.merge_block_h,
                           interpret=interpret)

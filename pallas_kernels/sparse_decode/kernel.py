@@ -24,29 +24,46 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._compat import LOG2_E, NEG_INF, check_power_of_two, next_power_of_two, whole
-from pallas_kernels.sparse_decode.reference import SELECT, STREAM
+from pallas_kernels.layout import SELECT, STREAM, sink_pages
 
-# Defaults from the H200 sweep in experiments/results/decode_attention.json: one 64-token page
-# per loop step (a contiguous tile from a scalar page id) beat gathering two pages per step by
-# 1.7x; ~2048 programs (about 16 per SM) and 3 pipeline stages were best or within 3%.
-TARGET_PROGRAMS = 2048
-# A split walks at least MIN_PAGES_PER_SPLIT entries, fewer (down to 2) only while the grid would
-# otherwise run under MIN_PROGRAMS programs (about 2 per SM): whole decode steps on the H200
-# (e2e.json split_floor_sweep and session 7's rows) ran B=1 dense 4K (8 programs of 64 pages) at
-# 4.56-4.60 ms with 2-page splits against 4.73 with 8, while LServe's lists (32 or more
-# programs of ~64 pages) and B >= 4 were as fast or faster with 8 (one layer, B=8 128K,
-# per-KV-head lists: 40 us of attention against 59 us with 2, two processes alike).
-MIN_PAGES_PER_SPLIT = 8
-MIN_PROGRAMS = 256
-NUM_WARPS, NUM_STAGES = 4, 3  # `for_shape`'s (bench_e2e may vary them)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTuning:
+    """How the decode op tiles its work; passed explicitly (benchmarks sweep it).
+
+    Defaults measured on the H200 (experiments/results/h200/decode_attention.json, e2e.json):
+    one 64-token page per loop step (a contiguous tile from a scalar page id) beat gathering
+    two pages a step by 1.7x; ~2048 programs (about 16 per SM) and 3 pipeline stages were best
+    or within 3%. A split walks at least `min_pages_per_split` entries, fewer (down to 2) only
+    while the grid would otherwise run under `min_programs` programs (about 2 per SM): a whole
+    B=1 dense 4K decode step (8 programs of 64 pages) ran 4.56-4.60 ms with 2-page splits
+    against 4.73 with 8, while LServe's lists and B >= 4 were as fast or faster with 8.
+    """
+
+    target_programs: int = 2048
+    min_pages_per_split: int = 8
+    min_programs: int = 256
+    num_warps: int = 4
+    num_stages: int = 3
+    merge_chunk: int = 16  # partials merged per loop step of the merge kernel
+    merge_block_h: int = 32  # head-dim slice of one merge program
+
+    def __post_init__(self):
+        check_power_of_two("DecodeTuning", num_warps=self.num_warps,
+                           min_pages_per_split=self.min_pages_per_split,
+                           merge_chunk=self.merge_chunk, merge_block_h=self.merge_block_h)
+        for name in ("target_programs", "min_programs", "num_stages"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DecodeTuning.{name}={getattr(self, name)} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeBlocks:
     pages_per_block: int  # pages per loop step (x page_size keys); 1 loads one contiguous tile
     pages_per_split: int  # list entries one program walks
-    num_warps: int = NUM_WARPS
-    num_stages: int = NUM_STAGES
+    num_warps: int = 4
+    num_stages: int = 3
 
     def __post_init__(self):
         check_power_of_two("DecodeBlocks", pages_per_block=self.pages_per_block,
@@ -57,18 +74,18 @@ class DecodeBlocks:
 
     @classmethod
     def for_shape(cls, page_size: int, list_width: int, programs: int,
-                  block_tokens: int = 64, **kwargs) -> DecodeBlocks:
+                  tuning: DecodeTuning = DecodeTuning(), block_tokens: int = 64) -> DecodeBlocks:
         """Blocks of ~block_tokens keys (at least one page); enough key splits that about
-        TARGET_PROGRAMS programs run, each walking at least MIN_PAGES_PER_SPLIT entries, or
-        fewer (halved down to 2) while fewer than MIN_PROGRAMS programs would run."""
+        tuning.target_programs programs run, each walking at least min_pages_per_split
+        entries, or fewer (halved down to 2) while fewer than min_programs would run."""
         ppb = max(1, block_tokens // page_size)
-        splits = max(1, TARGET_PROGRAMS // max(1, programs))
-        floor = MIN_PAGES_PER_SPLIT
-        while floor > 2 and programs * -(-list_width // floor) < MIN_PROGRAMS:
+        splits = max(1, tuning.target_programs // max(1, programs))
+        floor = tuning.min_pages_per_split
+        while floor > 2 and programs * -(-list_width // floor) < tuning.min_programs:
             floor //= 2
         pps = next_power_of_two(max(ppb, floor, -(-list_width // splits)))
-        kwargs = {"num_warps": NUM_WARPS, "num_stages": NUM_STAGES, **kwargs}
-        return cls(pages_per_block=ppb, pages_per_split=pps, **kwargs)
+        return cls(pages_per_block=ppb, pages_per_split=pps, num_warps=tuning.num_warps,
+                   num_stages=tuning.num_stages)
 
 
 def _decode_kernel(
@@ -100,15 +117,15 @@ def _decode_kernel(
     layer = layer_ref[0]
     m_max, width = table_ref.shape[3], sel_ref.shape[4]
     block = pages_per_block * n_p
-    sink_pages = -(-sink // n_p)
+    sinks = sink_pages(sink, n_p)
     t = lengths_ref[b] - 1
     n_pages = t // n_p + 1
     mode = modes_ref[layer, kh]
     streaming = mode == STREAM
     sparse = (mode == SELECT) & (n_pages > budget_pages)
     n_sel = jnp.sum((sel_ref[layer, b, kh, g, pl.ds(0, width)] >= 0).astype(jnp.int32))
-    n_sink = jnp.minimum(sink_pages, n_pages)
-    first = jnp.minimum(jnp.maximum((t - local) // n_p, sink_pages), n_pages)
+    n_sink = jnp.minimum(sinks, n_pages)
+    first = jnp.minimum(jnp.maximum((t - local) // n_p, sinks), n_pages)
     count = jnp.where(sparse, n_sel + 1, jnp.where(streaming, n_sink + n_pages - first, n_pages))
     count = jnp.where(sparse | (g == 0), count, 0)  # only selections differ between lists
     start = split * pages_per_split

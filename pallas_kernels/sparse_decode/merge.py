@@ -21,10 +21,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._compat import NEG_INF, next_power_of_two
 
-MERGE_CHUNK = 16  # partials merged per loop step
-MERGE_BLOCK_H = 32  # head-dim slice of one program
-
-
 def merge_partials_reference(o, m, l, groups: int, dtype) -> jax.Array:
     """o: [B, K, S, Gp, H] f32; m, l: [B, K, S, Gp] (log2 units). Returns [B, K, G, H]."""
     o, m, l = o[..., :groups, :], m[..., :groups], l[..., :groups]
@@ -58,14 +54,17 @@ def _merge_kernel(o_ref, m_ref, l_ref, out_ref, *, chunk: int):
     out_ref[...] = (acc / jnp.where(total > 0, total, 1.0)[:, None]).astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("groups", "dtype", "interpret"))
-def merge_partials(o, m, l, *, groups: int, dtype, interpret: bool = False) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("groups", "dtype", "chunk", "block_h",
+                                             "interpret"))
+def merge_partials(o, m, l, *, groups: int, dtype, chunk: int = 16, block_h: int = 32,
+                   interpret: bool = False) -> jax.Array:
     """Same result as `merge_partials_reference` (o: [B, K, S, Gp, H] f32, rows past `groups`
-    never read; m, l: [B, K, S, Gp]); returns [B, K, G, H] in `dtype`."""
+    never read; m, l: [B, K, S, Gp]); returns [B, K, G, H] in `dtype`. One program per (row,
+    KV head, `block_h` channels) merges `chunk` partials a loop step."""
     b, kh, s, gp, h = o.shape
     rows = next_power_of_two(groups)
-    hb = MERGE_BLOCK_H if h % MERGE_BLOCK_H == 0 else h
-    chunk = min(MERGE_CHUNK, 1 << (s.bit_length() - 1))  # a power of two <= S
+    hb = block_h if h % block_h == 0 else h
+    chunk = min(chunk, 1 << (s.bit_length() - 1))  # a power of two <= S
     out = pl.pallas_call(
         functools.partial(_merge_kernel, chunk=chunk),
         grid=(b, kh, h // hb),

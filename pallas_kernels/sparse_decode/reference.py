@@ -15,7 +15,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-DENSE, SELECT, STREAM = 0, 1, 2
+from pallas_kernels import layout
+from pallas_kernels.layout import SELECT, STREAM
 
 
 def decode_page_lists(selected: jax.Array, lengths: jax.Array, modes: jax.Array, *,
@@ -81,7 +82,7 @@ def sparse_decode_reference(
     gs, m = selected.shape[2], table.shape[-1]
     scale = h ** -0.5 if scale is None else scale
     pages, counts = decode_page_lists(selected, lengths, modes, width=m, page_size=n_p,
-                                      local=local, sink_pages=-(-sink // n_p),
+                                      local=local, sink_pages=layout.sink_pages(sink, n_p),
                                       budget_pages=budget_pages)
     used = jnp.arange(m) < counts[..., None]  # [B, K, Gs, M]
     logical = jnp.where(used, jnp.clip(pages, 0, m - 1), 0)

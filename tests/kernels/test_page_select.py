@@ -9,9 +9,9 @@ import pytest
 
 from pallas_kernels._compat import NEG_INF, lower_for_cuda
 from pallas_kernels.page_select.api import page_scores, select_pages
-from pallas_kernels.page_select.kernel import TARGET_PROGRAMS, ScoreBlocks, top_pages
+from pallas_kernels.layout import DENSE, SELECT, STREAM
+from pallas_kernels.page_select.kernel import ScoreBlocks, SelectTuning, top_pages
 from pallas_kernels.page_select.reference import page_scores_reference, select_pages_reference
-from pallas_kernels.sparse_decode.reference import DENSE, SELECT, STREAM
 from tests.kernels.conftest import INTERPRET, nan_pool, random_tables
 
 MODES = np.array([[SELECT, STREAM, DENSE], [STREAM, SELECT, SELECT]])  # [L, K]
@@ -62,14 +62,15 @@ def test_selection_matches_reference(g, page_size, group_reduce, radix_bits, kee
     scores = page_scores_reference(*args, layer=1, page_size=page_size,
                                    group_reduce=group_reduce)
     ref = np.asarray(select_pages_reference(scores, lengths, modes[1], **kw))
-    out = select_pages(*args, layer=1, group_reduce=group_reduce, radix_bits=radix_bits,
+    tuning = SelectTuning(radix_bits=radix_bits)
+    out = select_pages(*args, layer=1, group_reduce=group_reduce, tuning=tuning,
                        interpret=INTERPRET, **kw)
     np.testing.assert_array_equal(np.asarray(out), ref)
     assert (ref[:, MODES[1] != SELECT] == -1).all() and (ref[:2, MODES[1] == SELECT] >= 0).any()
     blocks = ScoreBlocks(pages_per_block=16, pages_per_program=32, num_warps=8)
     for lowered in (None, blocks):
         lower_for_cuda(lambda *a, lowered=lowered: select_pages(
-            *a, layer=1, group_reduce=group_reduce, radix_bits=radix_bits, blocks=lowered, **kw),
+            *a, layer=1, group_reduce=group_reduce, tuning=tuning, blocks=lowered, **kw),
             *args)
 
 
@@ -98,15 +99,16 @@ def test_score_blocks_for_shape_fill_the_gpu():
         blocks = ScoreBlocks.for_shape(width, rows)
         programs = rows * max(width, blocks.pages_per_program) // blocks.pages_per_program
         assert blocks.pages_per_program >= blocks.pages_per_block >= 16
-        assert programs <= TARGET_PROGRAMS
-        assert programs > TARGET_PROGRAMS // 2 or blocks.pages_per_program == blocks.pages_per_block
+        target = SelectTuning().target_programs
+        assert programs <= target
+        assert programs > target // 2 or blocks.pages_per_program == blocks.pages_per_block
 
 
 def test_bad_arguments_name_the_field():
     args = _case(1, 16, 0)
     kw = {"layer": 1, "k": 5, "width": 8, "page_size": 16}
     with pytest.raises(ValueError, match="radix_bits"):
-        select_pages(*args, **kw, radix_bits=3)
+        SelectTuning(radix_bits=3)
     with pytest.raises(ValueError, match="modes"):
         select_pages(*args[:5], args[5][:1], **kw)
     with pytest.raises(ValueError, match="width"):

@@ -8,11 +8,8 @@ import pytest
 
 from pallas_kernels._compat import lower_for_cuda
 from pallas_kernels.paged_write.api import append_decode, write_tokens
-from pallas_kernels.paged_write.reference import (
-    append_rotated_reference,
-    destinations,
-    write_tokens_reference,
-)
+from pallas_kernels.layout import destinations
+from pallas_kernels.paged_write.reference import append_rotated_reference, write_tokens_reference
 from pallas_kernels.sparse_decode.api import query_rows
 from tests.kernels.conftest import INTERPRET, nan_pool, random_tables
 

@@ -10,8 +10,8 @@ from pallas_kernels._compat import NEG_INF, lower_for_cuda
 from pallas_kernels.sparse_decode.api import query_rows, sparse_decode
 from pallas_kernels.sparse_decode.kernel import DecodeBlocks
 from pallas_kernels.sparse_decode.merge import merge_partials, merge_partials_reference
-from pallas_kernels.sparse_decode.reference import (DENSE, SELECT, STREAM, decode_page_lists,
-                                                    sparse_decode_reference)
+from pallas_kernels.layout import DENSE, SELECT, STREAM
+from pallas_kernels.sparse_decode.reference import decode_page_lists, sparse_decode_reference
 from tests.kernels.conftest import INTERPRET, close, nan_pool, random_tables
 
 SINK, LOCAL, BUDGET = 20, 40, 4
