@@ -1,10 +1,10 @@
 """Selection recall of LServe's page selector on the eval prompts: per retrieval (SELECT) head,
 the share of its dense attention at the answer tokens that the selected pages keep, against the
-most any as many pages could keep (`lserve_jax.eval.coverage`). Writes
+most any as many pages could keep (`lserve_jax.lab.coverage`). Writes
 <out>/<name>.{json,md,png}.
 
     python experiments/attention_coverage.py --pages 16/4 64/16 --context 4096
-    python experiments/attention_coverage.py --models testbed runs/testbed_stage7
+    python experiments/attention_coverage.py --models testbed runs/testbed/tracking
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import pathlib
 import numpy as np
 from tqdm.auto import tqdm
 
-from lserve_jax.config import load_experiment
-from lserve_jax.eval.ablation import apply_sweep
-from lserve_jax.eval.coverage import coverage
-from lserve_jax.eval.tasks import TASKS, make_sample, probe_seed
-from lserve_jax.experiment import head_gates, markdown_table, provenance
+from lserve_jax.lab.ablation import apply_sweep
+from lserve_jax.lab.coverage import coverage
+from lserve_jax.lab.experiment import load_experiment
+from lserve_jax.lab.report import markdown_table, provenance
+from lserve_jax.lab.tasks import TASKS, make_sample, probe_seed
 from lserve_jax.model import load_model
+from lserve_jax.sparsity.heads import policy_gates
 from lserve_jax.sparsity.policy import head_modes
 
 
@@ -31,8 +32,9 @@ def measure(args, exp) -> list[dict]:
     pages = args.pages or [f"{base.page_size}/{base.logical_page_size}"]
     rows = []
     for name in args.models:
-        cfg, params, _ = load_model(name, exp.run.seed)
-        gates = head_gates(base.head_pattern, exp.head_gates_seed, cfg.n_layers, cfg.n_kv_heads)
+        model = load_model(name, exp.run.seed)
+        cfg, params = model.config, model.params
+        gates = policy_gates(base, cfg, model.pattern)
         for label in pages:
             sparsity = apply_sweep(base, "page_size", label)
             modes = head_modes(cfg, sparsity, gates)
@@ -97,7 +99,7 @@ def main():
     parser.add_argument("--samples", type=int, default=4,
                         help="prompts per task x depth (4: the policy tables' prompts)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS))
-    parser.add_argument("--out", default="experiments/results")
+    parser.add_argument("--out", default="runs/coverage")
     parser.add_argument("--name", default="attention_coverage")
     args = parser.parse_args()
     exp = load_experiment(args.config)

@@ -16,9 +16,9 @@ import dataclasses
 
 import numpy as np
 
-from lserve_jax.config import load_experiment
-from lserve_jax.eval.ablation import cell_samples, policy_engine
-from lserve_jax.eval.tasks import END, IS, NEEDLE, VALUE_LEN, VAR, Sample, score
+from lserve_jax.lab.ablation import cell_samples, policy_engine
+from lserve_jax.lab.experiment import load_experiment
+from lserve_jax.lab.tasks import END, IS, NEEDLE, VALUE_LEN, VAR, Sample, score
 from lserve_jax.model import load_model
 
 
@@ -71,8 +71,8 @@ def main():
     if args.depth not in exp.depths:
         raise SystemExit(f"--depth {args.depth}: the config's depths are {list(exp.depths)}")
     samples = cell_samples(args.task, args.context, exp.depths.index(args.depth), exp)
-    cfg, params, _ = load_model(args.model or exp.model, exp.run.seed)
-    engine, run = policy_engine(exp, cfg, params, exp.sparsity.for_policy(args.policy),
+    model = load_model(args.model or exp.model, exp.run.seed)
+    engine, run = policy_engine(exp, model, exp.sparsity.for_policy(args.policy),
                                 args.context, max(len(s.answer) for s in samples), (END,))
     done = engine.generate([s.prompt.tolist() for s in samples], run)
     misses = 0

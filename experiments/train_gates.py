@@ -1,8 +1,8 @@
-"""DuoAttention head identification on a model (default: the testbed checkpoint): trains the
-gates (lserve_jax/duo.py) and writes the pattern (DuoAttention's TSV + config.json), the
-history and a heatmap of the gates.
+"""DuoAttention head identification on a project model (default: the testbed checkpoint):
+trains the gates (`lserve_jax.lab.gates`) on the testbed's retrieval tasks and writes the
+pattern (DuoAttention's TSV + config.json), the history and a heatmap of the gates.
 
-    python experiments/train_gates.py [--model testbed] [--out experiments/patterns/testbed]
+    python experiments/train_gates.py [--model testbed] --out DIR [--results DIR] [--steps N ...]
 """
 
 from __future__ import annotations
@@ -14,51 +14,33 @@ import pathlib
 
 import numpy as np
 
-from experiments import benchlib
-from lserve_jax.duo import GateConfig, train_gates
+from lserve_jax.lab.gates import GateConfig, train_gates
+from lserve_jax.lab.plots import plot_gates
+from lserve_jax.lab.report import provenance
 from lserve_jax.model import load_model
 from lserve_jax.sparsity.heads import save_pattern
 
 
-def plot_gates(gates: np.ndarray, path: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(2 + gates.shape[1], 1 + 0.45 * gates.shape[0]))
-    im = ax.imshow(gates, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    for (layer, head), g in np.ndenumerate(gates):
-        ax.text(head, layer, f"{g:.2f}", ha="center", va="center",
-                color="black" if g > 0.5 else "white")
-    ax.set_xlabel("KV head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(gates.shape[1]))
-    ax.set_yticks(range(gates.shape[0]))
-    fig.colorbar(im, label="gate (1 = needs full attention)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-def main():
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="testbed")
-    parser.add_argument("--out", default="experiments/patterns/testbed")
-    parser.add_argument("--results", default=str(benchlib.RESULTS))
+    parser.add_argument("--out", required=True, help="the pattern directory to write")
+    parser.add_argument("--results", default="runs/gates",
+                        help="where gates.json (history) and gates.png go")
     for field in dataclasses.fields(GateConfig):
         parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = GateConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GateConfig)})
-    model_cfg, params, _ = load_model(args.model)
-    gates, history = train_gates(model_cfg, params, cfg)
+    model = load_model(args.model)
+    gates, history = train_gates(model.config, model.params, cfg)
     save_pattern(args.out, gates, sink_size=cfg.sink, recent_size=cfg.local, model=args.model,
                  gate_training=dataclasses.asdict(cfg))
     results = pathlib.Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    (results / "testbed_gates.json").write_text(json.dumps(
-        {**benchlib.header(), "config": dataclasses.asdict(cfg), "gates": gates.tolist(),
-         "history": history}, indent=1))
-    plot_gates(gates, results / "testbed_gates.png")
+    (results / "gates.json").write_text(json.dumps(
+        {**provenance(), "model": args.model, "config": dataclasses.asdict(cfg),
+         "gates": gates.tolist(), "history": history}, indent=1) + "\n")
+    plot_gates(gates, results / "gates.png")
     print(np.round(gates, 3))
 
 

@@ -1,9 +1,11 @@
 """The `lserve` command.
 
-    lserve generate [--model tiny|HF_DIR] (--prompt TEXT | --tokens ID ...) [--sparsity.* ...]
+    lserve generate [--model tiny|testbed|DIR] (--prompt TEXT | --tokens ID ...) [--sparsity.* ...]
     lserve run CONFIG.toml [--FIELD VALUE ...]   (any ExperimentConfig field, e.g. --run.seed 3)
 
 Typed parsing and `--help` come from tyro; every field of the config dataclasses is a flag.
+`run` is the lab's (accuracy grids and policy comparisons: `pip install -e '.[lab]'`); it is
+imported only when asked for, so the serving library runs without the lab's dependencies.
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ import sys
 
 import tyro
 
-from lserve_jax.config import CacheConfig, ExperimentConfig, RunConfig, SparsityConfig
-from lserve_jax.config import load_experiment
+from lserve_jax.config import CacheConfig, RunConfig, SparsityConfig
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -23,10 +24,9 @@ USAGE = __doc__.split("\n\n")[1]
 class GenerateArgs:
     """Generate from one prompt with any model and policy."""
 
-    model: str = "tiny"  # a preset (random weights) or a local HF directory
+    model: str = "tiny"  # a preset, `testbed`, a checkpoint directory or a local HF directory
     prompt: str | None = None  # text; needs a tokenizer in the model directory
     tokens: tuple[int, ...] = ()  # token ids, when there is no tokenizer
-    head_gates_seed: int = 0  # random gates for duo/lserve when sparsity.head_pattern is unset
     sparsity: SparsityConfig = SparsityConfig(policy="dense")
     cache: CacheConfig = CacheConfig(max_batch=1)
     run: RunConfig = RunConfig()
@@ -34,10 +34,11 @@ class GenerateArgs:
 
 def generate(args: GenerateArgs) -> list[int]:
     from lserve_jax.engine import Engine
-    from lserve_jax.experiment import head_gates
     from lserve_jax.model import load_model
+    from lserve_jax.sparsity.heads import policy_gates
 
-    cfg, params, tokenizer = load_model(args.model, args.run.seed)
+    model = load_model(args.model, args.run.seed)
+    tokenizer = model.tokenizer
     if args.prompt is not None:
         if tokenizer is None:
             raise SystemExit(f"--prompt needs a tokenizer, and {args.model!r} has none: pass "
@@ -47,9 +48,8 @@ def generate(args: GenerateArgs) -> list[int]:
         prompt = list(args.tokens)
     else:
         raise SystemExit("give --prompt TEXT or --tokens ID ...")
-    gates = head_gates(args.sparsity.head_pattern, args.head_gates_seed, cfg.n_layers,
-                       cfg.n_kv_heads)
-    engine = Engine(cfg, params, args.sparsity, args.cache, gates)
+    gates = policy_gates(args.sparsity, model.config, model.pattern)
+    engine = Engine(model.config, model.params, args.sparsity, args.cache, gates)
     completion = engine.generate([prompt], args.run)[0]
     if completion.error:
         raise SystemExit(completion.error)
@@ -57,6 +57,18 @@ def generate(args: GenerateArgs) -> list[int]:
     if tokenizer is not None:
         print(f"text: {tokenizer.decode(completion.tokens)!r}")
     return completion.tokens
+
+
+def run(config: str, overrides: list[str]) -> None:
+    try:
+        from lserve_jax.lab.experiment import ExperimentConfig, load_experiment
+        from lserve_jax.lab.run import run_experiment
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"`lserve run` needs the lab's dependencies ({err.name} is missing): "
+                         "pip install -e '.[lab]'") from None
+    exp = tyro.cli(ExperimentConfig, default=load_experiment(config), args=overrides,
+                   prog=f"lserve run {config}")
+    run_experiment(exp)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,12 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv[0] == "generate":
             generate(tyro.cli(GenerateArgs, args=argv[1:], prog="lserve generate"))
-            return
-        from lserve_jax.experiment import run_experiment
-
-        exp = tyro.cli(ExperimentConfig, default=load_experiment(argv[1]), args=argv[2:],
-                       prog=f"lserve run {argv[1]}")
-        run_experiment(exp)
+        else:
+            run(argv[1], argv[2:])
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise SystemExit(f"error: {err}") from None
 

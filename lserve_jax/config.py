@@ -8,22 +8,38 @@ field and say how to fix it.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 import pathlib
-import tomllib
 import typing
 from typing import Literal
 
-from lserve_jax.eval.tasks import TASKS
+from pallas_kernels import layout
 
 DType = Literal["float32", "bfloat16"]
 Policy = Literal["dense", "streaming", "duo", "quest", "lserve"]
 Granularity = Literal["query_head", "kv_head"]
-Backend = Literal["reference", "cudnn", "pallas", "pallas_interpret"]
 
 POLICIES: tuple[str, ...] = ("dense", "streaming", "duo", "quest", "lserve")
-BACKENDS: tuple[str, ...] = ("reference", "cudnn", "pallas", "pallas_interpret")
+
+
+class Backend(enum.StrEnum):
+    """Where attention runs (`lserve_jax.attention.backends` maps each to its kernels)."""
+
+    reference = "reference"  # plain jnp on any device: the oracle
+    cudnn = "cudnn"  # jax.nn.dot_product_attention(implementation="cudnn"); dense policy only
+    pallas = "pallas"  # the Pallas Triton kernels, compiled for the GPU
+    pallas_interpret = "pallas_interpret"  # the same kernels interpreted on the CPU
+
+
+class PrefillPath(enum.StrEnum):
+    """How backend `pallas` runs a whole prompt's attention."""
+
+    windowed = "windowed"  # retrieval heads: cuDNN causal; streaming heads: cuDNN's sliding
+    #                        window plus a sink call, merged by f32 log-sum-exp
+    composite = "composite"  # retrieval heads: cuDNN causal; streaming heads: our kernel
+    fused = "fused"  # every head in our kernel, one launch
 
 
 def _require(ok: bool, field: str, value, fix: str) -> None:
@@ -52,6 +68,14 @@ def _positive(obj, *names: str) -> None:
 def _one_of(obj, name: str, allowed: tuple[str, ...]) -> None:
     value = getattr(obj, name)
     _require(value in allowed, f"{type(obj).__name__}.{name}", value, f"choose one of {allowed}")
+
+
+def _as_enum(obj, name: str, kind: type[enum.StrEnum]) -> None:
+    """Turns the field's text into `kind` (TOML, JSON and Python callers pass strings)."""
+    value = getattr(obj, name)
+    allowed = tuple(m.value for m in kind)
+    _require(value in allowed, f"{type(obj).__name__}.{name}", value, f"choose one of {allowed}")
+    object.__setattr__(obj, name, kind(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,13 +145,29 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, path: str | pathlib.Path, dtype: DType | None = None) -> ModelConfig:
-        """Reads an HF `config.json` (transformers 4 `rope_scaling` or 5 `rope_parameters`)."""
+        """Reads an HF `config.json` (transformers 4 `rope_scaling` or 5 `rope_parameters`);
+        a missing file or field, bad JSON or an unsupported architecture is a ValueError or
+        FileNotFoundError naming the file and the field."""
         path = pathlib.Path(path)
         file = path / "config.json" if path.is_dir() else path
         if not file.exists():
             raise FileNotFoundError(f"{file} does not exist: pass an HF model directory "
                                     "holding config.json")
-        hf = json.loads(file.read_text())
+        try:
+            hf = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{file} is not valid JSON ({err}): restore the model's "
+                             "config.json") from None
+        _require(isinstance(hf, dict), str(file), type(hf).__name__, "must hold a JSON object")
+
+        def field(name: str, kind: type = int):
+            _require(name in hf, f"{file}: {name}", None,
+                     "the field is missing; a Llama config.json needs it")
+            try:
+                return kind(hf[name])
+            except (TypeError, ValueError):
+                raise ValueError(f"{file}: {name}={hf[name]!r} is not a {kind.__name__}") from None
+
         for flag in ("attention_bias", "mlp_bias"):
             _require(not hf.get(flag, False), f"{file}: {flag}", hf.get(flag),
                      "biases are not part of the Llama architecture supported here")
@@ -140,25 +180,29 @@ class ModelConfig:
                  "supported RoPE types are 'default' (plain theta) and 'llama3'")
         scaling = None
         if rope_type == "llama3":
+            missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                   "original_max_position_embeddings") if k not in rope]
+            _require(not missing, f"{file}: rope_scaling", rope,
+                     f"llama3 RoPE scaling needs {missing}")
             scaling = RopeScaling(
                 factor=float(rope["factor"]),
                 low_freq_factor=float(rope["low_freq_factor"]),
                 high_freq_factor=float(rope["high_freq_factor"]),
                 original_max_position=int(rope["original_max_position_embeddings"]))
-        n_heads = hf["num_attention_heads"]
+        n_heads = field("num_attention_heads")
         hf_dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
         return cls(
-            vocab_size=hf["vocab_size"],
-            dim=hf["hidden_size"],
-            n_layers=hf["num_hidden_layers"],
+            vocab_size=field("vocab_size"),
+            dim=field("hidden_size"),
+            n_layers=field("num_hidden_layers"),
             n_heads=n_heads,
-            n_kv_heads=hf.get("num_key_value_heads", n_heads),
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            ffn_dim=hf["intermediate_size"],
+            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+            head_dim=int(hf.get("head_dim") or field("hidden_size") // n_heads),
+            ffn_dim=field("intermediate_size"),
             rope_theta=float(theta),
             rope_scaling=scaling,
-            norm_eps=hf.get("rms_norm_eps", 1e-5),
-            tie_embeddings=hf.get("tie_word_embeddings", False),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             dtype=dtype or ("bfloat16" if hf_dtype == "bfloat16" else "float32"))
 
 
@@ -170,7 +214,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "llama2-7b": ModelConfig(
         vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
         ffn_dim=11008, rope_theta=10000.0, dtype="bfloat16"),
-    # the project-trained accuracy testbed (lserve_jax/train.py; its checkpoint loads by name)
+    # the project-trained accuracy testbed (its checkpoint loads by name: `--model testbed`)
     "testbed": ModelConfig(
         vocab_size=256, dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32, ffn_dim=512,
         tie_embeddings=True, dtype="bfloat16"),
@@ -277,7 +321,7 @@ class SparsityConfig:
 
     @property
     def sink_pages(self) -> int:
-        return math.ceil(self.decode_sink / self.page_size)
+        return layout.sink_pages(self.decode_sink, self.page_size)
 
     @property
     def ring_pages(self) -> int:
@@ -318,17 +362,14 @@ class RunConfig:
     top_p: float = 1.0
     seed: int = 0
     stop_tokens: tuple[int, ...] = ()
-    backend: Backend = "reference"
-    # with backend "pallas": "composite" sends dense/retrieval heads' prefill to cuDNN and only
-    # streaming heads to our kernel; "windowed" sends streaming heads to cuDNN's sliding window
-    # too (plus a sink call); "fused" runs every head in our kernel (one launch)
-    prefill_kernel: Literal["fused", "composite", "windowed"] = "windowed"
+    backend: Backend = Backend.reference
+    prefill_kernel: PrefillPath = PrefillPath.windowed  # the whole-prompt path of backend pallas
     prefill_bucket: int = 128  # prompts are padded to a multiple of this (fewer recompiles)
 
     def __post_init__(self):
         _positive(self, "max_new_tokens", "prefill_bucket")
-        _one_of(self, "backend", BACKENDS)
-        _one_of(self, "prefill_kernel", ("fused", "composite", "windowed"))
+        _as_enum(self, "backend", Backend)
+        _as_enum(self, "prefill_kernel", PrefillPath)
         _require(self.temperature >= 0.0, "RunConfig.temperature", self.temperature, "must be >= 0")
         _require(0.0 < self.top_p <= 1.0, "RunConfig.top_p", self.top_p, "must lie in (0, 1]")
 
@@ -337,61 +378,6 @@ def check_compatible(model: ModelConfig, sparsity: SparsityConfig) -> None:
     """Cross-config checks that no single dataclass can make."""
     _require(sparsity.dense_layers <= model.n_layers, "SparsityConfig.dense_layers",
              sparsity.dense_layers, f"must not exceed n_layers={model.n_layers}")
-
-
-@dataclasses.dataclass(frozen=True)
-class ExperimentConfig:
-    """One `lserve run CONFIG` job: a model, a policy grid and what to measure.
-
-    task `generate`: decode random prompts under each policy and report agreement with dense,
-    attended tokens and KV bytes per sequence. task `accuracy`: score each policy (x each sweep
-    value) on the synthetic retrieval tasks of `lserve_jax.eval.tasks` over contexts x depths.
-    """
-
-    name: str = "quickstart"
-    task: Literal["generate", "accuracy"] = "generate"
-    model: str = "tiny"  # a preset name or a local HF directory
-    policies: tuple[Policy, ...] = ("dense", "streaming", "quest", "lserve")
-    prompt_lengths: tuple[int, ...] = (48, 200, 480)  # generate: random prompts of these lengths
-    head_gates_seed: int = 0  # random DuoAttention gates when sparsity.head_pattern is unset
-    output_dir: str = "runs"
-    # accuracy: task names, prompt lengths (tokens), target depths in [0, 1], prompts per cell
-    tasks: tuple[str, ...] = TASKS
-    contexts: tuple[int, ...] = (1024, 2048)
-    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    samples: int = 4
-    # accuracy: a SparsityConfig field to sweep ("" for none) and its values as text; page_size
-    # takes "N_P/N_L" (hierarchical pages) or "N" (flat: N_P = N_L = N)
-    sweep: str = ""
-    sweep_values: tuple[str, ...] = ()
-    sparsity: SparsityConfig = SparsityConfig()
-    cache: CacheConfig = CacheConfig(max_seq_len=1024, max_batch=4)
-    run: RunConfig = RunConfig()
-
-    def __post_init__(self):
-        _one_of(self, "task", ("generate", "accuracy"))
-        for policy in self.policies:
-            _require(policy in POLICIES, "ExperimentConfig.policies", policy,
-                     f"choose from {POLICIES}")
-        for name in ("prompt_lengths", "contexts"):
-            value = getattr(self, name)
-            _require(len(value) > 0 and all(isinstance(n, int) and n > 0 for n in value),
-                     f"ExperimentConfig.{name}", value, "give one or more positive lengths")
-        _require(len(self.tasks) > 0, "ExperimentConfig.tasks", self.tasks, f"name some of {TASKS}")
-        for task in self.tasks:
-            _require(task in TASKS, "ExperimentConfig.tasks", task, f"choose from {TASKS}")
-        _require(len(self.depths) > 0 and all(0.0 <= d <= 1.0 for d in self.depths),
-                 "ExperimentConfig.depths", self.depths, "give one or more depths in [0, 1]")
-        _positive(self, "samples")
-        values = tuple(str(v).lower() if isinstance(v, bool) else str(v)
-                       for v in self.sweep_values)  # TOML numbers and booleans become text
-        object.__setattr__(self, "sweep_values", values)
-        knobs = tuple(f.name for f in dataclasses.fields(SparsityConfig) if f.name != "policy")
-        _require(self.sweep in ("", *knobs), "ExperimentConfig.sweep", self.sweep,
-                 f"leave it empty or name a SparsityConfig field: one of {knobs} (policies are "
-                 "listed in ExperimentConfig.policies)")
-        _require(bool(values) == bool(self.sweep), "ExperimentConfig.sweep_values", values,
-                 "give one or more values when sweep is set, and none when it is not")
 
 
 def from_dict(cls, data: dict, where: str = ""):
@@ -414,17 +400,3 @@ def from_dict(cls, data: dict, where: str = ""):
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
-
-
-def load_experiment(path: str | pathlib.Path) -> ExperimentConfig:
-    """Reads a TOML experiment file (top-level fields plus [sparsity], [cache], [run] tables)."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"experiment config {path} does not exist "
-                                "(see experiments/configs)")
-    with path.open("rb") as f:
-        data = tomllib.load(f)
-    try:
-        return from_dict(ExperimentConfig, data)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: {err}") from None

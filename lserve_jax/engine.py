@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from lserve_jax.attention import AttentionMetadata
+from lserve_jax.attention import AttentionMetadata, KernelTuning, PagedAttention, Phase
 from lserve_jax.cache.allocator import PageAllocator, PoolExhausted, SequencePages, pages_per_head
 from lserve_jax.cache.allocator import kv_bytes_per_sequence
 from lserve_jax.cache.paged import KVCache, empty_cache
@@ -51,8 +51,9 @@ class Engine:
 
     def __init__(self, model: ModelConfig, params, sparsity: SparsityConfig | None = None,
                  cache: CacheConfig | None = None, gates: np.ndarray | None = None,
-                 pool_fill: float = 0.0):
+                 pool_fill: float = 0.0, tuning: KernelTuning = KernelTuning()):
         self.model_cfg = model
+        self.tuning = tuning
         self.sparsity = sparsity or SparsityConfig(policy="dense")
         self.cache_cfg = cache or CacheConfig()
         check_compatible(model, self.sparsity)
@@ -100,7 +101,12 @@ class Engine:
         for i, prompt in enumerate(prompts):
             if len(prompt) == 0:
                 raise ValueError(f"prompts[{i}] is empty: give at least one token")
-            bad = [t for t in prompt if not 0 <= int(t) < vocab]
+            kinds = [t for t in prompt
+                     if isinstance(t, bool) or not isinstance(t, (int, np.integer))]
+            if kinds:
+                raise ValueError(f"prompts[{i}] holds {kinds[0]!r} ({type(kinds[0]).__name__}): "
+                                 "token ids must be integers")
+            bad = [t for t in prompt if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompts[{i}] holds token {bad[0]} outside the vocabulary "
                                  f"[0, {vocab})")
@@ -136,6 +142,7 @@ class Engine:
         lens[: len(prompts)] = [len(p) for p in prompts]
         chunk = self.sparsity.prefill_chunk
         bucket = chunk if chunk and lens.max() > chunk else run.prefill_bucket
+        attention = PagedAttention(self.sparsity, run.backend, run.prefill_kernel, self.tuning)
         t = -(-int(lens.max()) // bucket) * bucket
         tokens = np.zeros((b, t), np.int32)
         for row, prompt in enumerate(prompts):
@@ -146,16 +153,16 @@ class Engine:
         stops = jnp.asarray(run.stop_tokens or (-1,), jnp.int32)
         modes, temp, top_p = jnp.asarray(self.modes), jnp.float32(run.temperature), jnp.float32(
             run.top_p)
-        static = (self.model_cfg, self.sparsity, run.backend)
+        static = (self.model_cfg, attention)
         k_prefill, k_decode = jax.random.split(key)
         step = min(t, chunk) if chunk else t
         logits = None
         for start in range(0, t, step):  # chunk by chunk when the prompt is long
-            phase = "prefill" if start == 0 else "chunk"
+            phase = Phase.PREFILL if start == 0 else Phase.CHUNK
             new = np.clip(lens - start, 0, step).astype(np.int32)
-            part, cache = prefill(*static, self.stream_heads, run.prefill_kernel, phase,
-                                  self.params, cache, jnp.asarray(tokens[:, start:start + step]),
-                                  jnp.int32(start), jnp.asarray(new), modes)
+            part, cache = prefill(*static, self.stream_heads, phase, self.params, cache,
+                                  jnp.asarray(tokens[:, start:start + step]), jnp.int32(start),
+                                  jnp.asarray(new), modes)
             ends_here = jnp.asarray((lens > start) & (lens <= start + step))[:, None]
             logits = part if logits is None else jnp.where(ends_here, part, logits)
         first = _sample(logits, k_prefill, temp, top_p)
@@ -171,19 +178,19 @@ class Engine:
         return completions
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5), donate_argnums=(7,))
-def prefill(model_cfg, sparsity, backend, stream_heads, prefill_kernel, phase, params,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
+def prefill(model_cfg, attention: PagedAttention, stream_heads, phase: Phase, params,
             cache: KVCache, tokens, start, new_lens, modes):
     """Writes prompt tokens at positions start .. start + T - 1 (tokens [B, T]; row b's first
     new_lens[b] are real) and returns the logits of each row's last written token ([B, V] f32;
-    garbage for rows with new_lens == 0) with the cache. `phase` is "prefill" for the first
-    chunk, "chunk" after; `stream_heads`: each layer's streaming KV heads (static)."""
-    model = Llama(model_cfg, sparsity, backend)
+    garbage for rows with new_lens == 0) with the cache. `phase` is PREFILL for the first
+    chunk, CHUNK after; `stream_heads`: each layer's streaming KV heads (static)."""
+    model = Llama(model_cfg, attention)
     b, t = tokens.shape
     positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
     meta = AttentionMetadata(new_lens=new_lens, modes=modes, step=jnp.zeros((), jnp.int32),
                              logits_at=jnp.maximum(new_lens - 1, 0), phase=phase,
-                             stream_heads=stream_heads, prefill_kernel=prefill_kernel)
+                             stream_heads=stream_heads)
     logits, cache = model.apply({"params": params}, tokens, positions, cache, meta)
     return logits[:, 0], cache
 
@@ -207,7 +214,7 @@ def decode_step(model: Llama, params, cache: KVCache, state: DecodeState, modes,
     last = state.out[rows, jnp.maximum(state.count - 1, 0)][:, None]
     active = ~state.done
     meta = AttentionMetadata(new_lens=active.astype(jnp.int32), modes=modes,
-                             step=jnp.max(state.count) - 1, phase="decode", refresh=refresh)
+                             step=jnp.max(state.count) - 1, phase=Phase.DECODE, refresh=refresh)
     logits, cache = model.apply({"params": params}, last, cache.lengths[:, None], cache, meta)
     key, sub = jax.random.split(state.key)
     tok = sample(logits[:, 0], sub, temperature, top_p)
@@ -218,19 +225,20 @@ def decode_step(model: Llama, params, cache: KVCache, state: DecodeState, modes,
     return cache, DecodeState(out=out, count=count, done=done, key=key)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5,))
-def decode(model_cfg, sparsity, backend, max_new, params, cache: KVCache, first, live, modes,
-           key, temperature, top_p, stops):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def decode(model_cfg, attention: PagedAttention, max_new, params, cache: KVCache, first, live,
+           modes, key, temperature, top_p, stops):
     """Decodes after `prefill` until every row is done: it hit a stop token or has max_new
     tokens (the first one included). Rows with live == False stay idle.
     With a reusable page selection (R = reuse_interval > 1), one loop iteration is R steps: the
     first reruns the selector, the other R - 1 reuse it, both decided at trace time. Deciding it
-    per step on the device took a `lax.cond` per layer: on the H200 (Llama-3-8B shape, B=1 256K)
-    dropping them took LServe's token from 6.11 to 5.53 ms. All rows advance together, so the
+    per step on the device takes a `lax.cond` per layer, which cost LServe's token 10% on the
+    H200 (Llama-3-8B shape, B=1 256K: 6.11 against 5.53 ms). All rows advance together, so the
     steps that select are the same (every R-th since the first); a group may run up to R - 1
     steps past the last row's end, which write nothing.
     Returns (tokens [B, max_new], counts [B], cache)."""
-    model = Llama(model_cfg, sparsity, backend)
+    model = Llama(model_cfg, attention)
+    sparsity = attention.sparsity
     state = initial_state(max_new, first, live, stops, key)
 
     def cond(carry):

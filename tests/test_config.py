@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from lserve_jax.config import (ExperimentConfig, ModelConfig, RunConfig,
-                               SparsityConfig, check_compatible, from_dict, load_experiment)
+from lserve_jax.config import (ModelConfig, RunConfig, SparsityConfig, check_compatible,
+                               from_dict)
+from lserve_jax.lab.experiment import ExperimentConfig, load_experiment
 
 
 def test_presets_have_the_published_shapes():
@@ -97,6 +98,23 @@ def test_from_hf_rejects_unsupported(tmp_path):
         ModelConfig.from_hf(tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         ModelConfig.from_hf(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("drop", ["hidden_size", "num_hidden_layers", "vocab_size"])
+def test_from_hf_names_a_missing_field_and_the_file(tmp_path, drop):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {k: v for k, v in _hf_config().items() if k != drop}))
+    with pytest.raises(ValueError, match=f"config.json: {drop}.*missing"):
+        ModelConfig.from_hf(tmp_path)
+
+
+def test_from_hf_names_a_malformed_file(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 64,')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        ModelConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**_hf_config(), "hidden_size": "wide"}))
+    with pytest.raises(ValueError, match="hidden_size='wide' is not a int"):
+        ModelConfig.from_hf(tmp_path)
 
 
 def test_experiment_files_are_strict(tmp_path):

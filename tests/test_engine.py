@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lserve_jax.attention import PagedAttention
 from lserve_jax.config import CacheConfig, ModelConfig, RunConfig, SparsityConfig
 from lserve_jax import engine as engine_module
 from lserve_jax.engine import DecodeState, Engine, decode, decode_step, initial_state
@@ -75,7 +76,9 @@ def test_exhausted_pool_refuses_one_request_and_serves_the_others(params):
 
 
 @pytest.mark.parametrize("prompts, match", [
-    ([[]], "empty"), ([[1, 2, 600]], "vocabulary"), ([[1] * 120], "max_seq_len")])
+    ([[]], "empty"), ([[1, 2, 600]], "vocabulary"), ([[1] * 120], "max_seq_len"),
+    ([[1, 2.7]], "2.7 .float.: token ids must be integers"), ([["5"]], "must be integers"),
+    ([[1, True]], "bool")])
 def test_bad_requests_raise_with_the_field(params, prompts, match):
     engine = Engine(CFG, params, SP, CacheConfig(max_seq_len=128, max_batch=1))
     with pytest.raises(ValueError, match=match):
@@ -91,9 +94,10 @@ def test_decode_does_not_copy_the_cache(params, policy):
     cache, modes = engine.cache, jnp.asarray(engine.modes)
     cache_bytes = sum(x.nbytes for x in jax.tree.leaves(cache))
     sampling = (jnp.float32(0), jnp.float32(1), jnp.asarray([-1]))
-    loop = decode.lower(CFG, sparsity, "reference", 8, params, cache, jnp.zeros(2, jnp.int32),
-                        jnp.ones(2, bool), modes, jax.random.key(0), *sampling).compile()
-    model = Llama(CFG, sparsity, "reference")
+    loop = decode.lower(CFG, PagedAttention(sparsity), 8, params, cache,
+                        jnp.zeros(2, jnp.int32), jnp.ones(2, bool), modes, jax.random.key(0),
+                        *sampling).compile()
+    model = Llama(CFG, PagedAttention(sparsity, "reference"))
     state = DecodeState(jnp.zeros((2, 8), jnp.int32), jnp.ones(2, jnp.int32),
                         jnp.zeros(2, bool), jax.random.key(1))
     step = jax.jit(functools.partial(decode_step, model), donate_argnums=(1,)).lower(
@@ -115,7 +119,7 @@ def test_each_kernel_lowers_once_for_every_layer(params, policy):
                         jnp.zeros(1, bool), jax.random.key(1))
 
     def step_kernels(cfg, params, cache, modes):
-        step = functools.partial(decode_step, Llama(cfg, sparsity, "pallas"))
+        step = functools.partial(decode_step, Llama(cfg, PagedAttention(sparsity, "pallas")))
         return re.findall(r'triton.*?name = "(\w+)"', lower_for_cuda(
             step, params, cache, state, jnp.asarray(modes), jnp.asarray([-1]), jnp.float32(0),
             jnp.float32(1)))
@@ -130,10 +134,10 @@ def test_each_kernel_lowers_once_for_every_layer(params, policy):
                    gates=np.ones(modes.shape)).cache
     assert step_kernels(deeper, init_params(deeper, jax.random.key(0)), cache, modes) == kernels
     # the serving loop: one step that selects, one that reuses, no per-layer conditional
-    loop = lower_for_cuda(functools.partial(decode, CFG, sparsity, "pallas", 9), params,
-                          engine.cache, jnp.zeros(1, jnp.int32), jnp.ones(1, bool),
-                          jnp.asarray(engine.modes), jax.random.key(0), jnp.float32(0),
-                          jnp.float32(1), jnp.asarray([-1]))
+    pallas = PagedAttention(sparsity, "pallas")
+    loop = lower_for_cuda(functools.partial(decode, CFG, pallas, 9), params, engine.cache,
+                          jnp.zeros(1, jnp.int32), jnp.ones(1, bool), jnp.asarray(engine.modes),
+                          jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.asarray([-1]))
     steps = 2 if policy == "lserve" else 1
     assert sorted(set(re.findall(r'triton.*?name = "(\w+)"', loop))) == sorted(set(kernels))
     assert len(re.findall(r"call @sparse_decode(?:_\d+)?\(", loop)) == CFG.n_layers * steps
@@ -158,10 +162,10 @@ def test_chunked_prefill_equals_unchunked(params, policy, backend):
     assert outs[0] == outs[1]
 
 
-def _decode_stepwise(model_cfg, sparsity, backend, max_new, params, cache, first, live, modes,
-                     key, temperature, top_p, stops):
+def _decode_stepwise(model_cfg, attention, max_new, params, cache, first, live, modes, key,
+                     temperature, top_p, stops):
     """`decode` one jitted step at a time, the selector rerun decided on the device per step."""
-    step = jax.jit(functools.partial(decode_step, Llama(model_cfg, sparsity, backend)))
+    step = jax.jit(functools.partial(decode_step, Llama(model_cfg, attention)))
     state = initial_state(max_new, first, live, stops, key)
     while not bool(jnp.all(state.done)):
         cache, state = step(params, cache, state, modes, stops, temperature, top_p)

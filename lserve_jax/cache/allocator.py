@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from lserve_jax.config import ModelConfig, SparsityConfig
-from lserve_jax.cache.paged import TRASH_PAGE
+from pallas_kernels.layout import TRASH_PAGE, ring_slots
 
 
 class PoolExhausted(RuntimeError):
@@ -32,15 +32,6 @@ def kv_bytes_per_sequence(n_tokens: int, streaming: np.ndarray, model: ModelConf
     stat_rows = sparsity.page_size // sparsity.logical_page_size if sparsity.dynamic else 0
     page_bytes = 2 * (sparsity.page_size + stat_rows) * model.head_dim * model.itemsize
     return int(pages_per_head(n_tokens, streaming, sparsity).sum()) * page_bytes
-
-
-def logical_to_slot(max_pages: int, streaming: bool, sparsity: SparsityConfig) -> np.ndarray:
-    """[M] for each logical page, the index of the reserved physical page that holds it."""
-    j = np.arange(max_pages)
-    if not streaming:
-        return j
-    sink = sparsity.sink_pages
-    return np.where(j < sink, j, sink + (j - sink) % sparsity.ring_pages)
 
 
 class PageAllocator:
@@ -92,7 +83,8 @@ class SequencePages:
         for (layer, head), count in np.ndenumerate(counts):
             own = np.asarray(pages[cursor:cursor + count], np.int32)
             cursor += count
-            slots = logical_to_slot(needed, bool(self.streaming[layer, head]), self.sparsity)
+            slots = ring_slots(needed, bool(self.streaming[layer, head]),
+                               self.sparsity.sink_pages, self.sparsity.ring_pages)
             row[layer, head, :needed] = own[slots]
         return row, pages
 

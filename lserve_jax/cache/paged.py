@@ -3,11 +3,9 @@
 One pool of physical pages holds the keys and values of every (layer, KV head); a page holds
 `page_size` tokens of one head. Each sequence has a page table per (layer, KV head) that maps
 logical page j (tokens j*N_P .. j*N_P + N_P - 1) to a physical page. A streaming head keeps only
-its sink pages and a ring of local pages: its table aliases logical page j to the ring slot
-`sink_pages + (j - sink_pages) % ring_pages`, so memory stays constant as the sequence grows.
-Physical page 0 is the trash page: writes that must not land (padding, inactive sequences,
-streaming-head tokens that the ring would overwrite anyway) are routed there (the decode append
-writes them there, prefill scatters skip them), and nothing reads it.
+its sink pages and a ring of local pages (its table aliases the ring), so its memory stays
+constant as the sequence grows; physical page 0 is the trash page. The layout is defined once,
+in `pallas_kernels.layout`.
 """
 
 from __future__ import annotations
@@ -18,8 +16,6 @@ import jax
 import jax.numpy as jnp
 
 from lserve_jax.config import ModelConfig, SparsityConfig
-
-TRASH_PAGE = 0
 
 
 @jax.tree_util.register_dataclass

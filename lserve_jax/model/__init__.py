@@ -1,39 +1,47 @@
-"""Llama model: Flax modules (llama.py), HF loading (hf.py), and `load_model` by name or path."""
+"""Llama model: Flax modules (llama.py), HF and checkpoint loading, and `load_model` by name or
+path."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import jax
 
 from lserve_jax.config import MODEL_PRESETS, ModelConfig
 
-# project-trained models, loaded by name (orbax checkpoints committed under lserve_jax/assets)
-CHECKPOINTS = {"testbed": pathlib.Path(__file__).parent.parent / "assets" / "testbed"}
+ASSETS = pathlib.Path(__file__).parent.parent / "assets"
+# project-trained models, loaded by name (orbax checkpoint + DuoAttention pattern)
+CHECKPOINTS = {"testbed": ASSETS / "testbed"}
 
 
-def load_model(name: str, seed: int = 0):
-    """(config, params, tokenizer or None) for a project checkpoint name (`testbed`), a preset
-    name (random weights from `seed`), a checkpoint directory written by
-    `lserve_jax.train.save_checkpoint` (model.json + params/) or a local HF directory."""
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    config: ModelConfig
+    params: dict
+    tokenizer: object | None = None  # an HF tokenizer, when the directory has one
+    pattern: pathlib.Path | None = None  # the model's own DuoAttention head pattern, if any
+
+
+def load_model(name: str, seed: int = 0) -> LoadedModel:
+    """A project checkpoint name (`testbed`), a preset name (random weights from `seed`), a
+    checkpoint directory (model.json + params/, as `save_checkpoint` writes) or a local HF
+    directory (config.json + safetensors). A `pattern/` directory beside a checkpoint is its
+    DuoAttention head pattern."""
+    from lserve_jax.model.checkpoint import load_checkpoint
     from lserve_jax.model.hf import load_hf_params, load_tokenizer
     from lserve_jax.model.llama import init_params
 
-    if name in CHECKPOINTS:
-        from lserve_jax.train import load_checkpoint
-
-        return *load_checkpoint(CHECKPOINTS[name]), None
-    if name in MODEL_PRESETS:
+    if name in MODEL_PRESETS and name not in CHECKPOINTS:
         cfg = ModelConfig.from_name(name)
-        return cfg, jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(seed)), None
-    path = pathlib.Path(name)
+        return LoadedModel(cfg, jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(seed)))
+    path = CHECKPOINTS.get(name, pathlib.Path(name))
     if not path.is_dir():
         raise ValueError(f"model={name!r} is neither a preset {sorted(MODEL_PRESETS)}, a "
                          f"checkpoint name {sorted(CHECKPOINTS)} nor a directory holding a "
                          "checkpoint (model.json + params/, or HF config.json + safetensors)")
+    pattern = path / "pattern" if (path / "pattern").is_dir() else None
     if (path / "model.json").exists():
-        from lserve_jax.train import load_checkpoint
-
-        return *load_checkpoint(path), None
+        return LoadedModel(*load_checkpoint(path), pattern=pattern)
     cfg, params = load_hf_params(path)
-    return cfg, params, load_tokenizer(path)
+    return LoadedModel(cfg, params, load_tokenizer(path), pattern)

@@ -1,7 +1,8 @@
 """Loads a local Hugging Face Llama directory (config.json + one or many safetensors) into params.
 
 Every tensor is checked by name and shape against the config; a missing, unexpected or
-misshapen tensor raises an error that names it. Nothing is downloaded.
+misshapen tensor, and a corrupt or truncated file, raises an error that names it. Nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ def _to_ours(name: str, x: np.ndarray, cfg: ModelConfig) -> np.ndarray:
 def _shards(directory: pathlib.Path) -> list[pathlib.Path]:
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a "
+                             f"'weight_map'): {type(err).__name__}: {err}") from None
         missing = [f for f in files if not (directory / f).exists()]
         if missing:
             raise FileNotFoundError(f"{index} lists {missing[0]}, which is not in {directory}")
@@ -60,6 +65,18 @@ def _shards(directory: pathlib.Path) -> list[pathlib.Path]:
     return files
 
 
+def _read_shard(shard: pathlib.Path) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file; a corrupt or truncated file is a ValueError that
+    names it."""
+    try:
+        with safe_open(str(shard), framework="flax") as f:
+            return {name: np.asarray(f.get_tensor(name)) for name in f.keys()
+                    if not name.endswith(_IGNORED_SUFFIXES)}
+    except Exception as err:  # safetensors raises its own error types: name the file
+        raise ValueError(f"{shard} could not be read as safetensors ({type(err).__name__}: "
+                         f"{err}): the file is corrupt or truncated; download it again") from None
+
+
 def load_hf_params(path: str | pathlib.Path, dtype: DType | None = None
                    ) -> tuple[ModelConfig, dict]:
     """(config, params) from an HF Llama directory; params cast to `dtype` (default: the
@@ -68,10 +85,7 @@ def load_hf_params(path: str | pathlib.Path, dtype: DType | None = None
     cfg = ModelConfig.from_hf(directory, dtype)
     tensors: dict[str, np.ndarray] = {}
     for shard in _shards(directory):
-        with safe_open(str(shard), framework="flax") as f:
-            for name in f.keys():
-                if not name.endswith(_IGNORED_SUFFIXES):
-                    tensors[name] = np.asarray(f.get_tensor(name))
+        tensors.update(_read_shard(shard))
 
     def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in tensors:

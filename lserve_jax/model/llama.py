@@ -1,11 +1,12 @@
 """Functional Flax Llama: embedding, RMSNorm, RoPE (plain and Llama-3 scaled), GQA, SwiGLU.
 
-Call shape: `Llama(...).apply({"params": params}, tokens, positions, cache, meta)` returns
-`(logits, cache)`. Layers are unrolled with their own parameters (`layers_0`, ...), and each
-hands its static index to attention with the whole cache: nothing is sliced out of a stacked
-array per layer (a dynamic slice of stacked weights in a loop is a copy that triples the
-bytes a decode step moves). Attention goes through `lserve_jax.attention`, the one seam to the
-kernels. Axis legend in the README.
+Call shape: `Llama(cfg, attention).apply({"params": params}, tokens, positions, cache, meta)`
+returns `(logits, cache)`. Layers are unrolled with their own parameters (`layers_0`, ...), and
+each hands its static index to attention with the whole cache: nothing is sliced out of a
+stacked array per layer (a dynamic slice of stacked weights in a loop is a copy that triples
+the bytes a decode step moves). Attention is the model's `attention` field, a static value
+with `attend`, `norm` and `finish` (`lserve_jax.attention.PagedAttention` when serving). Axis
+legend in the README.
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lserve_jax import attention
-from lserve_jax.cache.paged import KVCache
-from lserve_jax.config import Backend, ModelConfig, SparsityConfig
-from lserve_jax.train_attention import selected_mass
+from lserve_jax.attention import AttentionImpl, PagedAttention, example_inputs, rope_tables
+from lserve_jax.config import ModelConfig
 
 _init = nn.initializers.normal(0.02)
 
@@ -45,27 +44,25 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 class RMSNorm(nn.Module):
     eps: float
     dtype: str
-    backend: Backend = "reference"
+    attention: AttentionImpl
 
     @nn.compact
     def __call__(self, x: jax.Array, delta: jax.Array | None, meta) -> tuple[jax.Array, jax.Array]:
         """Adds the pending residual `delta` (None: none) to x and normalises the sum: returns
         (x + delta, weight * rms_norm(x + delta)), one kernel in decode (see attention)."""
         weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
-        return attention.residual_norm(x, delta, weight, self.eps, meta, self.backend)
+        return self.attention.norm(x, delta, weight, self.eps, meta)
 
 
 class Attention(nn.Module):
     cfg: ModelConfig
-    sparsity: SparsityConfig
-    backend: Backend
-
+    attention: AttentionImpl
     layer: int
 
     @nn.compact
-    def __call__(self, x, rope, cache: KVCache, meta: attention.AttentionMetadata):
-        """rope: (cos, sin) [B, T, H/2] f32 of the tokens' positions (`attention.rope_tables`):
-        q and k are rotated at the seam, in decode inside the KV-append kernel."""
+    def __call__(self, x, rope, cache, meta):
+        """rope: (cos, sin) [B, T, H/2] f32 of the tokens' positions (`rope_tables`): q and k
+        are rotated at the seam, in decode inside the KV-append kernel."""
         c = self.cfg
         n, kh = c.n_heads, c.n_kv_heads
         # q, k and v heads side by side: one projection. Apart, a single jitted decode step ran
@@ -74,15 +71,7 @@ class Attention(nn.Module):
         wqkv = self.param("qkv", _init, (c.dim, n + 2 * kh, c.head_dim), c.dtype)
         wo = self.param("o", _init, (n, c.head_dim, c.dim), c.dtype)
         qkv = jnp.einsum("BTD,DMH->BTMH", x, wqkv)
-        if cache is None:  # whole sequences, no cache (training)
-            q, k, v = attention.split_heads(qkv, rope, kh)
-            out = attention.attend_train(q, k, v, self.layer, meta)
-            if meta.concentrate:
-                self.sow("intermediates", "kept_mass",
-                         selected_mass(q, k, *meta.concentrate, at=meta.select_at))
-        else:
-            out, cache = attention.attend(qkv, rope, cache, self.layer, meta, self.sparsity,
-                                          self.backend)
+        out, cache = self.attention.attend(self, qkv, rope, cache, meta, self.layer)
         return jnp.einsum("BTNH,NHD->BTD", out, wo), cache
 
 
@@ -102,8 +91,7 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     cfg: ModelConfig
-    sparsity: SparsityConfig
-    backend: Backend
+    attention: AttentionImpl
     layer: int
 
     @nn.compact
@@ -113,52 +101,49 @@ class Block(nn.Module):
         Returns (x, delta, cache) in the same form."""
         c = self.cfg
         with jax.named_scope(f"layer_{self.layer}/attention"):
-            x, h = RMSNorm(c.norm_eps, c.dtype, self.backend, name="attn_norm")(x, delta, meta)
-            h, cache = Attention(c, self.sparsity, self.backend, self.layer, name="attn")(
-                h, rope, cache, meta)
+            x, h = RMSNorm(c.norm_eps, c.dtype, self.attention, name="attn_norm")(x, delta, meta)
+            h, cache = Attention(c, self.attention, self.layer, name="attn")(h, rope, cache, meta)
         with jax.named_scope(f"layer_{self.layer}/mlp"):
-            x, h = RMSNorm(c.norm_eps, c.dtype, self.backend, name="mlp_norm")(x, h, meta)
+            x, h = RMSNorm(c.norm_eps, c.dtype, self.attention, name="mlp_norm")(x, h, meta)
             return x, MLP(c, name="mlp")(h), cache
 
 
 class Llama(nn.Module):
     cfg: ModelConfig
-    sparsity: SparsityConfig = SparsityConfig(policy="dense")
-    backend: Backend = "reference"
+    attention: AttentionImpl = PagedAttention()  # static: attend / norm / finish (see module doc)
 
     @nn.compact
-    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache | None,
-                 meta: attention.AttentionMetadata | attention.TrainMetadata):
-        """tokens, positions: [B, T] int32. Returns logits [B, T, V] (f32) and the cache with
-        `lengths` advanced by `meta.new_lens`. With `meta.logits_at` ([B] int32) only those rows'
-        logits are computed ([B, 1, V]). With cache None and a `TrainMetadata`, it runs whole
-        sequences without a cache (training) and returns (logits, None); the final normed
-        hidden states are sown as `intermediates/hidden` ([B, T, D])."""
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache, meta):
+        """tokens, positions: [B, T] int32; cache and meta as `attention` takes them (serving:
+        the KV cache and an `AttentionMetadata`). Returns logits [B, T, V] (f32) and the cache
+        as `attention.finish` leaves it (serving: lengths advanced by `meta.new_lens`). With
+        `meta.logits_at` ([B] int32) only those rows' logits are computed ([B, 1, V]). The final
+        normed hidden states are sown as `intermediates/hidden`."""
         c = self.cfg
         embed = self.param("embed", _init, (c.vocab_size, c.dim), c.dtype)
         x, delta = jnp.take(embed, tokens, axis=0), None
-        rope = attention.rope_tables(positions, rope_inv_freq(c))
+        rope = rope_tables(positions, rope_inv_freq(c))
         for layer in range(c.n_layers):
-            x, delta, cache = Block(c, self.sparsity, self.backend, layer,
-                                    name=f"layers_{layer}")(x, delta, cache, rope, meta)
+            x, delta, cache = Block(c, self.attention, layer, name=f"layers_{layer}")(
+                x, delta, cache, rope, meta)
         if getattr(meta, "logits_at", None) is not None:
             x, delta = (jnp.take_along_axis(y, meta.logits_at[:, None, None], axis=1)
                         for y in (x, delta))
-        _, x = RMSNorm(c.norm_eps, c.dtype, self.backend, name="norm")(x, delta, meta)
+        _, x = RMSNorm(c.norm_eps, c.dtype, self.attention, name="norm")(x, delta, meta)
         self.sow("intermediates", "hidden", x)
         if c.tie_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", x, embed, preferred_element_type=jnp.float32)
         else:
             head = self.param("lm_head", _init, (c.dim, c.vocab_size), c.dtype)
             logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
-        return logits, None if cache is None else attention.advance(cache, meta)
+        return logits, self.attention.finish(cache, meta)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     """Random parameters (normal(0.02) weights, unit norms) without running the model."""
     model = Llama(cfg)
     shapes = jax.eval_shape(lambda: model.init(
-        key, *attention.example_inputs(cfg, model.sparsity)))["params"]
+        key, *example_inputs(cfg, model.attention.sparsity)))["params"]
     leaves, treedef = jax.tree.flatten_with_path(shapes)
     keys = jax.random.split(key, len(leaves))
 

@@ -14,6 +14,8 @@ import pathlib
 
 import numpy as np
 
+from lserve_jax.config import ModelConfig, SparsityConfig, random_gates_seed
+
 TSV = "full_attention_heads.tsv"
 TOLERANCE = 0.05  # gates outside [-0.05, 1.05] are not DuoAttention gates
 
@@ -63,7 +65,12 @@ def load_pattern(path: str | pathlib.Path) -> HeadPattern:
     if not config.exists():
         raise FileNotFoundError(f"{config} is missing: a pattern directory needs the config.json "
                                 "with sink_size and recent_size")
-    meta = json.loads(config.read_text())
+    try:
+        meta = json.loads(config.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{config} must hold a JSON object with sink_size and recent_size")
     for key in ("sink_size", "recent_size"):
         if not isinstance(meta.get(key), int) or meta[key] < 0:
             raise ValueError(f"{config}: {key}={meta.get(key)!r} must be an integer >= 0")
@@ -80,3 +87,27 @@ def save_pattern(directory: str | pathlib.Path, gates: np.ndarray, *, sink_size:
     meta = {**extra, "sink_size": int(sink_size), "recent_size": int(recent_size)}
     (directory / "config.json").write_text(json.dumps(meta, indent=1) + "\n")
     return directory
+
+
+def policy_gates(sparsity: SparsityConfig, model: ModelConfig,
+                 own_pattern: str | pathlib.Path | None = None) -> np.ndarray | None:
+    """[L, K] gates a policy splits heads by, or None for a policy that does not (dense,
+    streaming, quest). `sparsity.head_pattern` names a pattern directory, or "random:SEED" for
+    seeded uniform random gates (the randomly-chosen-heads ablation); unset, the model's own
+    pattern (`own_pattern`, e.g. the testbed's) is used. A policy that splits heads with
+    neither is an error: random heads would silently give wrong answers."""
+    if not sparsity.static:
+        return None
+    pattern = sparsity.head_pattern or own_pattern
+    if pattern is None:
+        raise ValueError(
+            f"policy {sparsity.policy!r} streams the heads a DuoAttention pattern marks, but "
+            "sparsity.head_pattern is unset and this model has no pattern of its own: set "
+            "sparsity.head_pattern (--sparsity.head-pattern DIR) to a pattern directory "
+            f"({TSV} + config.json: DuoAttention's released patterns, or one trained for your "
+            "model with DuoAttention), or to 'random:SEED' for randomly "
+            "chosen heads (an ablation baseline, not for real use)")
+    seed = random_gates_seed(str(pattern), "sparsity.head_pattern")
+    if seed is not None:
+        return np.random.default_rng(seed).random((model.n_layers, model.n_kv_heads))
+    return load_gates(pattern)

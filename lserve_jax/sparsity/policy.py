@@ -1,8 +1,9 @@
 """Policies as data: the per-(layer, KV head) attention mode table that every kernel reads.
 
-Modes: DENSE (all pages / full causal), SELECT (decode attends to selected pages; prefill is
-full causal), STREAM (sink + local window in prefill and decode). A policy is the rule that
-fills this table from the config and, for static sparsity, the head gates.
+Modes (`pallas_kernels.layout.HeadMode`): DENSE (all pages / full causal), SELECT (decode
+attends to selected pages; prefill is full causal), STREAM (sink + local window in prefill and
+decode). A policy is the rule that fills this table from the config and, for static sparsity,
+the head gates.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 
 from lserve_jax.config import ModelConfig, SparsityConfig
+from pallas_kernels.layout import DENSE, SELECT, STREAM
 
-DENSE, SELECT, STREAM = 0, 1, 2
+__all__ = ["DENSE", "SELECT", "STREAM", "attended_tokens", "head_modes", "list_width",
+           "retrieval_heads"]
 
 
 def retrieval_heads(gates: np.ndarray, static_sparsity: float) -> np.ndarray:

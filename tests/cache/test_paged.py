@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from lserve_jax.cache.allocator import (PageAllocator, PoolExhausted, SequencePages,
-                                        kv_bytes_per_sequence, logical_to_slot)
+                                        kv_bytes_per_sequence)
 from lserve_jax.config import ModelConfig, SparsityConfig
 from lserve_jax.sparsity.policy import DENSE, STREAM
+from pallas_kernels.layout import ring_slots
 from pallas_kernels.paged_write.reference import write_tokens_reference
 from tests.helpers import allocated_cache
 
@@ -105,7 +106,7 @@ def test_reserve_aliases_streaming_heads_and_counts_memory():
     pages = SequencePages(PageAllocator(200), modes == STREAM, SP, max_pages=12)
     row, owned = pages.reserve(90)  # 12 pages
     assert len(owned) == 2 * 12 + 2 * SP.stream_pages
-    slots = logical_to_slot(12, True, SP)
+    slots = ring_slots(12, True, SP.sink_pages, SP.ring_pages)
     np.testing.assert_array_equal(row[0, 0], np.asarray(row[0, 0])[slots])
     assert len(set(row[0, 1].tolist())) == 12
     dense_bytes = kv_bytes_per_sequence(90, np.zeros((2, 2), bool), CFG, SP)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lserve_jax import attention
+from lserve_jax.attention import backends as attention
 from lserve_jax.config import SparsityConfig
 from pallas_kernels._compat import lower_for_cuda
 from pallas_kernels.sparse_prefill.api import sparse_prefill

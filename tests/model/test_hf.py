@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from lserve_jax.attention import AttentionMetadata
+from lserve_jax.attention import AttentionMetadata, PagedAttention
 from lserve_jax.config import SparsityConfig
 from lserve_jax.model.hf import _layer_tensors, load_hf_params, load_tokenizer
 from lserve_jax.model.llama import Llama
@@ -74,6 +74,16 @@ def test_mismatched_checkpoints_name_the_tensor(tmp_path, kwargs, error, match):
         load_hf_params(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garble"])
+def test_corrupt_shard_names_the_file(tmp_path, damage):
+    _write_checkpoint(tmp_path)
+    shard = tmp_path / "b.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x07" * 64 + data)
+    with pytest.raises(ValueError, match="b.safetensors could not be read as safetensors"):
+        load_hf_params(tmp_path)
+
+
 def test_missing_shard_is_reported(tmp_path):
     _write_checkpoint(tmp_path)
     (tmp_path / "b.safetensors").unlink()
@@ -96,7 +106,7 @@ def test_logits_match_hugging_face():
     cache, _ = allocated_cache(cfg, sparsity, [t] * b, modes)
     meta = AttentionMetadata(new_lens=jnp.full((b,), t, jnp.int32), modes=jnp.asarray(modes),
                              step=jnp.int32(0))
-    logits, _ = jax.jit(Llama(cfg, sparsity).apply)(
+    logits, _ = jax.jit(Llama(cfg, PagedAttention(sparsity)).apply)(
         {"params": params}, jnp.asarray(ids, jnp.int32),
         jnp.broadcast_to(jnp.arange(t), (b, t)), cache, meta)
     scale = np.abs(expected).max()

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lserve_jax.attention import AttentionMetadata
+from lserve_jax.attention import AttentionMetadata, PagedAttention, Phase
 from lserve_jax.config import ModelConfig, RopeScaling, SparsityConfig
 from lserve_jax.model.llama import Llama, init_params, rope_inv_freq
 from lserve_jax.sparsity.policy import head_modes
@@ -37,24 +37,25 @@ def test_incremental_decode_equals_full_forward(dtype, tie, backend):
     cfg = ModelConfig(dtype=dtype, tie_embeddings=tie, rope_scaling=RopeScaling(
         original_max_position=16), rope_theta=5000.0)
     params = init_params(cfg, jax.random.key(1))
-    model = Llama(cfg, DENSE)
-    stepper = Llama(cfg, DENSE, backend)
+    model = Llama(cfg, PagedAttention(DENSE))
+    stepper = Llama(cfg, PagedAttention(DENSE, backend))
     modes = jnp.asarray(head_modes(cfg, DENSE))
     lens = np.array([21, 13, 1])
     t = 21
     tokens = jax.random.randint(jax.random.key(2), (3, t), 0, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(t), (3, t))
     cache, _ = allocated_cache(cfg, DENSE, [32, 32, 32], np.asarray(modes))
-    full, _ = _forward(model, params, tokens, positions, cache, lens, modes, "prefill")
+    full, _ = _forward(model, params, tokens, positions, cache, lens, modes, Phase.PREFILL)
     # prefill the first 5 tokens (fewer where the row is shorter), then decode one at a time
     first = np.minimum(lens, 5)
     steps, c = [], cache
-    out, c = _forward(model, params, tokens[:, :5], positions[:, :5], c, first, modes, "prefill")
+    out, c = _forward(model, params, tokens[:, :5], positions[:, :5], c, first, modes,
+                      Phase.PREFILL)
     steps.append(out)
     for i in range(5, t):
         active = (i < lens).astype(np.int32)
         out, c = _forward(stepper, params, tokens[:, i:i + 1], positions[:, i:i + 1], c,
-                          active, modes, "decode", i - 5)
+                          active, modes, Phase.DECODE, i - 5)
         steps.append(out)
     inc = np.asarray(jnp.concatenate(steps, axis=1))
     full = np.asarray(full)
@@ -68,17 +69,17 @@ def test_incremental_decode_equals_full_forward(dtype, tie, backend):
 def test_ragged_batch_equals_rows_alone():
     cfg = ModelConfig()
     params = init_params(cfg, jax.random.key(3))
-    model = Llama(cfg, DENSE)
+    model = Llama(cfg, PagedAttention(DENSE))
     modes = jnp.asarray(head_modes(cfg, DENSE))
     lens = [17, 4, 9]
     tokens = jax.random.randint(jax.random.key(4), (3, 24), 0, cfg.vocab_size)
     positions = jnp.broadcast_to(jnp.arange(24), (3, 24))
     cache, _ = allocated_cache(cfg, DENSE, [24, 24, 24], np.asarray(modes))
-    batch, _ = _forward(model, params, tokens, positions, cache, lens, modes, "prefill")
+    batch, _ = _forward(model, params, tokens, positions, cache, lens, modes, Phase.PREFILL)
     for row, n in enumerate(lens):
         alone_cache, _ = allocated_cache(cfg, DENSE, [24], np.asarray(modes), seed=row + 5)
         alone, _ = _forward(model, params, tokens[row:row + 1, :n], positions[:1, :n],
-                            alone_cache, [n], modes, "prefill")
+                            alone_cache, [n], modes, Phase.PREFILL)
         np.testing.assert_allclose(np.asarray(batch[row, :n]), np.asarray(alone[0]),
                                    atol=TOLERANCE["float32"], rtol=0)
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lserve_jax.attention import AttentionMetadata
+from lserve_jax.attention import AttentionMetadata, PagedAttention, Phase
 from lserve_jax.config import ModelConfig, SparsityConfig
 from lserve_jax.model.llama import Llama, init_params
 from lserve_jax.sparsity.policy import DENSE, SELECT, STREAM, head_modes
@@ -33,7 +33,7 @@ def _params(cfg):
 
 @functools.cache
 def _apply(cfg, sparsity):
-    return jax.jit(Llama(cfg, sparsity).apply)
+    return jax.jit(Llama(cfg, PagedAttention(sparsity)).apply)
 
 
 def teacher_forced(sparsity, tokens, prompt_len, cfg=CFG):
@@ -50,7 +50,7 @@ def teacher_forced(sparsity, tokens, prompt_len, cfg=CFG):
     out = [logits]
     for i in range(prompt_len, total):
         meta = AttentionMetadata(new_lens=jnp.ones((b,), jnp.int32), modes=jnp.asarray(modes),
-                                 step=jnp.int32(i - prompt_len), phase="decode")
+                                 step=jnp.int32(i - prompt_len), phase=Phase.DECODE)
         logits, cache = apply({"params": _params(cfg)}, tokens[:, i:i + 1], positions[:, i:i + 1],
                               cache, meta)
         out.append(logits)
@@ -216,7 +216,7 @@ def test_chunked_prefill_gives_the_logits_of_one_prefill(policy):
         stop = min(total, start + 16)
         meta = AttentionMetadata(new_lens=jnp.full((b,), stop - start, jnp.int32),
                                  modes=jnp.asarray(modes), step=jnp.int32(0),
-                                 phase="prefill" if start == 0 else "chunk")
+                                 phase=Phase.PREFILL if start == 0 else Phase.CHUNK)
         logits, cache = apply({"params": _params(CFG)}, TOKENS[:, start:stop],
                               positions[:, start:stop], cache, meta)
         parts.append(logits)

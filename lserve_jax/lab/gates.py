@@ -1,0 +1,90 @@
+"""DuoAttention head identification with optax: which (layer, KV head) pairs need full
+attention, and which can stream (sink + local window).
+
+Each (layer, KV head) gets a gate in [0, 1]; its attention output is gate * full attention +
+(1 - gate) * streaming attention (`attention.attend_train`). With the model frozen, the gates
+minimise the distillation loss, the mean squared error between the dense model's final hidden
+states (after the last norm) and the gated model's, on the answer positions of retrieval
+samples, plus `l1` times the mean |gate|, which pushes every gate that the answers do not need
+towards 0. AdamW with warm-up and cosine decay; gates are clipped to [0, 1] after each step.
+The result is written as DuoAttention's pattern files (`sparsity.heads.save_pattern`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from lserve_jax.config import ModelConfig, _positive
+from lserve_jax.lab import tasks
+from lserve_jax.lab.train_attention import TrainAttention, TrainMetadata
+from lserve_jax.model.llama import Llama
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """Gate training, DuoAttention's recipe scaled to the testbed."""
+
+    steps: int = 300
+    length: int = 4096  # training sequence length (tokens)
+    batch: int = 4
+    sink: int = 16  # the streaming branch's window, as the policy's prefill_sink / prefill_local
+    local: int = 256
+    lr: float = 0.02
+    warmup: int = 30
+    l1: float = 0.05  # weight of mean |gate|
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive(self, "steps", "length", "batch", "local", "warmup")
+
+
+def train_gates(model_cfg: ModelConfig, params, cfg: GateConfig = GateConfig()
+                ) -> tuple[np.ndarray, list[dict]]:
+    """Returns (gates [L, K] float32 in [0, 1], history rows)."""
+    model = Llama(model_cfg, TrainAttention())
+    meta = TrainMetadata(sink=cfg.sink, local=cfg.local)
+
+    def hidden(tokens, gates):
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        _, state = model.apply({"params": params}, tokens, positions, None,
+                               dataclasses.replace(meta, gates=gates), mutable=["intermediates"])
+        return state["intermediates"]["hidden"][0].astype(jnp.float32)
+
+    def loss_fn(gates, tokens, answers):
+        teacher = jax.lax.stop_gradient(hidden(tokens, None))
+        err = jnp.mean((hidden(tokens, gates) - teacher) ** 2, axis=-1)  # [B, T]
+        distill = jnp.sum(err * answers) / jnp.maximum(jnp.sum(answers), 1)
+        return distill + cfg.l1 * jnp.mean(jnp.abs(gates)), distill
+
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps,
+                                                  cfg.lr / 20)
+    opt = optax.adamw(schedule, weight_decay=0.0)
+
+    @jax.jit
+    def step(gates, state, tokens, answers):
+        (loss, distill), grad = jax.value_and_grad(loss_fn, has_aux=True)(gates, tokens, answers)
+        updates, state = opt.update(grad, state, gates)
+        gates = jnp.clip(optax.apply_updates(gates, updates), 0.0, 1.0)
+        return gates, state, loss, distill
+
+    gates = jnp.ones((model_cfg.n_layers, model_cfg.n_kv_heads), jnp.float32)
+    state = opt.init(gates)
+    rng = np.random.default_rng(cfg.seed)
+    history = []
+    for i in tqdm(range(cfg.steps), desc="gates", unit="step"):
+        rows = [tasks.training_sequence(rng, cfg.length) for _ in range(cfg.batch)]
+        tokens = jnp.asarray(np.stack([r[0] for r in rows]))
+        answers = jnp.asarray(np.stack([r[1] for r in rows]) == tasks.ANSWER_WEIGHT)
+        # a hidden state at position i predicts token i + 1: score the states before answers
+        answers = jnp.pad(answers[:, 1:], ((0, 0), (0, 1)))
+        gates, state, loss, distill = step(gates, state, tokens, answers)
+        if i % 10 == 0 or i == cfg.steps - 1:
+            history.append({"step": i, "loss": float(loss), "distill": float(distill),
+                            "mean_gate": float(gates.mean())})
+    return np.asarray(gates), history
