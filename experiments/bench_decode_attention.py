@@ -1,4 +1,4 @@
-"""One layer of Llama-3-8B decode attention (32 query / 8 KV heads, d 128, bf16) on the H200:
+"""One layer of Llama-3-8B decode attention (32 query / 8 KV heads, d 128, bf16) on the GPU:
 cuDNN dense and XLA dense on a contiguous cache vs our paged kernel under dense, Quest and
 LServe page lists, on the same random data.
 
@@ -7,9 +7,12 @@ the next one's query (as the unrolled layers of the model run: no while loop, wh
 per-iteration device-to-host sync would be counted), and the median of `--iters` such calls /
 reps is reported, so launch gaps are those of a real decode step, not of Python dispatch.
 Selection (page scores + top-k) is timed separately and amortised over the reuse interval R
-(Quest: R = 1, LServe: R = 4). `--sweep-select` also times selection alone (lserve_query_head)
-over score-kernel blocks and top-k radix widths at SELECT_SHAPES (or --shapes), into the
-JSON's `select_sweep`.
+(Quest: R = 1, LServe: R = 4). Floors are the bytes each variant must read over the
+bandwidth measured at the start of the run (benchlib.measure_device). `--sweep` also times the
+dense and sparse kernel over DecodeBlocks at 8x131072 and 1x262144; `--sweep-select` times
+selection alone (lserve_query_head) over score-kernel blocks and top-k radix widths
+(`SelectTuning.radix_bits`) at SELECT_SHAPES (or --shapes), into the JSON's `select_sweep`.
+On the CPU the kernels are interpreted: a smoke run only (e.g. --shapes 1x4096 --reps 1).
 
     python experiments/bench_decode_attention.py [--out DIR] [--shapes 1x4096 ...]
         [--sweep] [--sweep-select]
@@ -25,11 +28,12 @@ import jax
 import jax.numpy as jnp
 
 from experiments import benchlib
+from experiments.benchlib import DeviceFacts
 from lserve_jax.config import SparsityConfig
 from lserve_jax.sparsity.pages import group_reduce
 from lserve_jax.sparsity.policy import DENSE, SELECT, STREAM
 from pallas_kernels.page_select.api import select_pages
-from pallas_kernels.page_select.kernel import DEFAULT_RADIX_BITS, ScoreBlocks
+from pallas_kernels.page_select.kernel import ScoreBlocks, SelectTuning
 from pallas_kernels.sparse_decode.api import sparse_decode
 from pallas_kernels.sparse_decode.kernel import DecodeBlocks
 from pallas_kernels.sparse_decode.reference import decode_page_lists
@@ -83,7 +87,8 @@ def time_per_call(fn, reps, iters, *args, chain=True):
     return benchlib.time_calls(repeated(fn, reps, chain), *args, warmup=2, iters=iters) / reps
 
 
-def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms, sweep=()):
+def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms, facts: DeviceFacts,
+                sweep=()):
     k_pool, v_pool, table, kmin, kmax = paged_layer(b, t, sparsity.page_size,
                                                     sparsity.logical_page_size, key)
     q = jax.random.normal(jax.random.key(9), (b, KV_HEADS, G, HEAD_DIM), jnp.bfloat16)
@@ -125,18 +130,18 @@ def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms, sweep=(
              "baseline_ms": dense_ms, "speedup": round(dense_ms / total, 2),
              "gbps": round(attn_bytes / attn_ms / 1e6, 1),
              "selection_gbps": round(score_bytes / sel_ms / 1e6, 1),
-             "floor_ms": round(benchlib.floor_ms(attn_bytes + score_bytes
-                                                 / sparsity.reuse_interval), 4),
+             "floor_ms": round(facts.floor_ms(attn_bytes + score_bytes
+                                              / sparsity.reuse_interval), 4),
              **({"attention_ms_by_blocks": swept} if swept else {})}]
 
 
-def selector(sparsity, blocks=None, radix_bits=DEFAULT_RADIX_BITS):
+def selector(sparsity, blocks=None, tuning=SelectTuning()):
     """select_pages of one layer under `sparsity`: (q, kmin, kmax, table, lengths, modes)."""
     def select(q, kmin, kmax, table, lengths, modes):
         return select_pages(q, kmin, kmax, table, lengths, modes, layer=0,
                             k=sparsity.budget_pages - 1, width=sparsity.selection_width,
                             page_size=sparsity.page_size, group_reduce=group_reduce(sparsity),
-                            blocks=blocks, radix_bits=radix_bits, interpret=not ON_GPU)
+                            blocks=blocks, tuning=tuning, interpret=not ON_GPU)
     return select
 
 
@@ -146,7 +151,7 @@ def stats_bytes(kmin, modes, b, pages):
 
 
 def select_sweep(b, t, modes, reps, iters, key):
-    """Selection alone (lserve_query_head) for each (ScoreBlocks, radix_bits) of
+    """Selection alone (lserve_query_head) for each (ScoreBlocks, SelectTuning) of
     SELECT_SWEEP; blocks None is ScoreBlocks.for_shape."""
     sparsity = LSERVE
     _, _, table, kmin, kmax = paged_layer(b, t, sparsity.page_size, sparsity.logical_page_size,
@@ -156,10 +161,11 @@ def select_sweep(b, t, modes, reps, iters, key):
     table, modes = table[:, None], modes[None]
     moved = stats_bytes(kmin, modes, b, t // sparsity.page_size)
     rows = []
-    for blocks, radix_bits in SELECT_SWEEP:
-        ms = time_per_call(selector(sparsity, blocks, radix_bits), reps, iters, q, kmin, kmax,
+    for blocks, tuning in SELECT_SWEEP:
+        ms = time_per_call(selector(sparsity, blocks, tuning), reps, iters, q, kmin, kmax,
                            table, lengths, modes, chain=False)
-        rows.append({"batch": b, "context": t, "blocks": str(blocks), "radix_bits": radix_bits,
+        rows.append({"batch": b, "context": t, "blocks": str(blocks),
+                     "tuning": f"select.radix_bits={tuning.radix_bits}",
                      "ms": round(ms, 4), "gbps": round(moved / ms / 1e6, 1)})
         print(rows[-1], flush=True)
     return rows
@@ -175,12 +181,12 @@ def dense_paged(q, k_pool, v_pool, table, blocks=None):
                          sink=0, local=0, budget_pages=m, blocks=blocks, interpret=not ON_GPU)
 
 
-def dense_rows(b, t, reps, iters, key, sweep=()):
+def dense_rows(b, t, reps, iters, key, facts: DeviceFacts, sweep=()):
     k_pool, v_pool, table, _, _ = paged_layer(b, t, 64, 16, key)
     q = jax.random.normal(jax.random.key(9), (b, KV_HEADS, G, HEAD_DIM), jnp.bfloat16)
     keys, values = contiguous(k_pool, table), contiguous(v_pool, table)
     q4 = q.reshape(b, 1, N_HEADS, HEAD_DIM)
-    floor = benchlib.floor_ms(2 * keys.nbytes)
+    floor = facts.floor_ms(2 * keys.nbytes)
     rows = []
     for impl in ("cudnn", "xla") if ON_GPU else ("xla",):
         def run(q4, keys, values, impl=impl):
@@ -212,14 +218,15 @@ SPARSE_SWEEP = [DecodeBlocks(pages_per_block=ppb, pages_per_split=pps, num_warps
 SELECT_SHAPES = [(1, 262144), (8, 131072), (1, 32768)]
 # score blocks are timed with the default top-k, radix widths with the default blocks
 SELECT_SWEEP = ([(ScoreBlocks(pages_per_block=ppb, pages_per_program=ppp, num_warps=w),
-                  DEFAULT_RADIX_BITS)
+                  SelectTuning())
                  for ppb in (16, 32) for ppp in (32, 64, 128, 256) for w in (4, 8)]
-                + [(None, bits) for bits in (1, 2, 4)])
+                + [(None, SelectTuning(radix_bits=bits)) for bits in (1, 2, 4)])
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None,
+                        help="results folder (default: experiments/results/<device>)")
     parser.add_argument("--reps", type=int, default=32, help="calls per timed jit (layers)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--shapes", nargs="+", default=None, help="BATCHxCONTEXT, e.g. 8x131072")
@@ -228,6 +235,7 @@ def main():
                         help="also sweep selection blocks and radix widths (select_sweep)")
     args = parser.parse_args()
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES
+    facts = benchlib.measure_device()
     half = jnp.asarray([STREAM] * 4 + [SELECT] * 4, jnp.int8)  # 50% streaming heads
     everywhere = jnp.full((KV_HEADS,), SELECT, jnp.int8)
     variants = [("lserve_query_head", LSERVE, half),
@@ -239,7 +247,7 @@ def main():
         key = jax.random.key(b * 7 + t)
         try:
             sweep = SWEEP if args.sweep and (b, t) in ((8, 131072), (1, 262144)) else ()
-            dense = dense_rows(b, t, args.reps, args.iters, key, sweep)
+            dense = dense_rows(b, t, args.reps, args.iters, key, facts, sweep)
         except Exception as err:  # e.g. out of memory: report it, keep going
             rows.append({"name": "dense", "batch": b, "context": t, "error": repr(err)[:300]})
             print(rows[-1], flush=True)
@@ -250,13 +258,13 @@ def main():
         for name, sparsity, modes in variants:
             try:
                 new = sparse_rows(name, sparsity, modes, b, t, args.reps, args.iters, key,
-                                  dense[0]["ms"],
+                                  dense[0]["ms"], facts,
                                   SPARSE_SWEEP if sweep and name.startswith("lserve") else ())
             except Exception as err:
                 new = [{"name": name, "batch": b, "context": t, "error": repr(err)[:300]}]
             rows += new
             print(new[0], flush=True)
-        write(rows, args.out)
+        write(rows, args.out, facts)
     swept = []
     select_shapes = (shapes if args.shapes else SELECT_SHAPES) if args.sweep_select else ()
     for b, t in select_shapes:
@@ -265,13 +273,13 @@ def main():
         except Exception as err:  # e.g. out of memory: report it, keep going
             swept.append({"batch": b, "context": t, "error": repr(err)[:300]})
             print(swept[-1], flush=True)
-        write(rows, args.out, swept)
-    print("wrote", write(rows, args.out, swept))
+        write(rows, args.out, facts, swept)
+    print("wrote", write(rows, args.out, facts, swept))
 
 
-def write(rows, out, select_rows=()):
+def write(rows, out, facts: DeviceFacts, select_rows=()):
     extra = {"select_sweep": list(select_rows)} if select_rows else {}
-    return benchlib.write_results("decode_attention", rows, out, **extra,
+    return benchlib.write_results("decode_attention", rows, out, facts, **extra,
                                   shape="32 q heads, 8 KV heads, d 128, bf16, one layer",
                                   lserve="50% streaming heads (128 + 256), budget 4096, N_P 64, "
                                          "N_L 16, R 4", quest="flat pages of 16, budget 4096, R 1")

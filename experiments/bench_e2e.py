@@ -1,21 +1,24 @@
-"""End-to-end serving on the Llama-3-8B shape (random bf16 weights, no download): per-token
+r"""End-to-end serving on the Llama-3-8B shape (random bf16 weights, no download): per-token
 decode latency, time to first token and KV memory for dense, LServe, DuoAttention and Quest.
 
 Decode: the cache is filled with random K/V for `context` tokens plus exact page statistics
 (no real prefill: it would only cost time); then the engine's jitted decode loop
 (`lax.while_loop`, cache donated) runs `--steps` tokens and the mean per token is reported,
-with the floor = (weights + the KV the policy must read) / 4.3 TB/s (query-head selection:
-the union of each group's lists, as the loop left them). A configuration whose
-pool does not fit next to the weights is reported as out of memory without allocating it.
+with the floor = (weights + the KV the policy must read) / the device's copy bandwidth,
+measured at the start of the run (query-head selection: the union of each group's lists, as
+the loop left them). A configuration whose pool does not fit next to the weights in the
+device's memory (its `bytes_limit`) is reported as out of memory without allocating it.
 TTFT: `Engine.generate(max_new_tokens=1)` on random prompts (chunked when longer than
-`--chunk`), after a same-shape warm-up. `--vary MIN_PAGES_PER_SPLIT=2,4,8` repeats the decode
-rows with a kernel constant at each value (one process: on a fresh H200 this script takes ~2
-minutes to reach its first row, so sweeping by relaunching wastes the budget); `--rows` lists
-decode rows one by one instead (`lserve:1x262144:MIN_PAGES_PER_SPLIT=4` ...), in that order.
+`--chunk`), after a same-shape warm-up.
+`--vary decode.min_pages_per_split=2,4,8` repeats the decode rows once per value of a kernel
+tuning knob (a `KernelTuning` handed to the engine; rows say `"tuning": "KNOB=V"`), in one
+process, since reaching the first row takes minutes of compilation; `--rows` lists decode rows
+one by one instead (`lserve:1x262144:decode.min_pages_per_split=4` ...), in that order.
 `--profile [TOP]` adds each row's TOP (20) kernels from one more profiled run;
 `--prefill-kernel composite windowed` times the sparse policies' TTFT once per prefill path.
 
-    python experiments/bench_e2e.py --pattern ../shared/duo_patterns/Llama-3-8B-Instruct-Gradient-1048k
+    python experiments/bench_e2e.py \
+        --pattern ../shared/duo_patterns/Llama-3-8B-Instruct-Gradient-1048k
 """
 
 from __future__ import annotations
@@ -30,25 +33,38 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import benchlib
-from lserve_jax.config import CacheConfig, ModelConfig, RunConfig, SparsityConfig
+from experiments.benchlib import DeviceFacts, Setting
+from lserve_jax.attention import PagedAttention
+from lserve_jax.config import Backend, CacheConfig, ModelConfig, PrefillPath, RunConfig
+from lserve_jax.config import SparsityConfig
 from lserve_jax.engine import Engine, decode
-from lserve_jax.model.llama import init_params
+from lserve_jax.model import load_model
 from lserve_jax.sparsity.heads import load_gates
 from lserve_jax.sparsity.policy import SELECT, attended_tokens
-from pallas_kernels.page_select import kernel as select_kernel
-from pallas_kernels.sparse_decode import kernel as decode_kernel
-from pallas_kernels.sparse_decode import merge as decode_merge
 
 DECODE = [(1, t) for t in (16384, 32768, 65536, 131072, 262144)] + [
     (b, t) for b in (4, 8) for t in (32768, 65536, 131072)]
 TTFT = (32768, 65536, 131072)
-HBM = 139 * 2**30  # usable device memory on the H200
 
 
 # policies under another name with one default changed: LServe selects pages per query head;
 # `lserve_kv` selects once per KV head (scores summed over the group), so a GQA group reads each
 # selected page once (the testbed's accuracy: README, knob sweeps)
 VARIANTS = {"lserve_kv": ("lserve", {"selection_granularity": "kv_head"})}
+
+
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """What every row of one run shares."""
+
+    cfg: ModelConfig
+    params: dict
+    weights: int  # bytes a decode step reads of the parameters (all but the embedding)
+    gates: np.ndarray  # [L, K] DuoAttention gates
+    facts: DeviceFacts  # measured bandwidth and memory of the device
+    backend: Backend
+    steps: int  # decode tokens timed per row
+    profile: int = 0  # kernels listed per row (0: no profile)
 
 
 def policies(names, chunk: int) -> dict[str, SparsityConfig]:
@@ -96,44 +112,59 @@ def _randomise(k, v, kmin, kmax, key, stats: bool):
     return jax.lax.fori_loop(0, -(-k.shape[0] // chunk), body, (k, v, kmin, kmax))
 
 
-def decode_row(cfg, params, weights, name, sparsity, gates, batch, context, steps, backend,
-               profile: int = 0):
-    max_seq = context + steps + 8
-    probe = Engine(cfg, params, sparsity, CacheConfig(max_seq_len=max_seq, max_batch=1,
-                                                      num_pages=2), gates)
-    needed = weights + batch * probe.kv_bytes_per_sequence(max_seq)
-    row = {"name": f"decode_{name}", "policy": name, "batch": batch, "context": context,
-           "kv_bytes_per_seq": probe.kv_bytes_per_sequence(context)}
-    if needed > HBM:
-        return {**row, "error": f"out of memory: needs {needed / 2**30:.0f} GiB"}
-    engine = Engine(cfg, params, sparsity, CacheConfig(max_seq_len=max_seq, max_batch=batch),
-                    gates)
-    fill(engine, batch, context, jax.random.key(context + batch))
-    modes = jnp.asarray(engine.modes)
-    args = (jnp.zeros((batch,), jnp.int32), jnp.ones((batch,), bool), modes,
+def decode_loop(engine: Engine, backend: Backend, max_new: int):
+    """The engine's jitted decode loop under the engine's own kernel tuning:
+    (params, cache, *decode_args) -> (tokens, counts, cache)."""
+    attention = PagedAttention(engine.sparsity, backend, tuning=engine.tuning)
+    return functools.partial(decode, engine.model_cfg, attention, max_new)
+
+
+def decode_args(batch: int, modes) -> tuple:
+    """(first, live, modes, key, temperature, top_p, stops) of a greedy loop over `batch` rows."""
+    return (jnp.zeros((batch,), jnp.int32), jnp.ones((batch,), bool), jnp.asarray(modes),
             jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.asarray([-1], jnp.int32))
+
+
+def decode_row(bench: Bench, name: str, sparsity: SparsityConfig, batch: int, context: int,
+               setting: Setting = Setting()) -> dict:
+    cfg, steps = bench.cfg, bench.steps
+    max_seq = context + steps + 8
+    probe = Engine(cfg, bench.params, sparsity, CacheConfig(max_seq_len=max_seq, max_batch=1,
+                                                            num_pages=2), bench.gates)
+    needed = bench.weights + batch * probe.kv_bytes_per_sequence(max_seq)
+    row = {"name": f"decode_{name}", "policy": name, "batch": batch, "context": context,
+           "kv_bytes_per_seq": probe.kv_bytes_per_sequence(context),
+           **({"tuning": setting.label} if setting.label else {})}
+    if needed > bench.facts.memory_bytes:
+        return {**row, "error": f"out of memory: needs {needed / 2**30:.1f} GiB of the "
+                                f"device's {bench.facts.memory_bytes / 2**30:.1f} GiB"}
+    engine = Engine(cfg, bench.params, sparsity, CacheConfig(max_seq_len=max_seq,
+                                                             max_batch=batch),
+                    bench.gates, tuning=setting.tuning)
+    fill(engine, batch, context, jax.random.key(context + batch))
+    loop, args = decode_loop(engine, bench.backend, steps + 1), decode_args(batch, engine.modes)
+
+    def once(cache):
+        cache = dataclasses.replace(cache, lengths=jnp.full((batch,), context, jnp.int32))
+        return loop(bench.params, cache, *args)
+
     timings = []
-    for n in (steps,) * 3:  # compile, warm-up, then the timed loop (same static shape)
-        cache = dataclasses.replace(engine.cache, lengths=jnp.full((batch,), context, jnp.int32))
+    for _ in range(3):  # compile, warm-up, then the timed loop (same static shape)
         start = time.perf_counter()
-        out, _, engine.cache = decode(cfg, sparsity, backend, n + 1, params, cache, *args)
+        out, _, engine.cache = once(engine.cache)
         jax.block_until_ready(out)
-        timings.append(1e3 * (time.perf_counter() - start) / n)
+        timings.append(1e3 * (time.perf_counter() - start) / steps)
     tokens, pages = read_tokens(engine, context, sparsity)
     if pages is not None:
         row["select_pages_read"] = pages
     read = batch * tokens * cfg.kv_bytes_per_token
-    if profile:  # one more loop of `steps` tokens under the profiler: its `profile` top kernels
-        def once(cache):
-            cache = dataclasses.replace(cache, lengths=jnp.full((batch,), context, jnp.int32))
-            return (decode(cfg, sparsity, backend, steps + 1, params, cache, *args)[2],)
-
-        summary, (engine.cache,) = benchlib.kernel_summary(once, engine.cache, steps=1,
-                                                           top=profile)
+    if bench.profile:  # one more loop of `steps` tokens under the profiler: its top kernels
+        summary, (engine.cache,) = benchlib.kernel_summary(
+            lambda cache: (once(cache)[2],), engine.cache, steps=1, top=bench.profile)
         row["kernels_per_loop_of_steps"] = summary
     return {**row, "ms": round(timings[-1], 3),
             "compile_s": round((timings[0] - timings[-1]) * steps / 1e3, 1),
-            "floor_ms": round(benchlib.floor_ms(weights + read), 3),
+            "floor_ms": round(bench.facts.floor_ms(bench.weights + read), 3),
             "peak_gib": round(_peak() / 2**30, 1)}
 
 
@@ -153,12 +184,12 @@ def read_tokens(engine: Engine, context: int, sparsity: SparsityConfig):
     return mean, round(float(union), 1)
 
 
-def ttft_row(cfg, params, name, sparsity, gates, context, backend, profile: int = 0,
-             prefill_kernel: str = RunConfig.prefill_kernel):
-    engine = Engine(cfg, params, sparsity, CacheConfig(max_seq_len=context + 128, max_batch=1),
-                    gates)
-    prompt = np.random.default_rng(context).integers(0, cfg.vocab_size, context).tolist()
-    run = RunConfig(max_new_tokens=1, backend=backend, prefill_kernel=prefill_kernel)
+def ttft_row(bench: Bench, name: str, sparsity: SparsityConfig, context: int,
+             prefill_kernel: PrefillPath) -> dict:
+    engine = Engine(bench.cfg, bench.params, sparsity,
+                    CacheConfig(max_seq_len=context + 128, max_batch=1), bench.gates)
+    prompt = np.random.default_rng(context).integers(0, bench.cfg.vocab_size, context).tolist()
+    run = RunConfig(max_new_tokens=1, backend=bench.backend, prefill_kernel=prefill_kernel)
     start = time.perf_counter()
     engine.generate([prompt], run)  # compile
     first = time.perf_counter() - start
@@ -167,74 +198,42 @@ def ttft_row(cfg, params, name, sparsity, gates, context, backend, profile: int 
     ms = 1e3 * (time.perf_counter() - start)
     row = {"name": f"ttft_{name}", "policy": name, "batch": 1, "context": context,
            "ms": round(ms, 1), "compile_s": round(first - ms / 1e3, 1),
-           "peak_gib": round(_peak() / 2**30, 1), "prefill_kernel": prefill_kernel}
-    if profile:
+           "peak_gib": round(_peak() / 2**30, 1), "prefill_kernel": str(prefill_kernel)}
+    if bench.profile:
         def once():
             engine.generate([prompt], run)
             return ()
 
-        row["kernels"] = benchlib.kernel_summary(once, steps=1, top=profile)[0]
+        row["kernels"] = benchlib.kernel_summary(once, steps=1, top=bench.profile)[0]
     return row
 
 
-KNOBS = {  # kernel constants that --vary may set (read when a kernel is traced)
-    "MIN_PAGES_PER_SPLIT": decode_kernel, "MIN_PROGRAMS": decode_kernel,
-    "NUM_WARPS": decode_kernel, "NUM_STAGES": decode_kernel,
-    "TOPK_WARPS": select_kernel, "TOPK_CHUNK": select_kernel,
-    "MERGE_CHUNK": decode_merge, "MERGE_BLOCK_H": decode_merge,
-}
-
-
-def parse_vary(spec: str) -> list[tuple[str, int]]:
-    """'NAME=V1,V2' -> [(NAME, V1), (NAME, V2)] for a NAME of KNOBS."""
-    name, _, values = spec.partition("=")
-    if name not in KNOBS or not values:
-        raise SystemExit(f"--vary {spec!r}: use NAME=V1,V2,... with NAME one of {sorted(KNOBS)}")
-    return [(name, int(v)) for v in values.split(",")]
-
-
-def parse_row(spec: str) -> tuple[str, int, int, tuple[str, int] | None]:
-    """'lserve:4x131072' or 'lserve:4x131072:TOPK_WARPS=8' -> (policy, batch, context, knob)."""
-    parts = spec.split(":")
-    try:
-        if len(parts) not in (2, 3):
-            raise ValueError(spec)
-        batch, context = (int(x) for x in parts[1].split("x"))
-    except ValueError:
-        raise SystemExit(f"--rows {spec!r}: use POLICY:BATCHxCONTEXT[:NAME=VALUE]") from None
-    return parts[0], batch, context, parse_vary(parts[2])[0] if len(parts) == 3 else None
-
-
-def with_knob(fn, knob: tuple[str, int] | None):
-    """`fn` run with a kernel constant of KNOBS at a value (None: as it is); jit caches are
-    cleared around it so the decode loop is traced again with the new value."""
-    if knob is None:
-        return fn
-    name, value = knob
-    module = KNOBS[name]
-
-    @functools.wraps(fn)
-    def run(*args):
-        saved = getattr(module, name)
-        setattr(module, name, value)
-        jax.clear_caches()
-        try:
-            return {**fn(*args), "knob": f"{name}={value}"}
-        finally:
-            setattr(module, name, saved)
-            jax.clear_caches()
-
-    return run
-
-
-def capacity_row(cfg, params, weights, name, sparsity, gates, context, headroom=8 * 2**30):
-    """The largest batch whose pool fits beside the weights (computed from the allocator)."""
-    probe = Engine(cfg, params, sparsity, CacheConfig(max_seq_len=context, max_batch=1,
-                                                      num_pages=2), gates)
+def capacity_row(bench: Bench, name: str, sparsity: SparsityConfig, context: int,
+                 headroom: int = 8 * 2**30) -> dict:
+    """The largest batch whose pool fits beside the weights in the device's memory (computed
+    from the allocator)."""
+    probe = Engine(bench.cfg, bench.params, sparsity, CacheConfig(max_seq_len=context,
+                                                                  max_batch=1, num_pages=2),
+                   bench.gates)
     per_seq = probe.kv_bytes_per_sequence(context)
     return {"name": f"capacity_{name}", "policy": name, "context": context,
             "kv_gib_per_seq": round(per_seq / 2**30, 2),
-            "max_batch_computed": int((HBM - weights - headroom) // per_seq)}
+            "max_batch_computed": max(0, int(
+                (bench.facts.memory_bytes - bench.weights - headroom) // per_seq))}
+
+
+def parse_row(spec: str) -> tuple[str, int, int, Setting]:
+    """'lserve:4x131072', or with knobs 'lserve:4x131072:select.topk_warps=8[:KNOB=V ...]' ->
+    (policy, batch, context, setting)."""
+    parts = spec.split(":")
+    try:
+        batch, context = (int(x) for x in parts[1].split("x"))
+        knobs = dict(part.split("=") for part in parts[2:])
+        values = {name: int(value) for name, value in knobs.items()}
+    except (IndexError, ValueError):
+        raise SystemExit(f"--rows {spec!r}: use POLICY:BATCHxCONTEXT[:GROUP.KNOB=VALUE ...], "
+                         "e.g. lserve:1x262144:decode.min_pages_per_split=4") from None
+    return parts[0], batch, context, benchlib.setting(values, f"--rows {spec!r}")
 
 
 def _peak() -> int:
@@ -242,50 +241,54 @@ def _peak() -> int:
     return stats.get("peak_bytes_in_use", 0)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pattern", required=True, help="DuoAttention pattern of the model")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--model", default="llama3-8b", help="'tiny' for a CPU smoke run")
+    parser.add_argument("--out", default=None,
+                        help="results folder (default: experiments/results/<device>)")
+    parser.add_argument("--model", default="llama3-8b", help="a preset; 'tiny' for a CPU smoke run")
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=0,
                         help="prefill chunk for TTFT (0: one prefill; 128K fits unchunked)")
     parser.add_argument("--profile", type=int, nargs="?", const=20, default=0, metavar="TOP",
                         help="kernel summary of every row: its TOP (default 20) kernels")
     parser.add_argument("--policies", nargs="+", default=["dense", "lserve", "duo", "quest"])
-    parser.add_argument("--backend", default="pallas")
+    parser.add_argument("--backend", default=Backend.pallas, type=Backend,
+                        choices=list(Backend))
     parser.add_argument("--decode", nargs="*", default=None, help="BATCHxCONTEXT ...")
     parser.add_argument("--ttft", type=int, nargs="*", default=list(TTFT))
-    parser.add_argument("--prefill-kernel", nargs="+", default=[RunConfig.prefill_kernel],
-                        choices=("fused", "composite", "windowed"),
+    parser.add_argument("--capacity", type=int, nargs="*", default=[131072, 262144],
+                        help="contexts of the computed largest-batch rows")
+    parser.add_argument("--prefill-kernel", nargs="+", type=PrefillPath,
+                        default=[RunConfig.prefill_kernel], choices=list(PrefillPath),
                         help="TTFT rows of the sparse policies once per prefill path")
-    parser.add_argument("--vary", default=None, metavar="NAME=V1,V2",
-                        help=f"decode rows once per value of a kernel constant: {sorted(KNOBS)}")
-    parser.add_argument("--rows", nargs="+", default=None, metavar="POLICY:BxT[:NAME=V]",
+    parser.add_argument("--vary", default=None, metavar="GROUP.KNOB=V1,V2",
+                        help="decode rows once per value of a kernel tuning knob: "
+                             + ", ".join(benchlib.KNOBS))
+    parser.add_argument("--rows", nargs="+", default=None, metavar="POLICY:BxT[:KNOB=V ...]",
                         help="these decode rows in this order instead of the --decode x "
-                             "--policies (x --vary) grid, e.g. lserve:1x262144:TOPK_WARPS=8")
-    args = parser.parse_args()
-    cfg = ModelConfig.from_name(args.model)
-    gates = load_gates(args.pattern)[: cfg.n_layers, : cfg.n_kv_heads]
-    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
-    weights = sum(x.nbytes for x in jax.tree.leaves(params)) - params["embed"].nbytes
-    shapes = DECODE if args.decode is None else [tuple(map(int, s.split("x"))) for s in args.decode]
+                             "--policies (x --vary) grid, e.g. lserve:1x262144:select.topk_warps=8")
+    args = parser.parse_args(argv)
     listed = [parse_row(spec) for spec in args.rows or []]
+    settings = benchlib.parse_sweep(args.vary, "--vary") if args.vary else [Setting()]
+    facts = benchlib.measure_device()  # before the weights: the probe needs free memory
+    model = load_model(args.model)
+    cfg, params = model.config, model.params
+    bench = Bench(cfg, params, sum(x.nbytes for x in jax.tree.leaves(params))
+                  - params["embed"].nbytes,
+                  load_gates(args.pattern)[: cfg.n_layers, : cfg.n_kv_heads], facts,
+                  args.backend, args.steps, args.profile)
+    shapes = DECODE if args.decode is None else [tuple(map(int, s.split("x"))) for s in args.decode]
     configs = policies(dict.fromkeys(args.policies + [r[0] for r in listed]), args.chunk)
     if not listed:  # shape by shape, every policy next to each other (partial runs compare)
-        listed = [(name, b, t, knob) for knob in (parse_vary(args.vary) if args.vary else [None])
-                  for b, t in shapes for name in args.policies]
-    jobs = [(name, with_knob(decode_row, knob), (cfg, params, weights, name, configs[name],
-                                                 gates, b, t, args.steps, args.backend,
-                                                 args.profile))
-            for name, b, t, knob in listed]
-    for t in args.ttft:
-        jobs += [(name, ttft_row, (cfg, params, name, configs[name], gates, t, args.backend,
-                                   args.profile, kernel)) for name in args.policies
-                 for kernel in (args.prefill_kernel[:1] if name == "dense" else
-                                args.prefill_kernel)]
-    jobs += [(name, capacity_row, (cfg, params, weights, name, configs[name], gates, t))
-             for t in (131072, 262144) for name in args.policies]
+        listed = [(name, b, t, s) for s in settings for b, t in shapes for name in args.policies]
+    jobs = [(name, decode_row, (bench, name, configs[name], b, t, s))
+            for name, b, t, s in listed]
+    jobs += [(name, ttft_row, (bench, name, configs[name], t, kernel))
+             for t in args.ttft for name in args.policies
+             for kernel in (args.prefill_kernel[:1] if name == "dense" else args.prefill_kernel)]
+    jobs += [(name, capacity_row, (bench, name, configs[name], t))
+             for t in args.capacity for name in args.policies]
     rows = []
     for name, fn, job in jobs:
         print(f"{time.strftime('%H:%M:%S')} {fn.__name__} {name} ...", flush=True)
@@ -295,17 +298,17 @@ def main():
             row = {"name": f"{fn.__name__}_{name}", "policy": name, "error": repr(err)[:300]}
         rows.append(row)
         print(row, flush=True)
-        benchlib.write_results("e2e", _with_baselines(rows), args.out,
-                               model=f"{args.model}, random {cfg.dtype} weights",
-                               cache="random K/V + exact page statistics (decode rows)",
-                               ttft_chunk=args.chunk)
+        path = benchlib.write_results("e2e", _with_baselines(rows), args.out, facts,
+                                      model=f"{args.model}, random {cfg.dtype} weights",
+                                      cache="random K/V + exact page statistics (decode rows)",
+                                      ttft_chunk=args.chunk)
+    print("wrote", path)
 
 
 def _with_baselines(rows: list[dict]) -> list[dict]:
-    """speedup against the dense row of the same kind, shape and knob value, where both exist."""
+    """speedup against the dense row of the same kind, shape and tuning, where both exist."""
     def key(r):
-        return (r["name"].split("_")[0], r.get("batch"), r.get("context"),
-                r.get("knob"))
+        return (r["name"].split("_")[0], r.get("batch"), r.get("context"), r.get("tuning"))
 
     dense = {key(r): r.get("ms") for r in rows if r.get("policy") == "dense"}
     out = []

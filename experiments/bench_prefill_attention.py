@@ -1,10 +1,11 @@
 """One layer of Llama-3-8B prefill attention (32 query / 8 KV heads, d 128, bf16, B=1) on the
-H200: cuDNN dense causal vs our fused sparse kernel and the composite path of lserve_jax.attention
+GPU: cuDNN dense causal vs our fused sparse kernel and the composite path of lserve_jax.attention
 (cuDNN for the retrieval heads, our kernel for the streaming heads; `windowed`: cuDNN's sliding
 window plus a sink call for the streaming heads too), with 50% streaming heads.
 
 The ideal time of a sparse prefill is the dense heads' causal FLOPs plus the streaming heads'
-visited tiles, at cuDNN's own measured rate in this run.
+visited tiles, at cuDNN's own measured rate in this run; the JSON also records the device's
+bandwidth and bf16 matmul rate measured at the start (benchlib.measure_device). GPU only.
 
     python experiments/bench_prefill_attention.py [--out DIR] [--contexts 16384 65536 ...]
 """
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments import benchlib
-from lserve_jax.attention import composite_prefill, cudnn_causal
+from lserve_jax.attention.backends import composite_prefill, cudnn_causal
 from lserve_jax.config import SparsityConfig
 from pallas_kernels.sparse_prefill.api import sparse_prefill
 from pallas_kernels.sparse_prefill.windowed import windowed_prefill
@@ -99,8 +100,9 @@ def rows_for(t: int, iters: int) -> list[dict]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None,
+                        help="results folder (default: experiments/results/<device>)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--contexts", type=int, nargs="+",
                         default=[16384, 65536, 131072, 262144])
@@ -108,6 +110,7 @@ def main():
     if not ON_GPU:
         raise SystemExit("this benchmark needs a GPU (cuDNN); the kernel's CPU path is tested "
                          "in tests/kernels")
+    facts = benchlib.measure_device()
     rows = []
     for t in args.contexts:
         try:
@@ -117,7 +120,7 @@ def main():
         for row in new:
             print(row, flush=True)
         rows += new
-        benchlib.write_results("prefill_attention", rows, args.out,
+        benchlib.write_results("prefill_attention", rows, args.out, facts,
                                shape="32 q heads, 8 KV heads, d 128, bf16, one layer, B=1",
                                streaming="50% of KV heads, sink 128 + local 8192 (or 4096)")
 

@@ -1,10 +1,15 @@
-"""Plots of the committed benchmark results (experiments/results/*.json -> *.png).
+"""Plots of benchmark results: decode_attention.json, prefill_attention.json and e2e.json of a
+results folder, each drawn as the PNG of the same name beside it.
 
-    python experiments/plot_results.py
+    python experiments/plot_results.py [DIR ...]
+
+DIR: a results folder, or a device folder's name under experiments/results (h100, h200, ...);
+by default every folder under experiments/results that holds one of those JSON files.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 
@@ -16,8 +21,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def _load(name: str) -> dict:
-    return json.loads((RESULTS / f"{name}.json").read_text())
+def _device(data: dict) -> str:
+    """The device line of a title: its name, and the bandwidth measured in the run if recorded."""
+    if "measured_bandwidth_gbps" in data:
+        return f"{data['device']} ({data['measured_bandwidth_gbps']:.0f} GB/s measured)"
+    return data["device"]
 
 
 def _lines(ax, rows, names, title):
@@ -30,8 +38,7 @@ def _lines(ax, rows, names, title):
     ax.grid(True, which="both", alpha=0.3)
 
 
-def plot_decode() -> pathlib.Path:
-    data = _load("decode_attention")
+def plot_decode(data: dict, path: pathlib.Path) -> None:
     kernels = ["dense_paged_kernel", "lserve_kv_head", "lserve_query_head", "quest_query_head"]
     names = ["dense_cudnn", "dense_xla", *kernels]
     batches = sorted({r["batch"] for r in data["rows"]})
@@ -39,13 +46,12 @@ def plot_decode() -> pathlib.Path:
     for ax, b in zip(axes[0], batches):
         _lines(ax, [r for r in data["rows"] if r["batch"] == b], names, f"decode, batch {b}")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"one Llama-3-8B layer, {data['device']}, jax {data['jax_version']}, "
+    fig.suptitle(f"one Llama-3-8B layer, {_device(data)}, jax {data['jax_version']}, "
                  f"{data['date']} (LServe: amortised selection included)", fontsize=9)
-    return _save(fig, "decode_attention")
+    _save(fig, path)
 
 
-def plot_prefill() -> pathlib.Path:
-    data = _load("prefill_attention")
+def plot_prefill(data: dict, path: pathlib.Path) -> None:
     names = ["cudnn_dense", "fused_dense", "fused_half_stream_local8192",
              "composite_half_stream_local8192", "windowed_half_stream_local8192",
              "windowed_half_stream_local4096"]
@@ -56,29 +62,31 @@ def plot_prefill() -> pathlib.Path:
             ax.annotate(f"{r['speedup']:.2f}x", (r["context"], r["ms"]), fontsize=7,
                         textcoords="offset points", xytext=(4, -10))
     ax.legend(fontsize=7)
-    fig.suptitle(f"one Llama-3-8B layer, 50% streaming heads, {data['device']}, "
+    fig.suptitle(f"one Llama-3-8B layer, 50% streaming heads, {_device(data)}, "
                  f"{data['date']}", fontsize=9)
-    return _save(fig, "prefill_attention")
+    _save(fig, path)
 
 
-def plot_e2e() -> pathlib.Path:
+def plot_e2e(data: dict, path: pathlib.Path) -> None:
     """Per-token decode latency vs context per batch (floors dashed) and time to first token."""
-    data = _load("e2e")
     rows = [r for r in data["rows"] if "ms" in r]
     batches = sorted({r["batch"] for r in rows if r["name"].startswith("decode")})
     fig, axes = plt.subplots(1, len(batches) + 1, figsize=(4.2 * (len(batches) + 1), 4))
+    lines = sorted({(r["policy"], r.get("tuning", "")) for r in rows
+                    if r["name"].startswith("decode")})  # one line per policy and tuning
     for ax, b in zip(axes, batches):
-        for i, policy in enumerate(sorted({r["policy"] for r in rows})):
-            pts = sorted((r["context"], r["ms"], r["floor_ms"]) for r in rows
-                         if r["name"] == f"decode_{policy}" and r["batch"] == b)
-            if pts:
-                ctx, ms, floor = zip(*pts)
-                ax.plot(ctx, ms, marker="o", color=f"C{i}", label=policy)
+        for i, (policy, tuning) in enumerate(lines):
+            mine = [r for r in rows if r["name"] == f"decode_{policy}" and r["batch"] == b
+                    and r.get("tuning", "") == tuning]
+            label = f"{policy} {tuning}".strip()
+            if mine:
+                ctx, ms, floor = zip(*sorted((r["context"], r["ms"], r["floor_ms"])
+                                             for r in mine))
+                ax.plot(ctx, ms, marker="o", color=f"C{i}", label=label)
                 ax.plot(ctx, floor, linestyle="--", marker="_", markersize=14, color=f"C{i}",
-                        label=f"{policy} floor")
-            for r in rows:
-                if (r["name"] == f"decode_{policy}" and r["batch"] == b and policy != "dense"
-                        and r.get("speedup")):
+                        label=f"{label} floor")
+            for r in mine:
+                if policy != "dense" and r.get("speedup"):
                     ax.annotate(f"{r['speedup']:.2f}x", (r["context"], r["ms"]), fontsize=7,
                                 textcoords="offset points", xytext=(4, 4))
         _context_axis(ax, [r["context"] for r in rows
@@ -99,30 +107,60 @@ def plot_e2e() -> pathlib.Path:
     _context_axis(axes[-1], [r["context"] for r in rows if r["name"].startswith("ttft")])
     axes[-1].set(xlabel="prompt (tokens)", ylabel="s", title="time to first token")
     axes[-1].legend(fontsize=7)
-    fig.suptitle(f"Llama-3-8B shape, whole engine, {data['device']}, jax {data['jax_version']}, "
-                 f"{data['date']}", fontsize=9)
-    return _save(fig, "e2e")
+    fig.suptitle(f"Llama-3-8B shape, whole engine, {_device(data)}, "
+                 f"jax {data['jax_version']}, {data['date']}", fontsize=9)
+    _save(fig, path)
 
 
 def _context_axis(ax, contexts) -> None:
     """A log2 token axis ticked at the measured contexts only, labelled 16K, 128K, ..."""
     ticks = sorted(set(contexts))
     ax.set_xscale("log", base=2)
-    ax.set_xticks(ticks, [f"{t // 1024}K" for t in ticks])
+    ax.set_xticks(ticks, [f"{t // 1024}K" if t >= 1024 else str(t) for t in ticks])
     ax.minorticks_off()
     ax.set_xlim(ticks[0] / 1.5, ticks[-1] * 1.5)
     ax.set_xlabel("context (tokens)")
     ax.grid(True, alpha=0.3)
 
 
-def _save(fig, name: str) -> pathlib.Path:
-    path = RESULTS / f"{name}.png"
+def _save(fig, path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
+
+
+PLOTS = {"decode_attention": plot_decode, "prefill_attention": plot_prefill, "e2e": plot_e2e}
+
+
+def folders(named: list[str]) -> list[pathlib.Path]:
+    """The folders to plot: those named (a path, or a name under experiments/results), else
+    every folder under experiments/results holding one of the PLOTS' JSON files."""
+    if not named:
+        return sorted(d for d in RESULTS.iterdir()
+                      if d.is_dir() and any((d / f"{n}.json").exists() for n in PLOTS))
+    found = []
+    for name in named:
+        folder = next((d for d in (pathlib.Path(name), RESULTS / name) if d.is_dir()), None)
+        if folder is None or not any((folder / f"{n}.json").exists() for n in PLOTS):
+            raise SystemExit(f"plot_results.py {name}: no folder holding "
+                             f"{', '.join(f'{n}.json' for n in PLOTS)} at {name} or "
+                             f"{RESULTS / name}: name a results folder")
+        found.append(folder)
+    return found
+
+
+def main(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dirs", nargs="*", metavar="DIR",
+                        help="results folders (default: every one under experiments/results "
+                             "with a JSON to plot)")
+    for folder in folders(parser.parse_args(argv).dirs):
+        for name, plot in PLOTS.items():
+            source = folder / f"{name}.json"
+            if source.exists():
+                plot(json.loads(source.read_text()), source.with_suffix(".png"))
+                print("wrote", source.with_suffix(".png"))
 
 
 if __name__ == "__main__":
-    for made in (plot_decode(), plot_prefill(), plot_e2e()):
-        print("wrote", made)
+    main()

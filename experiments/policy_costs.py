@@ -1,23 +1,23 @@
-"""KV bytes per sequence and attended tokens per decode step for every policy (computed on the
+r"""KV bytes per sequence and attended tokens per decode step for every policy (computed on the
 CPU from the allocator and the page-list rules, no GPU), on the Llama-3-8B shape with the real
-DuoAttention pattern of Llama-3-8B-Instruct-Gradient-1048k.
+DuoAttention pattern of Llama-3-8B-Instruct-Gradient-1048k. Writes policy_costs.json and .md
+to experiments/results/cpu/ (or --out).
 
-    python experiments/policy_costs.py --pattern ../shared/duo_patterns/Llama-3-8B-Instruct-Gradient-1048k
+    python experiments/policy_costs.py \
+        --pattern ../shared/duo_patterns/Llama-3-8B-Instruct-Gradient-1048k
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 
-from lserve_jax.config import ModelConfig, SparsityConfig
+from experiments import benchlib
 from lserve_jax.cache.allocator import kv_bytes_per_sequence
-from lserve_jax.experiment import markdown_table
+from lserve_jax.config import ModelConfig, SparsityConfig
+from lserve_jax.lab.report import markdown_table
 from lserve_jax.sparsity.heads import load_gates
 from lserve_jax.sparsity.policy import STREAM, attended_tokens, head_modes
-
-RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 def policy_costs(gates, contexts: tuple[int, ...], base: SparsityConfig) -> list[dict]:
@@ -40,18 +40,19 @@ def policy_costs(gates, contexts: tuple[int, ...], base: SparsityConfig) -> list
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pattern", required=True, help="DuoAttention pattern directory")
     parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--out", default=benchlib.RESULTS / "cpu", type=pathlib.Path,
+                        help="results folder (default: experiments/results/cpu)")
     args = parser.parse_args()
     rows = policy_costs(load_gates(args.pattern), tuple(args.contexts), SparsityConfig())
     table = markdown_table(rows, list(rows[0]))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "policy_costs.json").write_text(json.dumps(
-        {"model": "llama3-8b", "pattern": pathlib.Path(args.pattern).name,
-         "sparsity": "LServe defaults (N_P 64, N_L 16, budget 4096, decode sink 128 + local 256)",
-         "rows": rows}, indent=1) + "\n")
-    (RESULTS / "policy_costs.md").write_text(table + "\n")
+    path = benchlib.write_results(
+        "policy_costs", rows, args.out, None, model="llama3-8b",
+        pattern=pathlib.Path(args.pattern).name,
+        sparsity="LServe defaults (N_P 64, N_L 16, budget 4096, decode sink 128 + local 256)")
+    path.with_suffix(".md").write_text(table + "\n")
     print(table)
 
 

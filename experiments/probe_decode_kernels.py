@@ -1,10 +1,11 @@
 """Device time (XProf kernel totals, not wall time) of the decode kernels per layer call, over
 their tuning settings, at one-layer shapes of the Llama-3-8B serving loop: the sparse decode
 kernel over DecodeBlocks (pages per split, pipeline stages, warps, pages per step) for dense
-1x4K and LServe 1x256K, and top-k over TOPK_CHUNK x TOPK_WARPS at LServe 1x256K. Each setting
-runs 32 calls in one jit (bench_decode_attention.repeated); the JSON lists the microseconds
-per call of every kernel that ran once per call (the decode kernel, the merge and pad fusions
-around it, or page_scores + top_pages).
+1x4K and LServe 1x256K, and selection over SelectTuning(topk_chunk, topk_warps) at LServe
+1x256K (rows say `"tuning": "select.topk_chunk=C,select.topk_warps=W"`). Each setting runs 32
+calls in one jit (bench_decode_attention.repeated); the JSON lists the microseconds per call
+of every kernel that ran once per call (the decode kernel, the merge and pad fusions around
+it, or page_scores + top_pages). GPU only (the profiler's device kernels).
 
     python experiments/probe_decode_kernels.py [--out DIR]
 """
@@ -20,7 +21,6 @@ import jax.numpy as jnp
 from experiments import bench_decode_attention as bench
 from experiments import benchlib
 from lserve_jax.sparsity.policy import SELECT, STREAM
-from pallas_kernels.page_select import kernel as select_kernel
 from pallas_kernels.sparse_decode.api import sparse_decode
 from pallas_kernels.sparse_decode.kernel import DecodeBlocks as D
 
@@ -28,7 +28,9 @@ REPS = 32
 BLOCKS = [None] + [D(1, pps, 4, st) for pps in (1, 2, 4, 8, 16) for st in (1, 2, 3, 4)] + [
     D(1, pps, w, 3) for pps in (2, 8) for w in (1, 2, 8)] + [D(2, 8, 4, 3), D(2, 4, 4, 3),
                                                              D(4, 8, 4, 3)]
-TOPK = [(4096, 4), (2048, 4), (1024, 4), (4096, 8), (8192, 8), (2048, 2)]  # (chunk, warps)
+TOPK = [benchlib.setting({"select.topk_chunk": chunk, "select.topk_warps": warps},
+                         "probe_decode_kernels.TOPK")
+        for chunk, warps in ((4096, 4), (2048, 4), (1024, 4), (4096, 8), (8192, 8), (2048, 2))]
 
 
 def device_us(fn, *args, chain=True) -> dict[str, float]:
@@ -59,16 +61,20 @@ def layer(b, t, policy):
     table = table[:, None]
     selected = jax.jit(bench.selector(sp))(q, kmin, kmax, table, lengths, modes)[None]
     kw = dict(layer=0, sink=sp.decode_sink, local=sp.decode_local, budget_pages=sp.budget_pages,
-              max_listed=max(sp.budget_pages, sp.stream_pages))
+              max_listed=max(sp.budget_pages, sp.stream_pages), interpret=not bench.ON_GPU)
     return (q, k_pool, v_pool, table, selected, lengths, modes), (
         lambda blocks: functools.partial(sparse_decode, blocks=blocks, **kw)), (
         q, kmin, kmax, table, lengths, modes)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=None,
+                        help="results folder (default: experiments/results/<device>)")
     args = parser.parse_args()
+    if not bench.ON_GPU:
+        raise SystemExit("this probe reads GPU kernels from the profiler: run it on a GPU")
+    facts = benchlib.measure_device()
     rows = []
     for b, t, policy in ((1, 4096, "dense"), (1, 262144, "lserve")):
         operands, attend, selection = layer(b, t, policy)
@@ -76,17 +82,14 @@ def main():
             rows.append({"shape": f"{policy} {b}x{t}", "blocks": str(blocks),
                          "us_per_call": device_us(attend(blocks), *operands)})
             print(rows[-1], flush=True)
-            benchlib.write_results("decode_kernel_probe", rows, args.out)
-    saved = select_kernel.TOPK_CHUNK, select_kernel.TOPK_WARPS
-    for chunk, warps in TOPK:
-        select_kernel.TOPK_CHUNK, select_kernel.TOPK_WARPS = chunk, warps
-        jax.clear_caches()
-        rows.append({"shape": "lserve selection 1x262144", "topk_chunk": chunk,
-                     "topk_warps": warps, "us_per_call": device_us(
-                         bench.selector(bench.LSERVE), *selection, chain=False)})
+            benchlib.write_results("decode_kernel_probe", rows, args.out, facts)
+    for setting in TOPK:
+        rows.append({"shape": "lserve selection 1x262144", "tuning": setting.label,
+                     "us_per_call": device_us(bench.selector(bench.LSERVE,
+                                                             tuning=setting.tuning.select),
+                                              *selection, chain=False)})
         print(rows[-1], flush=True)
-        benchlib.write_results("decode_kernel_probe", rows, args.out)
-    select_kernel.TOPK_CHUNK, select_kernel.TOPK_WARPS = saved
+        benchlib.write_results("decode_kernel_probe", rows, args.out, facts)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,25 @@
-"""The end-to-end benchmark's in-process sweep of kernel constants (`--vary`) and its floor."""
+"""The end-to-end benchmark: kernel tuning swept through the engine (`--vary`, `--rows`), its
+floor, its out-of-memory decision and a toy run on the CPU."""
 
+import functools
+import json
 from types import SimpleNamespace
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import bench_e2e
-from lserve_jax.config import SparsityConfig
+from experiments import bench_e2e, benchlib
+from lserve_jax.attention import KernelTuning, backends
+from lserve_jax.config import CacheConfig, ModelConfig, SparsityConfig
+from lserve_jax.engine import Engine
+from lserve_jax.model.llama import init_params
 from lserve_jax.sparsity.policy import SELECT, STREAM, attended_tokens
-from pallas_kernels.sparse_decode import kernel
-from pallas_kernels.sparse_decode.api import sparse_decode
+from pallas_kernels.page_select import kernel as select_kernel
+from pallas_kernels.sparse_decode import kernel as decode_kernel
+from pallas_kernels.sparse_decode import merge as decode_merge
 
-
-def _splits(q, pool, table, selected, lengths, modes) -> int:
-    """Key splits of the decode kernel's grid, read from its traced pallas_call."""
-    jaxpr = jax.make_jaxpr(lambda *a: sparse_decode(
-        *a, layer=0, sink=16, local=64, budget_pages=4, interpret=True))(
-        q, pool, pool, table, selected, lengths, modes)
-    return next(_pallas_calls(jaxpr.jaxpr)).params["grid_mapping"].grid[-1]
+MODULES = (decode_kernel, decode_merge, select_kernel, backends, bench_e2e, benchlib)
 
 
 def _pallas_calls(jaxpr):
@@ -27,53 +27,103 @@ def _pallas_calls(jaxpr):
         if eqn.primitive.name == "pallas_call":
             yield eqn
         for param in eqn.params.values():
-            inner = getattr(param, "jaxpr", param)
-            if hasattr(inner, "eqns"):
-                yield from _pallas_calls(inner)
+            for inner in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    yield from _pallas_calls(inner)
 
 
-def test_a_varied_kernel_constant_reaches_the_kernel_and_is_restored():
-    before = kernel.MIN_PAGES_PER_SPLIT
-    q = jnp.zeros((1, 2, 4, 128), jnp.bfloat16)
-    pool = jnp.zeros((64, 64, 128), jnp.bfloat16)  # 64-token pages: one per loop step
-    table = jnp.zeros((1, 1, 2, 32), jnp.int32)
-    selected = jnp.full((1, 1, 2, 1, 4), -1, jnp.int32)
-    args = (q, pool, table, selected, jnp.array([500], jnp.int32), jnp.zeros((1, 2), jnp.int32))
-
-    def row(*_):
-        return {"ms": 1.0, "splits": _splits(*args)}
-
-    assert bench_e2e.with_knob(row, None) is row
-    one, eight = (bench_e2e.with_knob(row, knob)()
-                  for knob in bench_e2e.parse_vary("MIN_PAGES_PER_SPLIT=1,8"))
-    assert one["knob"] == "MIN_PAGES_PER_SPLIT=1" and eight["knob"] == "MIN_PAGES_PER_SPLIT=8"
-    # 32 pages listed; on this 2-program grid a floor of 8 relaxes to 2 (MIN_PROGRAMS)
-    assert one["splits"] == 32 and eight["splits"] == 16
-    assert kernel.MIN_PAGES_PER_SPLIT == before
+def _tiny_shapes():
+    """The tiny model's config and parameter shapes (enough to build and trace an engine)."""
+    cfg = ModelConfig.from_name("tiny")
+    return cfg, jax.eval_shape(functools.partial(init_params, cfg), jax.random.key(0))
 
 
-def test_an_unknown_knob_is_refused_with_the_known_ones():
-    with pytest.raises(SystemExit, match="TOPK_WARPS"):
-        bench_e2e.parse_vary("WARPS=4,8")
+def _decode_splits(setting: benchlib.Setting) -> set[int]:
+    """Key splits of the decode kernel's grid (the one 4-D grid: B, K, lists, splits) in the
+    benchmark's decode loop of an engine built with the setting's tuning."""
+    cfg, params = _tiny_shapes()
+    engine = Engine(cfg, params, SparsityConfig(policy="dense"),
+                    CacheConfig(max_seq_len=2048, max_batch=1), tuning=setting.tuning)
+    loop = bench_e2e.decode_loop(engine, "pallas_interpret", 2)
+    jaxpr = jax.make_jaxpr(loop)(params, engine.cache, *bench_e2e.decode_args(1, engine.modes))
+    grids = [eqn.params["grid_mapping"].grid for eqn in _pallas_calls(jaxpr.jaxpr)]
+    return {grid[-1] for grid in grids if len(grid) == 4}
 
 
-def test_rows_parse_with_and_without_a_knob_and_refuse_what_they_cannot_read():
-    assert bench_e2e.parse_row("dense:1x4096") == ("dense", 1, 4096, None)
-    assert bench_e2e.parse_row("lserve:4x131072:TOPK_WARPS=8") == (
-        "lserve", 4, 131072, ("TOPK_WARPS", 8))
-    for bad in ("dense", "dense:1by4096", "dense:1x4096:TOPK_WARPS=8:x"):
+def test_a_varied_knob_reaches_the_engines_decode_kernel_and_mutates_nothing():
+    before = [dict(vars(module)) for module in MODULES]
+    one, eight = benchlib.parse_sweep("decode.min_pages_per_split=1,8", "--vary")
+    assert one.label == "decode.min_pages_per_split=1"
+    assert one.tuning == KernelTuning(decode=decode_kernel.DecodeTuning(min_pages_per_split=1))
+    # 32 pages listed; on this 2-program grid a floor of 8 relaxes to 2 (min_programs)
+    assert _decode_splits(one) == {32} and _decode_splits(eight) == {16}
+    after = [dict(vars(module)) for module in MODULES]
+    for module, old, new in zip(MODULES, before, after):
+        assert old.keys() == new.keys(), module.__name__
+        assert all(new[name] is value for name, value in old.items()), module.__name__
+    assert KernelTuning() == KernelTuning(decode_kernel.DecodeTuning(),
+                                          select_kernel.SelectTuning())
+
+
+def test_an_unknown_or_invalid_knob_is_refused_naming_the_flag_and_the_known_ones():
+    with pytest.raises(SystemExit, match="--vary.*select.topk_warps"):
+        benchlib.parse_sweep("WARPS=4,8", "--vary")
+    with pytest.raises(SystemExit, match="--vary.*power of two"):
+        benchlib.parse_sweep("decode.num_warps=3", "--vary")
+    with pytest.raises(SystemExit, match="--vary.*integer values"):
+        benchlib.parse_sweep("decode.num_warps=four", "--vary")
+
+
+def test_rows_parse_with_and_without_knobs_and_refuse_what_they_cannot_read():
+    assert bench_e2e.parse_row("dense:1x4096") == ("dense", 1, 4096, benchlib.Setting())
+    policy, batch, context, setting = bench_e2e.parse_row(
+        "lserve:4x131072:select.topk_warps=8:decode.num_stages=2")
+    assert (policy, batch, context) == ("lserve", 4, 131072)
+    assert setting.label == "select.topk_warps=8,decode.num_stages=2"
+    assert (setting.tuning.select.topk_warps, setting.tuning.decode.num_stages) == (8, 2)
+    for bad in ("dense", "dense:1by4096", "dense:1x4096:select.topk_warps=8:x"):
         with pytest.raises(SystemExit, match="POLICY:BATCHxCONTEXT"):
             bench_e2e.parse_row(bad)
-    with pytest.raises(SystemExit, match="TOPK_WARPS"):
+    with pytest.raises(SystemExit, match="--rows.*select.topk_warps"):
         bench_e2e.parse_row("dense:1x4096:WARPS=8")
 
 
-def test_speedups_compare_rows_of_the_same_knob_value():
+def test_speedups_compare_rows_of_the_same_tuning():
     rows = [{"name": "decode_dense", "policy": "dense", "batch": 1, "context": 8, "ms": 4.0,
-             "knob": f"TOPK_WARPS={w}"} for w in (4, 8)]
+             "tuning": f"select.topk_warps={w}"} for w in (4, 8)]
     rows[1]["ms"] = 8.0
     rows += [{**r, "name": "decode_lserve", "policy": "lserve", "ms": 2.0} for r in rows]
     assert [r["speedup"] for r in bench_e2e._with_baselines(rows)] == [1.0, 1.0, 2.0, 4.0]
+
+
+def _bench(memory_bytes: int) -> bench_e2e.Bench:
+    cfg, params = _tiny_shapes()
+    facts = benchlib.DeviceFacts(1e11, 1e12, memory_bytes, "test")
+    return bench_e2e.Bench(cfg, params, 10**6, np.ones((cfg.n_layers, cfg.n_kv_heads)), facts,
+                           "reference", steps=2)
+
+
+def test_out_of_memory_is_decided_by_the_measured_device_memory():
+    sparsity = SparsityConfig().for_policy("dense")
+    row = bench_e2e.decode_row(_bench(2**20), "dense", sparsity, 4, 4096)
+    assert row["error"].startswith("out of memory") and "ms" not in row
+    capacity = bench_e2e.capacity_row(_bench(2**30 + 8 * 2**30), "dense", sparsity, 4096)
+    per_seq = 4096 * 2 * 2 * 2 * 16 * 4  # tokens, layers, K and V, KV heads, head dim, f32
+    assert capacity["max_batch_computed"] == (2**30 - 10**6) // per_seq
+
+
+def test_a_toy_run_on_the_cpu_records_the_measured_device(tmp_path):
+    (tmp_path / "gates.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
+    bench_e2e.main(["--model", "tiny", "--backend", "reference", "--pattern",
+                    str(tmp_path / "gates.tsv"), "--policies", "dense", "--decode", "1x256",
+                    "--ttft", "--capacity", "4096", "--steps", "2", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "e2e.json").read_text())
+    assert result["device"] == "cpu" and "CPU smoke probe" in result["device_facts_method"]
+    assert result["measured_bandwidth_gbps"] > 0 and result["device_memory_gib"] > 0
+    decode, capacity = result["rows"]
+    assert decode["ms"] > 0 and decode["floor_ms"] > 0 and "tuning" not in decode
+    assert capacity["max_batch_computed"] > 0
 
 
 def test_policy_variants_change_one_default():
