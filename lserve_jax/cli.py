@@ -27,6 +27,7 @@ class GenerateArgs:
     model: str = "tiny"  # a preset, `testbed`, a checkpoint directory or a local HF directory
     prompt: str | None = None  # text; needs a tokenizer in the model directory
     tokens: tuple[int, ...] = ()  # token ids, when there is no tokenizer
+    ignore_eos: bool = False  # keep generating past the tokenizer's end-of-sequence token
     sparsity: SparsityConfig = SparsityConfig(policy="dense")
     cache: CacheConfig = CacheConfig(max_batch=1)
     run: RunConfig = RunConfig()
@@ -50,7 +51,11 @@ def generate(args: GenerateArgs) -> list[int]:
         raise SystemExit("give --prompt TEXT or --tokens ID ...")
     gates = policy_gates(args.sparsity, model.config, model.pattern)
     engine = Engine(model.config, model.params, args.sparsity, args.cache, gates)
-    completion = engine.generate([prompt], args.run)[0]
+    run = args.run
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and not args.ignore_eos and eos not in run.stop_tokens:
+        run = dataclasses.replace(run, stop_tokens=(*run.stop_tokens, eos))
+    completion = engine.generate([prompt], run)[0]
     if completion.error:
         raise SystemExit(completion.error)
     print(f"tokens: {completion.tokens} ({completion.finish_reason})")

@@ -20,6 +20,20 @@ def test_run_generate_config_with_overrides(tmp_path, capsys):
     assert rows[("lserve", 300)]["kv_kib_per_seq"] < rows[("dense", 300)]["kv_kib_per_seq"]
 
 
+def test_your_own_llama_command_of_the_readme(capsys):
+    """README, "LServe on your own Llama", on the HF fixture: an HF directory, a DuoAttention
+    pattern, the kernels (interpreted); generation stops at the tokenizer's EOS."""
+    main(["generate", "--model", "tests/fixtures/hf_tiny_llama", "--sparsity.policy", "lserve",
+          "--sparsity.head-pattern", "tests/fixtures/hf_tiny_llama_pattern",
+          "--prompt", "The special magic number is", "--run.backend", "pallas_interpret",
+          "--run.max-new-tokens", "8"])
+    out = capsys.readouterr().out
+    tokens = [int(t) for t in out.split("[")[1].split("]")[0].split(",")]
+    assert "text: " in out and 0 < len(tokens) <= 8
+    assert 2 not in tokens[:-1]  # the fixture's EOS ends the answer when it comes
+    assert ("(stop)" in out) == (tokens[-1] == 2)
+
+
 def test_generate_tokens(capsys):
     main(["generate", "--tokens", "1", "2", "3", "--run.max-new-tokens", "4"])
     assert "tokens: [" in capsys.readouterr().out

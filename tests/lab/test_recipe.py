@@ -71,9 +71,9 @@ def test_toy_recipe_runs_and_installs_a_loadable_testbed(tmp_path):
     assert model.pattern == tmp_path / "installed" / "pattern"
     gates = load_pattern(model.pattern).gates
     np.testing.assert_array_equal(gates, load_pattern(tmp_path / "work" / "final_gates").gates)
-    # a part of the recipe: nothing installed; resuming reuses the earlier steps' outputs
+    # a part of the recipe installs nothing; resuming reuses the earlier steps' outputs
     (tmp_path / "installed" / "model.json").unlink()
-    run_recipe(recipe, tmp_path / "part", stop="split")
+    run_recipe(recipe, tmp_path / "part", start="split", stop="split")
     assert not (tmp_path / "installed" / "model.json").exists()
     run_recipe(recipe, tmp_path / "again", start="final_gates")
     assert (tmp_path / "installed" / "model.json").exists()
