@@ -68,10 +68,14 @@ def plot_prefill(data: dict, path: pathlib.Path) -> None:
 
 
 def plot_e2e(data: dict, path: pathlib.Path) -> None:
-    """Per-token decode latency vs context per batch (floors dashed) and time to first token."""
+    """Per-token decode latency vs context per batch (floors dashed) and, when measured, time
+    to first token."""
     rows = [r for r in data["rows"] if "ms" in r]
     batches = sorted({r["batch"] for r in rows if r["name"].startswith("decode")})
-    fig, axes = plt.subplots(1, len(batches) + 1, figsize=(4.2 * (len(batches) + 1), 4))
+    ttft = any(r["name"].startswith("ttft") for r in rows)
+    panels = len(batches) + ttft
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4), squeeze=False)
+    axes = axes[0]
     lines = sorted({(r["policy"], r.get("tuning", "")) for r in rows
                     if r["name"].startswith("decode")})  # one line per policy and tuning
     for ax, b in zip(axes, batches):
@@ -93,23 +97,29 @@ def plot_e2e(data: dict, path: pathlib.Path) -> None:
                           if r["name"].startswith("decode") and r["batch"] == b])
         ax.set(ylabel="ms per token", title=f"decode, batch {b}")
         ax.legend(fontsize=7)
-    for i, policy in enumerate(sorted({r["policy"] for r in rows})):
-        pts = sorted((r["context"], r["ms"] / 1e3) for r in rows if r["name"] == f"ttft_{policy}")
-        if pts:
-            axes[-1].plot(*zip(*pts), marker="o", color=f"C{i}", label=policy)
-    for r in rows:
-        if r["name"].startswith("ttft") and r["policy"] != "dense" and r.get("speedup"):
-            axes[-1].annotate(f"{r['speedup']:.2f}x", (r["context"], r["ms"] / 1e3), fontsize=7,
-                              textcoords="offset points", xytext=(4, -10))
-        if r["name"].startswith("ttft") and r.get("chunk"):
-            axes[-1].annotate(f"chunks of {r['chunk'] // 1024}K", (r["context"], r["ms"] / 1e3),
-                              fontsize=7, textcoords="offset points", xytext=(-80, -3))
-    _context_axis(axes[-1], [r["context"] for r in rows if r["name"].startswith("ttft")])
-    axes[-1].set(xlabel="prompt (tokens)", ylabel="s", title="time to first token")
-    axes[-1].legend(fontsize=7)
+    if ttft:
+        _plot_ttft(axes[-1], rows)
     fig.suptitle(f"Llama-3-8B shape, whole engine, {_device(data)}, "
                  f"jax {data['jax_version']}, {data['date']}", fontsize=9)
     _save(fig, path)
+
+
+def _plot_ttft(ax, rows: list[dict]) -> None:
+    """Time to first token vs prompt length, per policy."""
+    for i, policy in enumerate(sorted({r["policy"] for r in rows})):
+        pts = sorted((r["context"], r["ms"] / 1e3) for r in rows if r["name"] == f"ttft_{policy}")
+        if pts:
+            ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=policy)
+    for r in rows:
+        if r["name"].startswith("ttft") and r["policy"] != "dense" and r.get("speedup"):
+            ax.annotate(f"{r['speedup']:.2f}x", (r["context"], r["ms"] / 1e3), fontsize=7,
+                        textcoords="offset points", xytext=(4, -10))
+        if r["name"].startswith("ttft") and r.get("chunk"):
+            ax.annotate(f"chunks of {r['chunk'] // 1024}K", (r["context"], r["ms"] / 1e3),
+                        fontsize=7, textcoords="offset points", xytext=(-80, -3))
+    _context_axis(ax, [r["context"] for r in rows if r["name"].startswith("ttft")])
+    ax.set(xlabel="prompt (tokens)", ylabel="s", title="time to first token")
+    ax.legend(fontsize=7)
 
 
 def _context_axis(ax, contexts) -> None:

@@ -37,6 +37,8 @@ def command_line() -> str:
     argv = list(sys.argv)
     if argv and argv[0].endswith(("/lserve", "/cli.py")):
         argv[0] = "lserve"
+    elif argv and argv[0].endswith(".py"):
+        argv.insert(0, "python")
     return shlex.join(argv)
 
 
