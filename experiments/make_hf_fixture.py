@@ -3,7 +3,7 @@ saved as sharded safetensors with a character tokenizer, plus input ids and HF's
 
 Run where torch + transformers are installed (the H200 image):
     python experiments/make_hf_fixture.py tests/fixtures/hf_tiny_llama
-The CI test tests/model/test_hf_parity.py loads the directory with our loader and compares.
+The CI test tests/model/test_hf.py loads the directory with our loader and compares.
 """
 
 import json
