@@ -86,3 +86,18 @@ def test_the_graph_sees_the_imports():
     assert ("lserve_jax.config", True) in GRAPH["lserve_jax.engine"]
     assert ("lserve_jax.lab.run", False) in GRAPH["lserve_jax.cli"]
     assert len([n for n in MODULES if n.startswith("lserve_jax.lab")]) >= 8
+
+
+def test_backends_phases_and_prefill_paths_are_never_compared_as_strings():
+    """The library's seam dispatches once, through the backend registry and enums: no module of
+    lserve_jax compares a value against a backend, phase or prefill-path name (the kernels'
+    `implementation="cudnn" | "xla"` argument mirrors jax.nn.dot_product_attention's)."""
+    names = {"reference", "cudnn", "pallas", "pallas_interpret", "prefill", "chunk", "decode",
+             "fused", "composite", "windowed"}
+    for name, path in MODULES.items():
+        if not name.startswith("lserve_jax"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Compare, ast.Match)):
+                literals = {c.value for c in ast.walk(node) if isinstance(c, ast.Constant)}
+                assert not literals & names, f"{name}:{node.lineno} compares a string mode"
