@@ -79,19 +79,23 @@ class Engine:
                  progress: bool = False) -> list[Completion]:
         run = run or RunConfig()
         self._validate(prompts, run)
+        # built before any page is reserved: a backend that cannot run the policy fails here
+        attention = PagedAttention(self.sparsity, run.backend, run.prefill_kernel, self.tuning)
         results: list[Completion | None] = [None] * len(prompts)
         pending = list(range(len(prompts)))
         key = jax.random.key(run.seed)
         bar = tqdm(total=len(prompts), disable=not progress, desc="generate", unit="req")
         while pending:
             wave, reserved, pending = self._admit(prompts, run, pending, results)
-            if wave:
-                key, sub = jax.random.split(key)
-                for i, completion in zip(wave, self._run_wave(
-                        [prompts[i] for i in wave], reserved, run, sub)):
-                    results[i] = completion
-            for _, pages in reserved:
-                self.pages.release(pages)
+            try:
+                if wave:
+                    key, sub = jax.random.split(key)
+                    for i, completion in zip(wave, self._run_wave(
+                            [prompts[i] for i in wave], reserved, run, attention, sub)):
+                        results[i] = completion
+            finally:  # a wave that fails still returns its pages to the pool
+                for _, pages in reserved:
+                    self.pages.release(pages)
             bar.update(len(wave))
         bar.close()
         return results
@@ -133,7 +137,8 @@ class Engine:
                     results[i] = Completion([], "refused", str(err))
         return wave, reserved, later
 
-    def _run_wave(self, prompts, reserved, run: RunConfig, key) -> list[Completion]:
+    def _run_wave(self, prompts, reserved, run: RunConfig, attention: PagedAttention,
+                  key) -> list[Completion]:
         b = self.cache_cfg.max_batch
         table = np.zeros(self.cache.page_table.shape, np.int32)
         for row, (rows, _) in enumerate(reserved):
@@ -142,7 +147,6 @@ class Engine:
         lens[: len(prompts)] = [len(p) for p in prompts]
         chunk = self.sparsity.prefill_chunk
         bucket = chunk if chunk and lens.max() > chunk else run.prefill_bucket
-        attention = PagedAttention(self.sparsity, run.backend, run.prefill_kernel, self.tuning)
         t = -(-int(lens.max()) // bucket) * bucket
         tokens = np.zeros((b, t), np.int32)
         for row, prompt in enumerate(prompts):

@@ -83,6 +83,18 @@ def test_bad_requests_raise_with_the_field(params, prompts, match):
     engine = Engine(CFG, params, SP, CacheConfig(max_seq_len=128, max_batch=1))
     with pytest.raises(ValueError, match=match):
         engine.generate(prompts, RunConfig(max_new_tokens=16))
+    assert engine.pages.allocator.free == engine.pages.allocator.num_pages - 1  # none held
+
+
+def test_a_backend_that_cannot_run_the_policy_fails_before_any_page_is_taken(params):
+    sparsity = SparsityConfig(policy="lserve", page_size=16, logical_page_size=16,
+                              token_budget=64, head_pattern="random:0")
+    engine = Engine(CFG, params, sparsity, CacheConfig(max_seq_len=128, max_batch=1),
+                    gates=np.random.default_rng(0).random((CFG.n_layers, CFG.n_kv_heads)))
+    with pytest.raises(ValueError, match="backend='cudnn' computes dense attention only"):
+        engine.generate([[1, 2, 3]], RunConfig(max_new_tokens=4, backend="cudnn"))
+    assert engine.pages.allocator.free == engine.pages.allocator.num_pages - 1
+    assert engine.generate([[1, 2, 3]], RunConfig(max_new_tokens=4))[0].finish_reason == "length"
 
 
 @pytest.mark.parametrize("policy", ["dense", "lserve"])
