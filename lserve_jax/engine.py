@@ -24,7 +24,7 @@ from lserve_jax.cache.paged import KVCache, empty_cache
 from lserve_jax.config import CacheConfig, ModelConfig, RunConfig, SparsityConfig
 from lserve_jax.config import check_compatible
 from lserve_jax.model.llama import Llama
-from lserve_jax.sampling import sample
+from lserve_jax.sampling import sample, token_keys
 from lserve_jax.sparsity.policy import STREAM, head_modes
 
 
@@ -43,7 +43,7 @@ class DecodeState:
     out: jax.Array  # [B, max_new] int32 generated tokens
     count: jax.Array  # [B] int32 tokens generated per row
     done: jax.Array  # [B] bool
-    key: jax.Array  # PRNG key
+    key: jax.Array  # the run's base PRNG key (each token's key: `sampling.token_keys`)
 
 
 class Engine:
@@ -88,10 +88,9 @@ class Engine:
         while pending:
             wave, reserved, pending = self._admit(prompts, run, pending, results)
             try:
-                if wave:
-                    key, sub = jax.random.split(key)
+                if wave:  # every wave samples from the same base key: see `sampling`
                     for i, completion in zip(wave, self._run_wave(
-                            [prompts[i] for i in wave], reserved, run, attention, sub)):
+                            [prompts[i] for i in wave], reserved, run, attention, key)):
                         results[i] = completion
             finally:  # a wave that fails still returns its pages to the pool
                 for _, pages in reserved:
@@ -158,7 +157,6 @@ class Engine:
         modes, temp, top_p = jnp.asarray(self.modes), jnp.float32(run.temperature), jnp.float32(
             run.top_p)
         static = (self.model_cfg, attention)
-        k_prefill, k_decode = jax.random.split(key)
         step = min(t, chunk) if chunk else t
         logits = None
         for start in range(0, t, step):  # chunk by chunk when the prompt is long
@@ -169,9 +167,9 @@ class Engine:
                                   jnp.asarray(new), modes)
             ends_here = jnp.asarray((lens > start) & (lens <= start + step))[:, None]
             logits = part if logits is None else jnp.where(ends_here, part, logits)
-        first = _sample(logits, k_prefill, temp, top_p)
+        first = _sample(logits, token_keys(key, jnp.zeros(b, jnp.int32)), temp, top_p)
         out, count, self.cache = decode(*static, run.max_new_tokens, self.params, cache, first,
-                                        jnp.asarray(lens > 0), modes, k_decode, temp, top_p,
+                                        jnp.asarray(lens > 0), modes, key, temp, top_p,
                                         stops)
         out, count = np.asarray(out), np.asarray(count)
         completions = []
@@ -220,13 +218,12 @@ def decode_step(model: Llama, params, cache: KVCache, state: DecodeState, modes,
     meta = AttentionMetadata(new_lens=active.astype(jnp.int32), modes=modes,
                              step=jnp.max(state.count) - 1, phase=Phase.DECODE, refresh=refresh)
     logits, cache = model.apply({"params": params}, last, cache.lengths[:, None], cache, meta)
-    key, sub = jax.random.split(state.key)
-    tok = sample(logits[:, 0], sub, temperature, top_p)
+    tok = sample(logits[:, 0], token_keys(state.key, state.count), temperature, top_p)
     col = jnp.minimum(state.count, max_new - 1)
     out = state.out.at[rows, col].set(jnp.where(active, tok, state.out[rows, col]))
     count = state.count + active
     done = state.done | (active & jnp.isin(tok, stops)) | (count >= max_new)
-    return cache, DecodeState(out=out, count=count, done=done, key=key)
+    return cache, DecodeState(out=out, count=count, done=done, key=state.key)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))

@@ -1,4 +1,9 @@
-"""Token sampling: greedy, temperature and nucleus (top-p), all traced (no recompiles)."""
+"""Token sampling: greedy, temperature and nucleus (top-p), all traced (no recompiles).
+
+Each row draws with its own key, `token_keys(base, index)`: the run's base key folded with the
+token's index in its request, so a request's sampled tokens depend on its seed and its own
+logits only, never on the other requests of its batch or on the wave it runs in.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,29 @@ import jax
 import jax.numpy as jnp
 
 
+def token_keys(base: jax.Array, index: jax.Array) -> jax.Array:
+    """[B] keys: `base` (a key) folded with each row's token index ([B] int32)."""
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(index)
+
+
 def _nucleus(logits: jax.Array, key: jax.Array, temperature: jax.Array,
              top_p: jax.Array) -> jax.Array:
+    """One row: logits [V] -> int32."""
     scaled = logits / temperature
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of strictly more likely tokens
+    order = jnp.argsort(-scaled)
+    sorted_logits = scaled[order]
+    probs = jax.nn.softmax(sorted_logits)
+    before = jnp.cumsum(probs) - probs  # mass of strictly more likely tokens
     sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
-    choice = jax.random.categorical(key, sorted_logits, axis=-1)
-    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return order[jax.random.categorical(key, sorted_logits)].astype(jnp.int32)
 
 
-def sample(logits: jax.Array, key: jax.Array, temperature: jax.Array,
+def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array,
            top_p: jax.Array) -> jax.Array:
-    """logits: [B, V] f32 -> [B] int32. temperature == 0 is greedy (no sort is run); otherwise
-    softmax(logits / temperature) restricted to the smallest set of most likely tokens whose
-    probability reaches top_p (always at least one token)."""
+    """logits: [B, V] f32, keys: [B] (`token_keys`) -> [B] int32. temperature == 0 is greedy
+    (no sort is run); otherwise softmax(logits / temperature) restricted to the smallest set of
+    most likely tokens whose probability reaches top_p (always at least one token)."""
     return jax.lax.cond(
-        temperature > 0, _nucleus,
-        lambda logits, *_: jnp.argmax(logits, axis=-1).astype(jnp.int32),
-        logits, key, temperature, top_p)
+        temperature > 0,
+        lambda: jax.vmap(_nucleus, in_axes=(0, 0, None, None))(logits, keys, temperature, top_p),
+        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))

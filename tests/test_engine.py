@@ -62,6 +62,21 @@ def test_sampling_is_seeded(params):
     assert greedy[0].tokens == engine.generate(prompts[:1], RunConfig(max_new_tokens=12))[0].tokens
 
 
+def test_sampled_tokens_do_not_depend_on_batch_neighbours_or_waves(params):
+    """A seeded request samples the same tokens alone, beside other requests in any order, and
+    in a later wave: each token's key is the seed folded with the token's index."""
+    prompts = _prompts([10, 20, 15], seed=3)
+    run = RunConfig(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=11)
+    wide = Engine(CFG, params, SP, CacheConfig(max_seq_len=128, max_batch=3))
+    together = wide.generate(prompts, run)
+    alone = [wide.generate([p], run)[0].tokens for p in prompts]
+    assert [c.tokens for c in together] == alone
+    assert wide.generate(prompts[::-1], run)[2].tokens == alone[0]
+    waves = Engine(CFG, params, SP, CacheConfig(max_seq_len=128, max_batch=1))
+    assert [c.tokens for c in waves.generate(prompts, run)] == alone  # one wave each
+    assert len({tuple(t) for t in alone}) == 3
+
+
 def test_exhausted_pool_refuses_one_request_and_serves_the_others(params):
     # 2 layers x 2 KV heads: a 100-token request needs 4 x 7 = 28 pages; the pool has 40
     engine = Engine(CFG, params, SP, CacheConfig(max_seq_len=1024, max_batch=4, num_pages=41))
