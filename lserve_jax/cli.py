@@ -36,7 +36,6 @@ class GenerateArgs:
 def generate(args: GenerateArgs) -> list[int]:
     from lserve_jax.engine import Engine
     from lserve_jax.model import load_model
-    from lserve_jax.sparsity.heads import policy_gates
 
     model = load_model(args.model, args.run.seed)
     tokenizer = model.tokenizer
@@ -49,8 +48,7 @@ def generate(args: GenerateArgs) -> list[int]:
         prompt = list(args.tokens)
     else:
         raise SystemExit("give --prompt TEXT or --tokens ID ...")
-    gates = policy_gates(args.sparsity, model.config, model.pattern)
-    engine = Engine(model.config, model.params, args.sparsity, args.cache, gates)
+    engine = Engine.for_model(model, args.sparsity, args.cache)
     run = args.run
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and not args.ignore_eos and eos not in run.stop_tokens:

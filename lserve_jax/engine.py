@@ -23,8 +23,10 @@ from lserve_jax.cache.allocator import kv_bytes_per_sequence
 from lserve_jax.cache.paged import KVCache, empty_cache
 from lserve_jax.config import CacheConfig, ModelConfig, RunConfig, SparsityConfig
 from lserve_jax.config import check_compatible
+from lserve_jax.model import LoadedModel
 from lserve_jax.model.llama import Llama
-from lserve_jax.sampling import sample, token_keys
+from lserve_jax.sampling import sample
+from lserve_jax.sparsity.heads import policy_gates
 from lserve_jax.sparsity.policy import STREAM, head_modes
 
 
@@ -70,6 +72,14 @@ class Engine:
         self.cache = empty_cache(model, self.sparsity, num_pages=num_pages,
                                  batch=self.cache_cfg.max_batch, max_pages=self.max_pages,
                                  fill=pool_fill)
+
+    @classmethod
+    def for_model(cls, model: LoadedModel, sparsity: SparsityConfig, cache: CacheConfig,
+                  **kwargs) -> Engine:
+        """An engine for a loaded model under `sparsity`, with the head gates the policy needs
+        (`sparsity.head_pattern`, else the model's own pattern: `policy_gates`)."""
+        gates = policy_gates(sparsity, model.config, model.pattern)
+        return cls(model.config, model.params, sparsity, cache, gates, **kwargs)
 
     def kv_bytes_per_sequence(self, n_tokens: int) -> int:
         return kv_bytes_per_sequence(n_tokens, self.modes == STREAM, self.model_cfg,
@@ -167,7 +177,7 @@ class Engine:
                                   jnp.asarray(new), modes)
             ends_here = jnp.asarray((lens > start) & (lens <= start + step))[:, None]
             logits = part if logits is None else jnp.where(ends_here, part, logits)
-        first = _sample(logits, token_keys(key, jnp.zeros(b, jnp.int32)), temp, top_p)
+        first = _sample(logits, key, jnp.zeros(b, jnp.int32), temp, top_p)
         out, count, self.cache = decode(*static, run.max_new_tokens, self.params, cache, first,
                                         jnp.asarray(lens > 0), modes, key, temp, top_p,
                                         stops)
@@ -218,7 +228,7 @@ def decode_step(model: Llama, params, cache: KVCache, state: DecodeState, modes,
     meta = AttentionMetadata(new_lens=active.astype(jnp.int32), modes=modes,
                              step=jnp.max(state.count) - 1, phase=Phase.DECODE, refresh=refresh)
     logits, cache = model.apply({"params": params}, last, cache.lengths[:, None], cache, meta)
-    tok = sample(logits[:, 0], token_keys(state.key, state.count), temperature, top_p)
+    tok = sample(logits[:, 0], state.key, state.count, temperature, top_p)
     col = jnp.minimum(state.count, max_new - 1)
     out = state.out.at[rows, col].set(jnp.where(active, tok, state.out[rows, col]))
     count = state.count + active

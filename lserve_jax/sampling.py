@@ -28,12 +28,16 @@ def _nucleus(logits: jax.Array, key: jax.Array, temperature: jax.Array,
     return order[jax.random.categorical(key, sorted_logits)].astype(jnp.int32)
 
 
-def sample(logits: jax.Array, keys: jax.Array, temperature: jax.Array,
+def sample(logits: jax.Array, key: jax.Array, index: jax.Array, temperature: jax.Array,
            top_p: jax.Array) -> jax.Array:
-    """logits: [B, V] f32, keys: [B] (`token_keys`) -> [B] int32. temperature == 0 is greedy
-    (no sort is run); otherwise softmax(logits / temperature) restricted to the smallest set of
-    most likely tokens whose probability reaches top_p (always at least one token)."""
-    return jax.lax.cond(
-        temperature > 0,
-        lambda: jax.vmap(_nucleus, in_axes=(0, 0, None, None))(logits, keys, temperature, top_p),
-        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    """logits: [B, V] f32; key: the run's base key; index: [B] int32, each row's token index
+    -> [B] int32. temperature == 0 is greedy (no key is derived, no sort is run); otherwise
+    row b draws with `token_keys(key, index)[b]` from softmax(logits / temperature) restricted
+    to the smallest set of most likely tokens whose probability reaches top_p (always at least
+    one token)."""
+    def draw():
+        keys = token_keys(key, index)
+        return jax.vmap(_nucleus, in_axes=(0, 0, None, None))(logits, keys, temperature, top_p)
+
+    return jax.lax.cond(temperature > 0, draw,
+                        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))

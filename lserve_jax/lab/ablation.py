@@ -121,10 +121,9 @@ def policy_engine(exp: ExperimentConfig, model: LoadedModel, sparsity: SparsityC
     """(engine, run config) scoring prompts of up to `longest` tokens under `sparsity` (one
     policy's): greedy, at most `max_new` new tokens, stopped early at a stop token (which ends a
     wrong answer)."""
-    gates = policy_gates(sparsity, model.config, model.pattern)
     cache = CacheConfig(max_seq_len=longest + max(16, max_new), max_batch=exp.cache.max_batch)
     run = dataclasses.replace(exp.run, max_new_tokens=max_new, temperature=0.0, stop_tokens=stops)
-    return Engine(model.config, model.params, sparsity, cache, gates), run
+    return Engine.for_model(model, sparsity, cache), run
 
 
 def run_accuracy(exp: ExperimentConfig,

@@ -17,21 +17,19 @@ from lserve_jax.lab.ablation import run_accuracy, write_accuracy, write_partial
 from lserve_jax.lab.experiment import ExperimentConfig
 from lserve_jax.lab.report import markdown_table, provenance
 from lserve_jax.model import load_model
-from lserve_jax.sparsity.heads import policy_gates
 from lserve_jax.sparsity.policy import STREAM, attended_tokens
 
 
 def run_generate(exp: ExperimentConfig) -> list[dict]:
     model = load_model(exp.model, exp.run.seed)
-    cfg, params = model.config, model.params
+    cfg = model.config
     rng = np.random.default_rng(exp.run.seed)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in exp.prompt_lengths]
     reference = None
     rows = []
     for policy in exp.policies:
         sparsity = exp.sparsity.for_policy(policy)
-        gates = policy_gates(sparsity, cfg, model.pattern)
-        engine = Engine(cfg, params, sparsity, exp.cache, gates)
+        engine = Engine.for_model(model, sparsity, exp.cache)
         engine.generate(prompts[:1], dataclasses.replace(exp.run, max_new_tokens=2))  # compile
         start = time.perf_counter()
         out = engine.generate(prompts, exp.run)
