@@ -3,12 +3,12 @@ decode latency, time to first token and KV memory for dense, LServe, DuoAttentio
 
 Decode: the cache is filled with random K/V for `context` tokens plus exact page statistics
 (no real prefill: it would only cost time); then the engine's jitted decode loop
-(`lax.while_loop`, cache donated) runs `--steps` tokens and the mean per token is reported,
+(`engine.steps.decode`, cache donated) runs `--steps` tokens and the mean per token is reported,
 with the floor = (weights + the KV the policy must read) / the device's copy bandwidth,
 measured at the start of the run (query-head selection: the union of each group's lists, as
 the loop left them). A configuration whose pool does not fit next to the weights in the
 device's memory (its `bytes_limit`) is reported as out of memory without allocating it.
-TTFT: `Engine.generate(max_new_tokens=1)` on random prompts (chunked when longer than
+TTFT: `Engine.generate` of one token on random prompts (chunked when longer than
 `--chunk`), after a same-shape warm-up.
 `--vary decode.min_pages_per_split=2,4,8` repeats the decode rows once per value of a kernel
 tuning knob (a `KernelTuning` handed to the engine; rows say `"tuning": "KNOB=V"`), in one
@@ -37,7 +37,8 @@ from experiments.benchlib import DeviceFacts, Setting
 from lserve_jax.attention import PagedAttention
 from lserve_jax.config import Backend, CacheConfig, ModelConfig, PrefillPath, RunConfig
 from lserve_jax.config import SparsityConfig
-from lserve_jax.engine import Engine, decode
+from lserve_jax.engine import Engine, steps
+from lserve_jax.sampling import SamplingParams
 from lserve_jax.model import load_model
 from lserve_jax.sparsity.heads import load_gates
 from lserve_jax.sparsity.policy import SELECT, attended_tokens
@@ -112,23 +113,28 @@ def _randomise(k, v, kmin, kmax, key, stats: bool):
     return jax.lax.fori_loop(0, -(-k.shape[0] // chunk), body, (k, v, kmin, kmax))
 
 
-def decode_loop(engine: Engine, backend: Backend, max_new: int):
-    """The engine's jitted decode loop under the engine's own kernel tuning:
-    (params, cache, *decode_args) -> (tokens, counts, cache)."""
-    attention = PagedAttention(engine.sparsity, backend, tuning=engine.tuning)
-    return functools.partial(decode, engine.model_cfg, attention, max_new)
+def decode_loop(engine: Engine, backend: Backend, n_steps: int):
+    """The engine's jitted decode chunk of `n_steps` (a multiple of R) under the engine's own
+    kernel tuning: (params, cache, *decode_args) -> (tokens, counts, cache)."""
+    attention = PagedAttention(engine.sparsity, backend, tuning=engine.attention.tuning)
+    return functools.partial(steps.decode, engine.model_cfg, attention, n_steps)
 
 
 def decode_args(batch: int, modes) -> tuple:
-    """(first, live, modes, key, temperature, top_p, stops) of a greedy loop over `batch` rows."""
-    return (jnp.zeros((batch,), jnp.int32), jnp.ones((batch,), bool), jnp.asarray(modes),
-            jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.asarray([-1], jnp.int32))
+    """(slot state, modes) of a greedy chunk over `batch` rows that never stop."""
+    state = steps.SlotState(
+        last=jnp.zeros(batch, jnp.int32), count=jnp.ones(batch, jnp.int32),
+        active=jnp.ones(batch, bool), max_tokens=jnp.full(batch, 2**30, jnp.int32),
+        stops=jnp.full((batch, 1), -1, jnp.int32), seeds=jnp.zeros(batch, jnp.int32),
+        temperature=jnp.zeros(batch), top_p=jnp.ones(batch), top_k=jnp.zeros(batch, jnp.int32))
+    return state, jnp.asarray(modes)
 
 
 def decode_row(bench: Bench, name: str, sparsity: SparsityConfig, batch: int, context: int,
                setting: Setting = Setting()) -> dict:
-    cfg, steps = bench.cfg, bench.steps
-    max_seq = context + steps + 8
+    cfg, reuse = bench.cfg, sparsity.reuse_interval if sparsity.dynamic else 1
+    n_steps = -(-bench.steps // reuse) * reuse  # a decode chunk runs whole reuse intervals
+    max_seq = context + n_steps + 8
     probe = Engine(cfg, bench.params, sparsity, CacheConfig(max_seq_len=max_seq, max_batch=1,
                                                             num_pages=2), bench.gates)
     needed = bench.weights + batch * probe.kv_bytes_per_sequence(max_seq)
@@ -142,7 +148,7 @@ def decode_row(bench: Bench, name: str, sparsity: SparsityConfig, batch: int, co
                                                              max_batch=batch),
                     bench.gates, tuning=setting.tuning)
     fill(engine, batch, context, jax.random.key(context + batch))
-    loop, args = decode_loop(engine, bench.backend, steps + 1), decode_args(batch, engine.modes)
+    loop, args = decode_loop(engine, bench.backend, n_steps), decode_args(batch, engine.modes)
 
     def once(cache):
         cache = dataclasses.replace(cache, lengths=jnp.full((batch,), context, jnp.int32))
@@ -153,7 +159,7 @@ def decode_row(bench: Bench, name: str, sparsity: SparsityConfig, batch: int, co
         start = time.perf_counter()
         out, _, engine.cache = once(engine.cache)
         jax.block_until_ready(out)
-        timings.append(1e3 * (time.perf_counter() - start) / steps)
+        timings.append(1e3 * (time.perf_counter() - start) / n_steps)
     tokens, pages = read_tokens(engine, context, sparsity)
     if pages is not None:
         row["select_pages_read"] = pages
@@ -163,7 +169,7 @@ def decode_row(bench: Bench, name: str, sparsity: SparsityConfig, batch: int, co
             lambda cache: (once(cache)[2],), engine.cache, steps=1, top=bench.profile)
         row["kernels_per_loop_of_steps"] = summary
     return {**row, "ms": round(timings[-1], 3),
-            "compile_s": round((timings[0] - timings[-1]) * steps / 1e3, 1),
+            "compile_s": round((timings[0] - timings[-1]) * n_steps / 1e3, 1),
             "floor_ms": round(bench.facts.floor_ms(bench.weights + read), 3),
             "peak_gib": round(_peak() / 2**30, 1)}
 
@@ -187,9 +193,10 @@ def read_tokens(engine: Engine, context: int, sparsity: SparsityConfig):
 def ttft_row(bench: Bench, name: str, sparsity: SparsityConfig, context: int,
              prefill_kernel: PrefillPath) -> dict:
     engine = Engine(bench.cfg, bench.params, sparsity,
-                    CacheConfig(max_seq_len=context + 128, max_batch=1), bench.gates)
+                    CacheConfig(max_seq_len=context + 128, max_batch=1), bench.gates,
+                    backend=bench.backend, prefill_path=prefill_kernel)
     prompt = np.random.default_rng(context).integers(0, bench.cfg.vocab_size, context).tolist()
-    run = RunConfig(max_new_tokens=1, backend=bench.backend, prefill_kernel=prefill_kernel)
+    run = SamplingParams(max_tokens=1)
     start = time.perf_counter()
     engine.generate([prompt], run)  # compile
     first = time.perf_counter() - start

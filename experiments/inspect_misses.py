@@ -72,12 +72,12 @@ def main():
         raise SystemExit(f"--depth {args.depth}: the config's depths are {list(exp.depths)}")
     samples = cell_samples(args.task, args.context, exp.depths.index(args.depth), exp)
     model = load_model(args.model or exp.model, exp.run.seed)
-    engine, run = policy_engine(exp, model, exp.sparsity.for_policy(args.policy),
+    engine, params = policy_engine(exp, model, exp.sparsity.for_policy(args.policy),
                                 args.context, max(len(s.answer) for s in samples), (END,))
-    done = engine.generate([s.prompt.tolist() for s in samples], run)
+    done = engine.generate([s.prompt.tolist() for s in samples], params)
     misses = 0
     for j, (sample, completion) in enumerate(zip(samples, done)):
-        if (why := explain(sample, completion.tokens)) is not None:
+        if (why := explain(sample, completion.token_ids)) is not None:
             misses += 1
             print(f"prompt {j} (target at {sample.needle_at}): {why}")
     print(f"{args.policy} {args.task} {args.context} depth {args.depth} seed {exp.run.seed}: "

@@ -1,10 +1,11 @@
 """The `lserve` command.
 
     lserve generate [--model tiny|testbed|DIR] (--prompt TEXT | --tokens ID ...) [--sparsity.* ...]
+    lserve serve MODEL [--port 8000] [--sparsity.* ...] [--cache.* ...] [--scheduler.* ...]
     lserve run CONFIG.toml [--FIELD VALUE ...]   (any ExperimentConfig field, e.g. --run.seed 3)
 
 Typed parsing and `--help` come from tyro; every field of the config dataclasses is a flag.
-`run` is the lab's (accuracy grids and policy comparisons: `pip install -e '.[lab]'`); it is
+`serve` starts the OpenAI-compatible server (`lserve_jax.server`). `run` is the lab's (accuracy grids and policy comparisons: `pip install -e '.[lab]'`); it is
 imported only when asked for, so the serving library runs without the lab's dependencies.
 """
 
@@ -15,7 +16,8 @@ import sys
 
 import tyro
 
-from lserve_jax.config import CacheConfig, RunConfig, SparsityConfig
+from lserve_jax.config import Backend, CacheConfig, PrefillPath, RunConfig, SchedulerConfig
+from lserve_jax.config import SparsityConfig
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -34,32 +36,56 @@ class GenerateArgs:
 
 
 def generate(args: GenerateArgs) -> list[int]:
-    from lserve_jax.engine import Engine
-    from lserve_jax.model import load_model
+    from lserve_jax.llm import LLM
 
-    model = load_model(args.model, args.run.seed)
-    tokenizer = model.tokenizer
+    llm = LLM(args.model, args.sparsity, args.cache, backend=args.run.backend,
+              prefill_path=args.run.prefill_kernel, seed=args.run.seed)
     if args.prompt is not None:
-        if tokenizer is None:
+        if llm.tokenizer is None:
             raise SystemExit(f"--prompt needs a tokenizer, and {args.model!r} has none: pass "
                              "--tokens ID ... instead")
-        prompt = tokenizer.encode(args.prompt)
+        prompt = args.prompt
     elif args.tokens:
         prompt = list(args.tokens)
     else:
         raise SystemExit("give --prompt TEXT or --tokens ID ...")
-    engine = Engine.for_model(model, args.sparsity, args.cache)
-    run = args.run
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None and not args.ignore_eos and eos not in run.stop_tokens:
-        run = dataclasses.replace(run, stop_tokens=(*run.stop_tokens, eos))
-    completion = engine.generate([prompt], run)[0]
-    if completion.error:
-        raise SystemExit(completion.error)
-    print(f"tokens: {completion.tokens} ({completion.finish_reason})")
-    if tokenizer is not None:
-        print(f"text: {tokenizer.decode(completion.tokens)!r}")
-    return completion.tokens
+    params = dataclasses.replace(args.run.sampling(), ignore_eos=args.ignore_eos)
+    out = llm.generate([prompt], params, use_tqdm=False)[0]
+    if out.error:
+        raise SystemExit(out.error)
+    print(f"tokens: {out.token_ids} ({out.finish_reason})")
+    if out.text is not None:
+        print(f"text: {out.text!r}")
+    return out.token_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeArgs:
+    """Serve a model over an OpenAI-compatible HTTP API."""
+
+    model: tyro.conf.Positional[str]  # a preset, `testbed`, a checkpoint or a local HF directory
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # the name clients ask for (default: MODEL)
+    backend: Backend = Backend.reference  # `pallas` on a GPU
+    prefill_kernel: PrefillPath = PrefillPath.windowed
+    seed: int = 0  # weights of a preset, and the seed of requests that give none
+    sparsity: SparsityConfig = SparsityConfig(policy="dense")
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+
+def serve(args: ServeArgs) -> None:
+    try:
+        from lserve_jax.server import serve as run_server
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"`lserve serve` needs the server's dependencies ({err.name} is "
+                         "missing): pip install -e '.[serve]'") from None
+    from lserve_jax.llm import LLM
+
+    llm = LLM(args.model, args.sparsity, args.cache, backend=args.backend,
+              scheduler=args.scheduler, prefill_path=args.prefill_kernel, seed=args.seed)
+    run_server(llm, args.host, args.port, args.served_model_name or args.model)
 
 
 def run(config: str, overrides: list[str]) -> None:
@@ -76,12 +102,14 @@ def run(config: str, overrides: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("generate", "run") or argv[0] == "run" and (
-            len(argv) < 2 or argv[1].startswith("-")):
+    if not argv or argv[0] not in ("generate", "serve", "run") or argv == ["serve"] or (
+            argv[0] == "run" and (len(argv) < 2 or argv[1].startswith("-"))):
         raise SystemExit(f"usage:\n{USAGE}")
     try:
         if argv[0] == "generate":
             generate(tyro.cli(GenerateArgs, args=argv[1:], prog="lserve generate"))
+        elif argv[0] == "serve":
+            serve(tyro.cli(ServeArgs, args=argv[1:], prog="lserve serve"))
         else:
             run(argv[1], argv[2:])
     except (ValueError, FileNotFoundError, KeyError) as err:

@@ -15,6 +15,7 @@ import pathlib
 import typing
 from typing import Literal
 
+from lserve_jax.sampling import SamplingParams
 from pallas_kernels import layout
 
 DType = Literal["float32", "bfloat16"]
@@ -354,8 +355,28 @@ class CacheConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """How the engine schedules requests. `continuous`: at every iteration finished requests
+    leave and waiting ones take their slots (their prompts prefilled between decode chunks);
+    `wave`: a batch is admitted only when the previous one has drained (static batching, the
+    baseline). A prompt is prefilled `SparsityConfig.prefill_chunk` tokens per iteration (0: whole,
+    padded to a multiple of `prefill_bucket`), `prefill_rows` prompts at a time; the running
+    requests then decode `decode_steps` steps (rounded up to a multiple of the reuse interval R,
+    so that a request joining at an iteration selects its pages at its own first step)."""
+
+    schedule: Literal["continuous", "wave"] = "continuous"
+    decode_steps: int = 16
+    prefill_rows: int = 1
+    prefill_bucket: int = 128
+
+    def __post_init__(self):
+        _one_of(self, "schedule", ("continuous", "wave"))
+        _positive(self, "decode_steps", "prefill_rows", "prefill_bucket")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Engine settings for one generate call."""
+    """How an experiment generates: every prompt's sampling, and the attention backend."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0  # 0 means greedy
@@ -364,14 +385,20 @@ class RunConfig:
     stop_tokens: tuple[int, ...] = ()
     backend: Backend = Backend.reference
     prefill_kernel: PrefillPath = PrefillPath.windowed  # the whole-prompt path of backend pallas
-    prefill_bucket: int = 128  # prompts are padded to a multiple of this (fewer recompiles)
 
     def __post_init__(self):
-        _positive(self, "max_new_tokens", "prefill_bucket")
+        _positive(self, "max_new_tokens")
         _as_enum(self, "backend", Backend)
         _as_enum(self, "prefill_kernel", PrefillPath)
         _require(self.temperature >= 0.0, "RunConfig.temperature", self.temperature, "must be >= 0")
         _require(0.0 < self.top_p <= 1.0, "RunConfig.top_p", self.top_p, "must lie in (0, 1]")
+
+    def sampling(self) -> SamplingParams:
+        """Each prompt's `SamplingParams` (the end-of-sequence token is not a stop: the lab's
+        prompts are scored on `max_new_tokens` tokens)."""
+        return SamplingParams(max_tokens=self.max_new_tokens, temperature=self.temperature,
+                              top_p=self.top_p, seed=self.seed, stop_token_ids=self.stop_tokens,
+                              ignore_eos=True)
 
 
 def check_compatible(model: ModelConfig, sparsity: SparsityConfig) -> None:

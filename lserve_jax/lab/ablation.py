@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from lserve_jax.config import CacheConfig, SparsityConfig, page_shape
 from lserve_jax.engine import Engine
+from lserve_jax.sampling import SamplingParams
 from lserve_jax.lab.tasks import (END, VOCAB_SIZE, Sample, make_sample, probe_seed, score,
                                    text_sample)
 from lserve_jax.lab.experiment import ExperimentConfig
@@ -118,12 +119,14 @@ def text_probes(task: str, context: int, at: int, exp: ExperimentConfig,
 
 def policy_engine(exp: ExperimentConfig, model: LoadedModel, sparsity: SparsityConfig,
                   longest: int, max_new: int, stops: tuple[int, ...]):
-    """(engine, run config) scoring prompts of up to `longest` tokens under `sparsity` (one
-    policy's): greedy, at most `max_new` new tokens, stopped early at a stop token (which ends a
-    wrong answer)."""
+    """(engine, sampling params) scoring prompts of up to `longest` tokens under `sparsity`
+    (one policy's): greedy, at most `max_new` new tokens, stopped early at a stop token (which
+    ends a wrong answer)."""
     cache = CacheConfig(max_seq_len=longest + max(16, max_new), max_batch=exp.cache.max_batch)
     run = dataclasses.replace(exp.run, max_new_tokens=max_new, temperature=0.0, stop_tokens=stops)
-    return Engine.for_model(model, sparsity, cache), run
+    engine = Engine.for_model(model, sparsity, cache, backend=run.backend,
+                              prefill_path=run.prefill_kernel)
+    return engine, run.sampling()
 
 
 def run_accuracy(exp: ExperimentConfig,
@@ -156,9 +159,9 @@ def run_accuracy(exp: ExperimentConfig,
         for label, base in cells:
             for context in exp.contexts:
                 bar.set_postfix_str(f"{policy} {label} {context}")
-                engine, run = policy_engine(exp, model, base.for_policy(policy),
-                                            *sizes[context], stops)
-                rows += _score(engine, run, {"policy": policy, "variant": label},
+                engine, params = policy_engine(exp, model, base.for_policy(policy),
+                                               *sizes[context], stops)
+                rows += _score(engine, params, {"policy": policy, "variant": label},
                                probes[context], context)
                 bar.update()
                 if on_cell:
@@ -167,11 +170,11 @@ def run_accuracy(exp: ExperimentConfig,
     return rows
 
 
-def _score(engine: Engine, run, cell: dict, groups: dict[tuple, list[Probe]],
+def _score(engine: Engine, params: SamplingParams, cell: dict, groups: dict[tuple, list[Probe]],
            context: int) -> list[dict]:
     """Decodes every prompt of one context in one call; a row per (task, depth) group."""
     flat = [p for group in groups.values() for p in group]
-    completions = iter(engine.generate([p.prompt for p in flat], run))
+    completions = iter(engine.generate([p.prompt for p in flat], params))
     attended = round(attended_tokens(engine.modes, context, engine.sparsity), 1)
     kib = round(engine.kv_bytes_per_sequence(context) / 1024, 1)
     rows = []
@@ -183,7 +186,7 @@ def _score(engine: Engine, run, cell: dict, groups: dict[tuple, list[Probe]],
                                    f"({completion.error}); its pool is sized for max_batch="
                                    f"{engine.cache_cfg.max_batch} prompts, so this is a sizing "
                                    "bug")
-            hits.append(probe.judge(completion.tokens))
+            hits.append(probe.judge(completion.token_ids))
         rows.append({**cell, "task": task, "context": context, "depth": depth,
                      "accuracy": float(np.mean(hits)), "n": len(hits),
                      "attended_per_step": attended, "kv_kib_per_seq": kib})

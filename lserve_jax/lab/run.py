@@ -29,12 +29,14 @@ def run_generate(exp: ExperimentConfig) -> list[dict]:
     rows = []
     for policy in exp.policies:
         sparsity = exp.sparsity.for_policy(policy)
-        engine = Engine.for_model(model, sparsity, exp.cache)
-        engine.generate(prompts[:1], dataclasses.replace(exp.run, max_new_tokens=2))  # compile
+        engine = Engine.for_model(model, sparsity, exp.cache, backend=exp.run.backend,
+                                  prefill_path=exp.run.prefill_kernel)
+        params = exp.run.sampling()
+        engine.generate(prompts[:1], dataclasses.replace(params, max_tokens=2))  # compile
         start = time.perf_counter()
-        out = engine.generate(prompts, exp.run)
+        out = engine.generate(prompts, params)
         seconds = time.perf_counter() - start
-        tokens = [c.tokens for c in out]
+        tokens = [c.token_ids for c in out]
         reference = tokens if reference is None else reference
         for prompt, toks, ref in zip(prompts, tokens, reference):
             n = len(prompt) + len(toks)

@@ -9,7 +9,7 @@ import pytest
 
 from lserve_jax.cli import main
 from lserve_jax.config import CacheConfig, ModelConfig, SparsityConfig
-from lserve_jax.engine import Completion, Engine
+from lserve_jax.engine import CompletionOutput, Engine, RequestMetrics, RequestOutput
 from lserve_jax.lab import ablation
 from lserve_jax.lab.ablation import apply_sweep, run_accuracy, variants, write_accuracy
 from lserve_jax.lab.experiment import ExperimentConfig, load_experiment
@@ -100,8 +100,10 @@ def test_bad_sweep_value_fails_before_any_decoding(field, value, match):
 
 def test_refused_prompt_is_an_error_not_a_miss(monkeypatch):
     class Refusing(Engine):
-        def generate(self, prompts, run=None, progress=False):
-            return [Completion([], "refused", "pool too small")] * len(prompts)
+        def generate(self, prompts, params=None, progress=False):
+            refused = CompletionOutput(0, None, [], "refused")
+            return [RequestOutput(f"req-{i}", None, p, [refused], True, RequestMetrics(0.0),
+                                  "pool too small") for i, p in enumerate(prompts)]
 
     monkeypatch.setattr(ablation, "Engine", Refusing)
     exp = dataclasses.replace(SMALL, policies=("dense",), contexts=(256,), tasks=("passkey",))

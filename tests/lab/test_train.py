@@ -9,7 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from lserve_jax.config import CacheConfig, ModelConfig, RunConfig, SparsityConfig
+from lserve_jax.config import CacheConfig, ModelConfig, SparsityConfig
+from lserve_jax.sampling import SamplingParams
 from lserve_jax.engine import Engine
 from lserve_jax.lab import tasks
 from lserve_jax.lab.gates import GateConfig, train_gates
@@ -224,8 +225,8 @@ def test_committed_testbed_solves_every_task_densely():
                for s in tasks.make_samples(task, 1024, [0.0, 0.5, 1.0], 1, seed=11)]
     longest = max(len(s.answer) for s in samples)
     out = engine.generate([s.prompt.tolist() for s in samples],
-                          RunConfig(max_new_tokens=longest + 1, stop_tokens=(tasks.END,)))
-    assert [tasks.score(c.tokens, s.answer) for c, s in zip(out, samples)] == [True] * 12
+                          SamplingParams(max_tokens=longest + 1, stop_token_ids=[tasks.END]))
+    assert [tasks.score(c.token_ids, s.answer) for c, s in zip(out, samples)] == [True] * 12
 
 
 def test_committed_pattern_round_trips(tmp_path):
