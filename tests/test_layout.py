@@ -7,6 +7,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).parents[1]
 LAB_ONLY = ("matplotlib", "optax")  # the `lab` extra of pyproject.toml
+SERVE_ONLY = ("fastapi", "uvicorn", "starlette")  # the `serve` extra
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -61,6 +62,16 @@ def test_library_never_imports_the_lab_or_its_dependencies():
                 assert name == "lserve_jax.cli" and not top, f"{name} imports {module}"
 
 
+def test_only_the_server_imports_the_web_stack():
+    """The engine and the offline API run without the `serve` extra; the command line reaches
+    the server inside `lserve serve` only."""
+    for name, imports in GRAPH.items():
+        for module, top in imports:
+            if module.startswith(SERVE_ONLY) or module == "lserve_jax.server":
+                assert name == "lserve_jax.server" or (name == "lserve_jax.cli" and not top), (
+                    f"{name} imports {module}")
+
+
 def test_no_import_cycles():
     edges = {name: sorted({m for m, _ in imports if m in MODULES and m != name})
              for name, imports in GRAPH.items()}
@@ -83,7 +94,7 @@ def test_no_import_cycles():
 
 def test_the_graph_sees_the_imports():
     """The checks above would pass vacuously if the parser found nothing."""
-    assert ("lserve_jax.config", True) in GRAPH["lserve_jax.engine"]
+    assert ("lserve_jax.config", True) in GRAPH["lserve_jax.engine.core"]
     assert ("lserve_jax.lab.run", False) in GRAPH["lserve_jax.cli"]
     assert len([n for n in MODULES if n.startswith("lserve_jax.lab")]) >= 8
 
