@@ -11,6 +11,8 @@
 #   dense     whole-model dense decode against its floor (bench_dense_decode.py)
 #   e2e       the Llama-3-8B shape end to end per policy (bench_e2e.py); reads a DuoAttention
 #             pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git ignores it)
+#   serving   continuous batching against the wave schedule per policy (bench_serving.py;
+#             SERVING_ARGS="--mix B", "--rates 0.05 0.1 --schedules continuous"; same pattern)
 #   fixture   rebuilds the HF parity fixture (needs torch + transformers)
 #   testbed   the testbed recipe (experiments/configs/testbed_recipe.toml, about an hour;
 #             RECIPE_ARGS="--from STEP --to STEP" runs a part)
@@ -35,6 +37,8 @@ for step in $steps; do
              ${DENSE_SHAPES:+--shapes $DENSE_SHAPES} ;;
     e2e) timeout ${E2E_S:-540} python3 experiments/bench_e2e.py $outdir --pattern "$pattern" \
            ${E2E_ARGS:-} ;;
+    serving) timeout ${SERVING_S:-560} python3 experiments/bench_serving.py $outdir \
+               --pattern "$pattern" ${SERVING_ARGS:-} ;;
     fixture) timeout 90 python3 experiments/make_hf_fixture.py /tmp/hf_tiny_llama \
                && tar -C /tmp -cf "$logs/hf_tiny_llama.tar" hf_tiny_llama ;;
     testbed) python3 experiments/train_testbed.py experiments/configs/testbed_recipe.toml \

@@ -1,5 +1,5 @@
-"""Plots of benchmark results: decode_attention.json, prefill_attention.json and e2e.json of a
-results folder, each drawn as the PNG of the same name beside it.
+"""Plots of benchmark results: decode_attention.json, prefill_attention.json, e2e.json and
+serving_{A,B,toy}.json of a results folder, each drawn as the PNG of the same name beside it.
 
     python experiments/plot_results.py [DIR ...]
 
@@ -133,13 +133,44 @@ def _context_axis(ax, contexts) -> None:
     ax.grid(True, alpha=0.3)
 
 
+def plot_serving(data: dict, path: pathlib.Path) -> None:
+    """Output tokens/s and time per output token (p50) per policy and schedule: offline as
+    bars, online against the request rate as lines."""
+    rows = data["rows"]
+    keys = sorted({(r["policy"], r["schedule"]) for r in rows})
+    offline = [r for r in rows if r["rate"] == "inf"]
+    online = [r for r in rows if r["rate"] != "inf"]
+    fig, axes = plt.subplots(1, 3 if online else 2, figsize=(15 if online else 10, 4))
+    labels = [f"{p}\n{s}" for p, s in keys]
+    for ax, field, unit in ((axes[0], "output_tokens_per_s", "output tokens / s"),
+                            (axes[1], "tpot_ms_p50", "time per output token p50 (ms)")):
+        values = [next((r[field] for r in offline if (r["policy"], r["schedule"]) == k), 0)
+                  for k in keys]
+        ax.bar(labels, values, color=[f"C{i}" for i in range(len(keys))])
+        ax.set(ylabel=unit, title=f"offline ({data['mix']['requests']} requests at t = 0)")
+        for x, v in enumerate(values):
+            ax.annotate(f"{v:g}", (x, v), ha="center", va="bottom", fontsize=8)
+    if online:
+        for i, key in enumerate(keys):
+            pts = sorted((r["rate"], r["output_tokens_per_s"]) for r in online
+                         if (r["policy"], r["schedule"]) == key)
+            if pts:
+                axes[2].plot(*zip(*pts), marker="o", color=f"C{i}", label=" ".join(key))
+        axes[2].set(xlabel="request rate (requests / s, Poisson)", ylabel="output tokens / s",
+                    title="online")
+        axes[2].legend(fontsize=8)
+    fig.suptitle(f"serving, mix {path.stem.split('_')[-1]}: {_device(data)}", fontsize=10)
+    _save(fig, path)
+
+
 def _save(fig, path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-PLOTS = {"decode_attention": plot_decode, "prefill_attention": plot_prefill, "e2e": plot_e2e}
+PLOTS = {"decode_attention": plot_decode, "prefill_attention": plot_prefill, "e2e": plot_e2e,
+         **{f"serving_{mix}": plot_serving for mix in ("A", "B", "toy")}}
 
 
 def folders(named: list[str]) -> list[pathlib.Path]:
