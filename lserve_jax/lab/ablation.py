@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from lserve_jax.config import CacheConfig, SparsityConfig, page_shape
+from lserve_jax.config import CacheConfig, SchedulerConfig, SparsityConfig, page_shape
 from lserve_jax.engine import Engine
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.lab.tasks import (END, VOCAB_SIZE, Sample, make_sample, probe_seed, score,
@@ -125,7 +125,8 @@ def policy_engine(exp: ExperimentConfig, model: LoadedModel, sparsity: SparsityC
     cache = CacheConfig(max_seq_len=longest + max(16, max_new), max_batch=exp.cache.max_batch)
     run = dataclasses.replace(exp.run, max_new_tokens=max_new, temperature=0.0, stop_tokens=stops)
     engine = Engine.for_model(model, sparsity, cache, backend=run.backend,
-                              prefill_path=run.prefill_kernel)
+                              prefill_path=run.prefill_kernel,
+                              scheduler=SchedulerConfig(prefill_rows=cache.max_batch))
     return engine, run.sampling()
 
 

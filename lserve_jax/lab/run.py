@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from lserve_jax.config import SchedulerConfig
 from lserve_jax.engine import Engine
 from lserve_jax.lab.ablation import run_accuracy, write_accuracy, write_partial
 from lserve_jax.lab.experiment import ExperimentConfig
@@ -30,7 +31,8 @@ def run_generate(exp: ExperimentConfig) -> list[dict]:
     for policy in exp.policies:
         sparsity = exp.sparsity.for_policy(policy)
         engine = Engine.for_model(model, sparsity, exp.cache, backend=exp.run.backend,
-                                  prefill_path=exp.run.prefill_kernel)
+                                  prefill_path=exp.run.prefill_kernel,
+                                  scheduler=SchedulerConfig(prefill_rows=exp.cache.max_batch))
         params = exp.run.sampling()
         engine.generate(prompts[:1], dataclasses.replace(params, max_tokens=2))  # compile
         start = time.perf_counter()
