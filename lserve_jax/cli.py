@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from typing import Annotated
 
 import tyro
 
@@ -63,13 +64,14 @@ def generate(args: GenerateArgs) -> list[int]:
 class ServeArgs:
     """Serve a model over an OpenAI-compatible HTTP API."""
 
-    model: tyro.conf.Positional[str]  # a preset, `testbed`, a checkpoint or a local HF directory
+    # a preset, `testbed`, a checkpoint or a local HF directory
+    model: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="MODEL")]
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None  # the name clients ask for (default: MODEL)
     backend: Backend = Backend.reference  # `pallas` on a GPU
     prefill_kernel: PrefillPath = PrefillPath.windowed
-    seed: int = 0  # weights of a preset, and the seed of requests that give none
+    seed: int = 0  # weights of a preset (a request without a seed samples with a random one)
     sparsity: SparsityConfig = SparsityConfig(policy="dense")
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()

@@ -1,6 +1,11 @@
 import json
 import pathlib
+import socket
+import subprocess
+import sys
+import time
 
+import httpx
 import pytest
 
 from lserve_jax.cli import main
@@ -54,3 +59,31 @@ def test_invalid_field_from_the_command_line_is_named(capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--tokens", "1", "--sparsity.token-budget", "100"])
     assert "SparsityConfig.token_budget=100" in capsys.readouterr().err
+
+
+def test_serve_command_answers_over_http():
+    """`lserve serve MODEL` starts a server whose flags reach the engine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lserve_jax.cli", "serve", "tiny", "--port", str(port),
+         "--cache.max-batch", "1", "--cache.num-pages", "33"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        health = None
+        for _ in range(240):
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, server.stderr.read().decode()
+                time.sleep(0.25)
+        assert health == {"status": "ok", "running": 0, "waiting": 0, "free_pages": 32,
+                          "total_pages": 32}
+        out = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
+            "model": "tiny", "prompt": [1, 2, 3], "max_tokens": 3, "temperature": 0}).json()
+        assert len(out["choices"][0]["token_ids"]) == 3
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
