@@ -210,10 +210,13 @@ def build_app(llm: LLM, served_model_name: str | None = None) -> fastapi.FastAPI
         except ValueError as err:
             return _error(400, str(err), _param_of(str(err)))
         stream = engine.generate(prompt, params)
-        try:
-            first = await anext(stream)
+        try:  # a client that leaves while its request waits for a slot cancels it too
+            first = await _unless_gone(anext(stream), request)
         except ValueError as err:
             return _error(400, str(err), _param_of(str(err)))
+        if first is None:
+            await stream.aclose()
+            return _error(499, "client closed the request")
         if first.finish_reason == "refused":
             return _error(400, first.error, "max_tokens")
         meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
@@ -221,13 +224,10 @@ def build_app(llm: LLM, served_model_name: str | None = None) -> fastapi.FastAPI
         if body.stream:
             return StreamingResponse(_events(first, stream, meta, chat, params.stop),
                                      media_type="text/event-stream")
-        last = asyncio.ensure_future(_last(first, stream))
-        while not last.done():  # however often outputs come, look for a gone client
-            await asyncio.wait([last], timeout=0.25)
-            if not last.done() and await request.is_disconnected():
-                last.cancel()  # the request's generator aborts it as it unwinds
-                return _error(499, "client closed the request")
-        return _response(last.result(), meta, chat)
+        last = await _unless_gone(_last(first, stream), request)
+        if last is None:  # the request's generator aborted it as it unwound
+            return _error(499, "client closed the request")
+        return _response(last, meta, chat)
 
     return app
 
@@ -240,6 +240,18 @@ def _chat_prompt(tokenizer, messages: list[ChatMessage]) -> str:
     return "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
 
 
+async def _unless_gone(awaitable, request: fastapi.Request):
+    """The awaitable's result, or None (the awaitable cancelled) once the client has gone:
+    checked every 0.25 s however often the engine produces outputs."""
+    task = asyncio.ensure_future(awaitable)
+    while not task.done():
+        await asyncio.wait([task], timeout=0.25)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            return None
+    return task.result()
+
+
 async def _last(first: RequestOutput, stream) -> RequestOutput:
     last = first
     async for last in stream:
@@ -248,9 +260,11 @@ async def _last(first: RequestOutput, stream) -> RequestOutput:
 
 
 def _held_back(text: str, stop: tuple[str, ...]) -> int:
-    """How many of `text`'s last characters could begin a stop string (not streamed yet: the
-    stop string would cut them off)."""
-    return max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    """How many of `text`'s last characters are not streamed yet: any end that could begin a
+    stop string (which would cut it off), and replacement characters of a character whose
+    bytes are still arriving (byte-level tokenizers)."""
+    partial = len(text) - len(text.rstrip("\ufffd"))
+    return max([partial] + [n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])])
 
 
 def _usage(out: RequestOutput) -> dict:
