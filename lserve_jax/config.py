@@ -321,6 +321,13 @@ class SparsityConfig:
         return self.sink_pages + self.ring_pages
 
     @property
+    def window_pages(self) -> int:
+        """Pages a streaming head's decode list holds: sink pages + the pages that the window
+        of decode_local tokens before the current one touches (fewer than it keeps when
+        chunked prefill widens the ring)."""
+        return self.sink_pages + math.ceil(self.decode_local / self.page_size) + 1
+
+    @property
     def sink_pages(self) -> int:
         return layout.sink_pages(self.decode_sink, self.page_size)
 

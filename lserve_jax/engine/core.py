@@ -14,6 +14,7 @@ import itertools
 import math
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -173,6 +174,7 @@ class Engine:
         if plan.prefill:
             start = time.perf_counter()
             changed.update({id(r): r for r in self._prefill(plan.prefill)})
+            jax.block_until_ready(self.cache.lengths)  # its time is prefill's, not decode's
             self.stats.prefill_s += time.perf_counter() - start
         decoding = self.scheduler.decoding()
         if decoding:

@@ -60,7 +60,7 @@ def list_width(sparsity: SparsityConfig, max_pages: int) -> int:
     if may_be_dense:
         return max_pages
     select = sparsity.budget_pages if sparsity.dynamic else 0
-    stream = sparsity.stream_pages if sparsity.policy in ("streaming", "lserve") else 0
+    stream = sparsity.window_pages if sparsity.policy in ("streaming", "lserve") else 0
     return min(max_pages, max(select, stream))
 
 
