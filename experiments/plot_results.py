@@ -147,7 +147,8 @@ def plot_serving(data: dict, path: pathlib.Path) -> None:
         values = [next((r[field] for r in offline if (r["policy"], r["schedule"]) == k), 0)
                   for k in keys]
         ax.bar(labels, values, color=[f"C{i}" for i in range(len(keys))])
-        ax.set(ylabel=unit, title=f"offline ({data['mix']['requests']} requests at t = 0)")
+        ax.set(ylabel=unit, title=f"offline: {data['mix']['requests']} requests at t = 0, "
+                                  f"{data['mix']['slots']} slots")
         for x, v in enumerate(values):
             ax.annotate(f"{v:g}", (x, v), ha="center", va="bottom", fontsize=8)
     if online:
