@@ -15,7 +15,8 @@ long prompts (16 requests, prompts 16K-128K, outputs 128-512), `toy` (CPU smoke 
 S` multiplies every length (a quick check of a mix's shape).
 
     python experiments/bench_serving.py --mix A --pattern DIR --backend pallas
-    python experiments/bench_serving.py --mix A --pattern DIR --rates 0.05 0.1 0.2 --schedules continuous
+    python experiments/bench_serving.py --mix A --pattern DIR --rates 0.05 0.1 0.2 \
+        --schedules continuous
 """
 
 from __future__ import annotations

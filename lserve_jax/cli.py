@@ -5,8 +5,9 @@
     lserve run CONFIG.toml [--FIELD VALUE ...]   (any ExperimentConfig field, e.g. --run.seed 3)
 
 Typed parsing and `--help` come from tyro; every field of the config dataclasses is a flag.
-`serve` starts the OpenAI-compatible server (`lserve_jax.server`). `run` is the lab's (accuracy grids and policy comparisons: `pip install -e '.[lab]'`); it is
-imported only when asked for, so the serving library runs without the lab's dependencies.
+`serve` starts the OpenAI-compatible server (`lserve_jax.server`, extra `serve`). `run` is the
+lab's (accuracy grids and policy comparisons: `pip install -e '.[lab]'`); each is imported only
+when asked for, so the serving library runs without their dependencies.
 """
 
 from __future__ import annotations

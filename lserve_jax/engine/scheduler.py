@@ -3,10 +3,11 @@ runs (plain Python, nano-vllm's shape).
 
 Each iteration `schedule()` admits waiting requests in arrival order while a slot and the pages
 for prompt + max_tokens are free (the request at the head waits for pages rather than being
-overtaken), picks up to `prefill_rows` prompts to prefill one chunk of; after the prefill, `decoding()`
-lists the requests that decode. A request that finishes leaves its slot and pages at once (`retire`), so a waiting one
-takes them at the next iteration. The `wave` schedule admits only into an empty batch and
-decodes only once the whole batch is prefilled: static batching, the baseline.
+overtaken) and picks up to `prefill_rows` prompts to prefill one chunk of; after the prefill,
+`decoding()` lists the requests that decode. A request that finishes leaves its slot and pages
+at once (`retire`), so a waiting one takes them at the next iteration. The `wave` schedule
+admits only into an empty batch and decodes only once the whole batch is prefilled: static
+batching, the baseline.
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ first_tokens = jax.jit(lambda state, logits: state.sample(logits, jnp.zeros_like
 
 
 def decode_step(model: Llama, params, cache: KVCache, state: SlotState, done: jax.Array,
-                modes, refresh: bool | None = None) -> tuple[KVCache, SlotState, jax.Array, jax.Array]:
+                modes, refresh: bool | None = None
+                ) -> tuple[KVCache, SlotState, jax.Array, jax.Array]:
     """One decode step of every slot not `done`: returns (cache, state with last/count
     advanced, done, the step's tokens [B] (-1 where done)). `refresh`: whether the page
     selector reruns (see `AttentionMetadata`)."""
