@@ -74,7 +74,10 @@ def prefill(model_cfg, attention: PagedAttention, stream_heads, phase: Phase, pa
     return logits[:, 0], cache
 
 
-first_tokens = jax.jit(lambda state, logits: state.sample(logits, jnp.zeros_like(state.count)))
+@jax.jit
+def first_tokens(state: SlotState, logits: jax.Array) -> jax.Array:
+    """Each row's first generated token (index 0) from its prompt's last logits [P, V]."""
+    return state.sample(logits, jnp.zeros_like(state.count))
 
 
 def decode_step(model: Llama, params, cache: KVCache, state: SlotState, done: jax.Array,
