@@ -3,6 +3,8 @@
 # benchmarks, the testbed recipe and the accuracy tables. Results land in OUT (default
 # experiments/results/<device>, named by the benchmarks from the device), logs beside them.
 #   bash experiments/gpu_suite.sh [OUT] [STEP ...]
+# Results record the checkout's commit; where the checkout is a copy whose git metadata is not
+# the commit being run, pass it: LSERVE_GIT_COMMIT=$(git rev-parse HEAD) from the source tree.
 # Steps (default: tests prefill decode dense e2e):
 #   tests     the kernel tests, compiled (JAX_PLATFORMS=cuda)
 #   prefill   one-layer prefill attention against cuDNN (bench_prefill_attention.py)
