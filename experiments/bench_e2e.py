@@ -122,17 +122,12 @@ def decode_loop(engine: Engine, backend: Backend, n_steps: int):
 
 def decode_args(batch: int, modes) -> tuple:
     """(slot state, modes) of a greedy chunk over `batch` rows that never stop."""
-    state = steps.SlotState(
-        last=jnp.zeros(batch, jnp.int32), count=jnp.ones(batch, jnp.int32),
-        active=jnp.ones(batch, bool), max_tokens=jnp.full(batch, 2**30, jnp.int32),
-        stops=jnp.full((batch, 1), -1, jnp.int32), seeds=jnp.zeros(batch, jnp.int32),
-        temperature=jnp.zeros(batch), top_p=jnp.ones(batch), top_k=jnp.zeros(batch, jnp.int32))
-    return state, jnp.asarray(modes)
+    return steps.SlotState.greedy(batch), jnp.asarray(modes)
 
 
 def decode_row(bench: Bench, name: str, sparsity: SparsityConfig, batch: int, context: int,
                setting: Setting = Setting()) -> dict:
-    cfg, reuse = bench.cfg, sparsity.reuse_interval if sparsity.dynamic else 1
+    cfg, reuse = bench.cfg, sparsity.reuse_steps
     n_steps = -(-bench.steps // reuse) * reuse  # a decode chunk runs whole reuse intervals
     max_seq = context + n_steps + 8
     probe = Engine(cfg, bench.params, sparsity, CacheConfig(max_seq_len=max_seq, max_batch=1,

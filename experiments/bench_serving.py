@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments import benchlib
+from lserve_jax.cache.allocator import page_bytes
 from lserve_jax.config import Backend, CacheConfig, ModelConfig, SchedulerConfig, SparsityConfig
 from lserve_jax.engine import Engine
 from lserve_jax.model import load_model
@@ -115,16 +116,14 @@ def summarize(outs: list, engine: Engine, seconds: float, weights: int,
         "decode_step_floor_ms": round(1e3 * floor_s / max(steps_run, 1), 2),
         "prefill_s": round(stats.prefill_s, 2), "decode_s": round(stats.decode_s, 2),
         "mean_decoding_slots": round(stats.slot_steps / max(stats.decode_chunks, 1), 2),
-        "peak_pages": stats.peak_pages, "pool_pages": engine.pages.allocator.num_pages - 1,
+        "peak_pages": stats.peak_pages, "pool_pages": engine.pages.allocator.capacity,
         "iterations": stats.iterations}
 
 
 def pool_pages(cfg: ModelConfig, sparsity: SparsityConfig, weights: int,
                facts: benchlib.DeviceFacts, headroom: int) -> int:
     """Physical pages (one (layer, KV head) each) that fit beside the weights."""
-    stat_rows = sparsity.page_size // sparsity.logical_page_size if sparsity.dynamic else 0
-    page = 2 * (sparsity.page_size + stat_rows) * cfg.head_dim * cfg.itemsize
-    return int((facts.memory_bytes - weights - headroom) // page)
+    return int((facts.memory_bytes - weights - headroom) // page_bytes(cfg, sparsity))
 
 
 def main(argv: list[str] | None = None):

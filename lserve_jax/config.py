@@ -305,6 +305,11 @@ class SparsityConfig:
         return self.policy in ("quest", "lserve")
 
     @property
+    def reuse_steps(self) -> int:
+        """Decode steps one page selection serves: R when the policy selects pages, else 1."""
+        return self.reuse_interval if self.dynamic else 1
+
+    @property
     def budget_pages(self) -> int:
         """K: physical pages a retrieval head attends to once the context exceeds the budget."""
         return max(3, self.token_budget // self.page_size)

@@ -47,9 +47,7 @@ class LLM:
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
         """One finished `RequestOutput` per prompt (text, or token ids), in order."""
-        prompts = _as_list(prompts)
-        return self.engine.generate(prompts, _per_prompt(sampling_params, len(prompts)),
-                                    progress=use_tqdm)
+        return self.engine.generate(_as_list(prompts), sampling_params, progress=use_tqdm)
 
     def stream(self, prompts: Prompt | list[Prompt],
                sampling_params: SamplingParams | list[SamplingParams] | None = None
@@ -58,10 +56,7 @@ class LLM:
         text so far; `finished` on its last one). Requests run together, as in `generate`;
         `request_id` tells them apart (`req-N`, N counting up from this LLM's first request).
         Closing the iterator early cancels what is still running."""
-        prompts = _as_list(prompts)
-        params = _per_prompt(sampling_params, len(prompts))
-        ids = [self.engine.add_request(p, s) for p, s in zip(prompts, params)]
-        pending = set(ids)
+        pending = set(self.engine.add_requests(_as_list(prompts), sampling_params))
         try:
             while pending:
                 for out in self.engine.step():
@@ -80,12 +75,3 @@ def _as_list(prompts) -> list[Prompt]:
                                     not isinstance(prompts[0], (str, list))):
         return [prompts]
     return list(prompts)
-
-
-def _per_prompt(params, n: int) -> list[SamplingParams]:
-    if isinstance(params, list):
-        if len(params) != n:
-            raise ValueError(f"{len(params)} SamplingParams for {n} prompts: give one, or one "
-                             "per prompt")
-        return params
-    return [params or SamplingParams()] * n

@@ -183,7 +183,7 @@ def build_app(llm: LLM, served_model_name: str | None = None) -> fastapi.FastAPI
         e = llm.engine
         return {"status": "ok", "running": len(e.scheduler.running),
                 "waiting": len(e.scheduler.waiting), "free_pages": e.pages.allocator.free,
-                "total_pages": e.pages.allocator.num_pages - 1}
+                "total_pages": e.pages.allocator.capacity}
 
     @app.get("/v1/models")
     async def models():

@@ -226,12 +226,7 @@ def test_a_backend_that_cannot_run_the_policy_fails_before_any_page_is_taken(par
 
 
 def _decode_inputs(engine: Engine, batch: int):
-    state = steps.SlotState(
-        last=jnp.zeros(batch, jnp.int32), count=jnp.ones(batch, jnp.int32),
-        active=jnp.ones(batch, bool), max_tokens=jnp.full(batch, 99, jnp.int32),
-        stops=jnp.full((batch, 1), -1, jnp.int32), seeds=jnp.zeros(batch, jnp.int32),
-        temperature=jnp.zeros(batch), top_p=jnp.ones(batch), top_k=jnp.zeros(batch, jnp.int32))
-    return state, jnp.asarray(engine.modes)
+    return steps.SlotState.greedy(batch), jnp.asarray(engine.modes)
 
 
 @pytest.mark.parametrize("policy", ["dense", "lserve"])

@@ -25,13 +25,17 @@ def pages_per_head(n_tokens: int, streaming: np.ndarray, sparsity: SparsityConfi
     return np.where(streaming, min(dense, sparsity.stream_pages), dense).astype(np.int64)
 
 
+def page_bytes(model: ModelConfig, sparsity: SparsityConfig) -> int:
+    """Bytes of one physical page: its K and V and (for policies that select pages) its
+    statistics."""
+    stat_rows = sparsity.page_size // sparsity.logical_page_size if sparsity.dynamic else 0
+    return 2 * (sparsity.page_size + stat_rows) * model.head_dim * model.itemsize
+
+
 def kv_bytes_per_sequence(n_tokens: int, streaming: np.ndarray, model: ModelConfig,
                           sparsity: SparsityConfig) -> int:
-    """Bytes of K, V and (for policies that select pages) page statistics one sequence of
-    `n_tokens` occupies in the pool."""
-    stat_rows = sparsity.page_size // sparsity.logical_page_size if sparsity.dynamic else 0
-    page_bytes = 2 * (sparsity.page_size + stat_rows) * model.head_dim * model.itemsize
-    return int(pages_per_head(n_tokens, streaming, sparsity).sum()) * page_bytes
+    """Bytes one sequence of `n_tokens` occupies in the pool."""
+    return int(pages_per_head(n_tokens, streaming, sparsity).sum()) * page_bytes(model, sparsity)
 
 
 class PageAllocator:
@@ -48,10 +52,19 @@ class PageAllocator:
     def free(self) -> int:
         return len(self._free)
 
+    @property
+    def capacity(self) -> int:
+        """Pages a sequence can hold: all but the trash page."""
+        return self.num_pages - 1
+
+    @property
+    def held(self) -> int:
+        return self.capacity - self.free
+
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise PoolExhausted(f"the page pool has {len(self._free)} free pages of "
-                                f"{self.num_pages - 1}, the request needs {n}: raise "
+                                f"{self.capacity}, the request needs {n}: raise "
                                 "CacheConfig.num_pages, or send fewer or shorter requests")
         pages, self._free = self._free[-n:], self._free[:-n]
         return pages

@@ -111,7 +111,7 @@ class Engine:
             raise RuntimeError("reschedule needs an idle engine: requests are still running")
         self.scheduler = Scheduler(config, self.cache_cfg.max_batch, self.pages,
                                    self.sparsity.prefill_chunk)
-        r = self.sparsity.reuse_interval if self.sparsity.dynamic else 1
+        r = self.sparsity.reuse_steps
         self.decode_steps = -(-config.decode_steps // r) * r
         self.stats = EngineStats()
 
@@ -124,6 +124,21 @@ class Engine:
         request = self._request(prompt, params or SamplingParams(), request_id, arrival)
         self._enqueue(request)
         return request.request_id
+
+    def add_requests(self, prompts: list,
+                     params: SamplingParams | list[SamplingParams] | None = None) -> list[str]:
+        """Queues several prompts (one SamplingParams for all, or one each); every prompt is
+        checked before any is queued."""
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(
+            prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts: give "
+                             "one, or one per prompt")
+        requests = [self._request(p, s, None, None, where=f"prompts[{i}]")
+                    for i, (p, s) in enumerate(zip(prompts, params))]
+        for request in requests:
+            self._enqueue(request)
+        return [r.request_id for r in requests]
 
     def abort(self, request_id: str) -> bool:
         """Cancels a queued or running request and frees its pages; False if it is unknown or
@@ -139,25 +154,17 @@ class Engine:
 
     def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False) -> list[RequestOutput]:
-        """Runs every prompt (text or token ids) to its end; one output per prompt, in order.
-        Every prompt is checked before any is queued."""
-        params = params if isinstance(params, list) else [params or SamplingParams()] * len(
-            prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts: give "
-                             "one, or one per prompt")
-        requests = [self._request(p, s, None, None, where=f"prompts[{i}]")
-                    for i, (p, s) in enumerate(zip(prompts, params))]
-        for request in requests:
-            self._enqueue(request)
+        """Runs every prompt (text or token ids) to its end; one output per prompt, in order
+        (`add_requests`)."""
+        ids = self.add_requests(prompts, params)
         results: dict[str, RequestOutput] = {}
-        with tqdm(total=len(requests), disable=not progress, desc="generate", unit="req") as bar:
-            while len(results) < len(requests):
+        with tqdm(total=len(ids), disable=not progress, desc="generate", unit="req") as bar:
+            while len(results) < len(ids):
                 for out in self.step():
                     if out.finished:
                         results[out.request_id] = out
                         bar.update()
-        return [results[r.request_id] for r in requests]
+        return [results[i] for i in ids]
 
     # ---- one iteration ----
 
@@ -169,8 +176,7 @@ class Engine:
         plan = self.scheduler.schedule()
         for request in plan.admitted:
             self.cache = steps.install(self.cache, request.slot, request.table)
-        held = self.pages.allocator.num_pages - 1 - self.pages.allocator.free
-        self.stats.peak_pages = max(self.stats.peak_pages, held)
+        self.stats.peak_pages = max(self.stats.peak_pages, self.pages.allocator.held)
         if plan.prefill:
             start = time.perf_counter()
             changed.update({id(r): r for r in self._prefill(plan.prefill)})
@@ -331,7 +337,7 @@ class Engine:
     def _enqueue(self, request: Request) -> None:
         needed = int(pages_per_head(request.needed_tokens, self.pages.streaming,
                                     self.sparsity).sum())
-        pool = self.pages.allocator.num_pages - 1
+        pool = self.pages.allocator.capacity
         if needed > pool:
             request.error = (f"the request needs {needed} pages and the whole pool has {pool}: "
                              "raise CacheConfig.num_pages, or shorten the prompt or max_tokens")

@@ -38,6 +38,15 @@ class SlotState:
     top_p: jax.Array  # f32
     top_k: jax.Array  # int32 (0: off)
 
+    @classmethod
+    def greedy(cls, batch: int) -> SlotState:
+        """`batch` active greedy slots that never stop (benchmarks and lowering checks)."""
+        return cls(last=jnp.zeros(batch, jnp.int32), count=jnp.ones(batch, jnp.int32),
+                   active=jnp.ones(batch, bool), max_tokens=jnp.full(batch, 2**30, jnp.int32),
+                   stops=jnp.full((batch, 1), -1, jnp.int32), seeds=jnp.zeros(batch, jnp.int32),
+                   temperature=jnp.zeros(batch), top_p=jnp.ones(batch),
+                   top_k=jnp.zeros(batch, jnp.int32))
+
     def sample(self, logits: jax.Array, index: jax.Array) -> jax.Array:
         return sample(logits, self.seeds, index, self.temperature, self.top_p, self.top_k)
 
@@ -111,7 +120,7 @@ def decode(model_cfg, attention: PagedAttention, steps: int, params, cache: KVCa
     Returns (tokens [B, steps] int32 (-1 where a slot did not decode), counts [B], cache)."""
     model = Llama(model_cfg, attention)
     sparsity = attention.sparsity
-    r = sparsity.reuse_interval if sparsity.dynamic else 1
+    r = sparsity.reuse_steps
     if steps % r:
         raise ValueError(f"steps={steps} must be a multiple of the reuse interval R={r}")
     b = state.last.shape[0]
