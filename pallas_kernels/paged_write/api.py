@@ -9,16 +9,17 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._compat import layer_operand
 from pallas_kernels.paged_write.kernel import append_rotated
 from pallas_kernels.layout import destinations, dropped
 from pallas_kernels.paged_write.reference import write_tokens_reference
 
 
 @functools.partial(jax.jit, static_argnames=("q_rows", "sink_pages", "ring_pages", "stats",
-                                             "interpret"))
+                                             "layer", "interpret"))
 def append_decode(k_pool, v_pool, kmin, kmax, table, lengths, qkv, cos, sin, new_lens,
                   streaming, *, q_rows: int, sink_pages: int, ring_pages: int,
-                  stats: bool = True, interpret: bool = False):
+                  stats: bool = True, layer: int = 0, interpret: bool = False):
     """See `append_rotated_reference` (argument shapes there): one kernel rotates the queries
     and the key, appends key and value and updates the page statistics."""
     b, m, h = qkv.shape
@@ -32,13 +33,16 @@ def append_decode(k_pool, v_pool, kmin, kmax, table, lengths, qkv, cos, sin, new
     phys, slot = destinations(table, lengths, new_lens, streaming, 1, k_pool.shape[1],
                               sink_pages=sink_pages, ring_pages=ring_pages)
     return append_rotated(qkv, cos, sin, phys[:, 0], slot[:, 0, 0], k_pool, v_pool, kmin, kmax,
-                          q_rows=q_rows, logical_page=k_pool.shape[1] // kmin.shape[1],
-                          stats=stats, interpret=interpret)
+                          layer_operand(layer), q_rows=q_rows,
+                          logical_page=k_pool.shape[1] // kmin.shape[1], stats=stats,
+                          interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("sink_pages", "ring_pages", "stats", "aligned"))
+@functools.partial(jax.jit, static_argnames=("sink_pages", "ring_pages", "stats", "aligned",
+                                             "layer"))
 def write_tokens(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens, streaming, *,
-                 sink_pages: int, ring_pages: int, stats: bool = True, aligned: bool = False):
+                 sink_pages: int, ring_pages: int, stats: bool = True, aligned: bool = False,
+                 layer: int = 0):
     """See `write_tokens_reference` (argument shapes there). `aligned`: the caller promises
     that every row that writes starts at a logical-page boundary (lengths % Nl == 0, as in a
     prefill or a page-aligned chunk); multi-token statistics are then reduced per logical page
@@ -47,18 +51,18 @@ def write_tokens(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens, str
     if not (stats and aligned):
         return write_tokens_reference(k_pool, v_pool, kmin, kmax, table, lengths, k, v,
                                       new_lens, streaming, sink_pages=sink_pages,
-                                      ring_pages=ring_pages, stats=stats)
+                                      ring_pages=ring_pages, stats=stats, layer=layer)
     return _write_aligned(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens,
-                          streaming, sink_pages=sink_pages, ring_pages=ring_pages)
+                          streaming, sink_pages=sink_pages, ring_pages=ring_pages, layer=layer)
 
 
 def _write_aligned(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens, streaming, *,
-                   sink_pages, ring_pages):
+                   sink_pages, ring_pages, layer):
     b, t, kh, h = k.shape
     n_l = k_pool.shape[1] // kmin.shape[1]
     k_pool, v_pool, _, _ = write_tokens_reference(
         k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens, streaming,
-        sink_pages=sink_pages, ring_pages=ring_pages, stats=False)
+        sink_pages=sink_pages, ring_pages=ring_pages, stats=False, layer=layer)
     pad = -t % n_l
     keys = jnp.pad(k.astype(kmin.dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
     valid = (jnp.arange(t + pad) < new_lens[:, None])[:, :, None, None]

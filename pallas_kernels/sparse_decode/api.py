@@ -8,7 +8,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import kv_quant
 from pallas_kernels._compat import layer_operand, next_power_of_two
+from pallas_kernels.kv_quant import split_pool
 from pallas_kernels.sparse_decode.kernel import DecodeBlocks, DecodeTuning, decode_partials
 from pallas_kernels.sparse_decode.merge import merge_partials
 
@@ -24,7 +26,7 @@ def _check(q, k_pool, v_pool, table, selected, lengths, modes, layer, g):
     if rows not in (g, query_rows(g)):
         raise ValueError(f"q has {rows} rows per KV head: give the G={g} query heads, or "
                          f"query_rows(G)={query_rows(g)} rows with zeros past G")
-    if k_pool.shape != v_pool.shape or k_pool.ndim != 3 or k_pool.shape[2] != h:
+    if k_pool.shape != v_pool.shape or len(k_pool.shape) != 3 or k_pool.shape[2] != h:
         raise ValueError(f"k_pool {k_pool.shape} and v_pool {v_pool.shape} must both be "
                          f"[P, page_size, {h}]")
     n_layers = modes.shape[0]
@@ -46,8 +48,8 @@ def _check(q, k_pool, v_pool, table, selected, lengths, modes, layer, g):
                                              "interpret"))
 def sparse_decode(
     q: jax.Array,  # [B, K, G, H], or [B, K, query_rows(G), H] zero past G (then give groups)
-    k_pool: jax.Array,  # [P, Np, H]
-    v_pool: jax.Array,  # [P, Np, H]
+    k_pool,  # [P, Np, H] array or kv_quant.QuantizedPool
+    v_pool,  # [P, Np, H] array or kv_quant.QuantizedPool
     table: jax.Array,  # [B, L, K, M] int32 logical -> physical page
     selected: jax.Array,  # [L, B, K, Gs, W] int32 selected logical pages (-1 padded)
     lengths: jax.Array,  # [B] int32 tokens held, the current one included
@@ -81,12 +83,14 @@ def sparse_decode(
                                      pages_per_split=max(w, blocks.pages_per_split))
     splits = max(1, -(-listed // blocks.pages_per_split))
     gp = query_rows(g)
+    (k_codes, k_scale), (v_codes, v_scale) = split_pool(k_pool), split_pool(v_pool)
     o, mx, l = decode_partials(
-        jnp.pad(q, ((0, 0), (0, 0), (0, gp - q.shape[2]), (0, 0))), k_pool, v_pool, table,
-        selected.astype(jnp.int32), lengths.astype(jnp.int32), modes.astype(jnp.int32),
-        layer_operand(layer), scale=h ** -0.5 if scale is None else scale, sink=sink,
-        local=local, budget_pages=budget_pages, heads_per_list=g // gs, splits=splits,
-        blocks=blocks, interpret=interpret)
+        jnp.pad(q, ((0, 0), (0, 0), (0, gp - q.shape[2]), (0, 0))), k_codes, v_codes, k_scale,
+        v_scale, table, selected.astype(jnp.int32), lengths.astype(jnp.int32),
+        modes.astype(jnp.int32), layer_operand(layer),
+        scale=h ** -0.5 if scale is None else scale, sink=sink, local=local,
+        budget_pages=budget_pages, heads_per_list=g // gs, splits=splits, blocks=blocks,
+        kind=kv_quant.pool_kind(k_pool), interpret=interpret)
     # every (list, split) partial of a KV head is one more term of the same log-sum-exp
     return merge_partials(o.reshape(b, kh, gs * splits, gp, h), mx.reshape(b, kh, -1, gp),
                           l.reshape(b, kh, -1, gp), groups=g, dtype=q.dtype,

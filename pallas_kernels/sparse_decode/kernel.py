@@ -10,7 +10,9 @@ for a GQA group is read once. Full blocks run unmasked; the block holding the cu
 every block of a streaming head are masked token-exactly, with values of masked keys zeroed so
 NaN in unused slots never leaks. A program writes partials only for the query heads that read
 its list (the others get weight zero), so the partials of every (list, split) of a KV head
-merge after by one log-sum-exp over both axes (flash-decoding), with no gather.
+merge after by one log-sum-exp over both axes (flash-decoding), with no gather. Quantized pages
+(`kv_quant`) are dequantized per tile: a static format's scale multiplies the logits and the
+output; a per-token one is applied to the codes before the dots.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import kv_quant
 from pallas_kernels._compat import LOG2_E, NEG_INF, check_power_of_two, next_power_of_two, whole
 from pallas_kernels.layout import SELECT, STREAM, sink_pages
 
@@ -91,8 +94,10 @@ class DecodeBlocks:
 def _decode_kernel(
     # inputs
     q_ref,  # [Gp, H] the KV head's query heads (rows >= G are zero padding)
-    k_ref,  # [P, Np, H] key pool, gathered by physical page
-    v_ref,  # [P, Np, H] value pool
+    k_ref,  # [P, Np, H] key pool (or its codes in format `kind`), gathered by physical page
+    v_ref,  # [P, Np, H] value pool (or codes)
+    ks_ref,  # key scales of `kind` (kv_quant: [L, B, K] static, [P, 2, Np] per token)
+    vs_ref,  # value scales
     table_ref,  # [B, L, K, M] int32 logical -> physical page
     sel_ref,  # [L, B, K, Gs, W] int32 selected logical pages (-1 padded)
     lengths_ref,  # [B] int32 tokens held per row (the current token is the last)
@@ -110,6 +115,7 @@ def _decode_kernel(
     heads_per_list: int,
     pages_per_block: int,
     pages_per_split: int,
+    kind: str,
 ):
     b, kh, g, split = (pl.program_id(i) for i in range(4))
     gp, h = q_ref.shape
@@ -133,7 +139,13 @@ def _decode_kernel(
                      pages_per_split // pages_per_block)
     # blocks before the one holding the list's last entry are full and fully visible
     clean = jnp.where(streaming, 0, jnp.clip((count - 1 - start) // pages_per_block, 0, steps))
-    q = q_ref[...]
+    # int4 codes hold channels < H/2 and >= H/2 as two nibbles: the dots run per half
+    halves = (pl.ds(0, h // 2), pl.ds(h // 2, h // 2))
+    parts = halves if kind == "int4" else (pl.ds(0, h),)
+    q = [q_ref[:, part] for part in parts]
+    static = kind in kv_quant.STATIC
+    if static:  # a scale per (row, layer, KV head): applied to the logits and the output
+        k_scale, v_scale = ks_ref[layer, b, kh], vs_ref[layer, b, kh]
     entry = jax.lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0)
     in_page = jax.lax.broadcasted_iota(jnp.int32, (pages_per_block, n_p), 1)
     of_entry = jax.lax.broadcasted_iota(jnp.int32, (pages_per_block, n_p), 0)
@@ -152,14 +164,23 @@ def _decode_kernel(
         logical = jnp.clip(logical, 0, m_max - 1)
         return logical, table_ref[b, layer, kh, logical]
 
+    def load(ref, scale_ref, phys):
+        """The block's keys or values as `parts` [block, H or H/2] in q's dtype (a static
+        format's scale is applied by the caller)."""
+        x = ref[phys]  # [Np, W], or gathered [ppb, Np, W]
+        x = x.reshape(block, x.shape[-1])
+        if kind == "auto" or static:
+            return [x.astype(q_ref.dtype)]
+        sc, zero = (scale_ref[phys, i].reshape(block)[:, None] for i in (0, 1))
+        return [(c * sc + zero).astype(q_ref.dtype) for c in kv_quant.unpack(x, kind)]
+
     def step(i, carry, masked: bool):
         o, m, l = carry
         base = start + i * pages_per_block
         logical, phys = pages(base)
-        keys, values = k_ref[phys], v_ref[phys]  # [Np, H], or gathered [ppb, Np, H]
-        if pages_per_block > 1:
-            keys, values = keys.reshape(block, h), values.reshape(block, h)
-        s = plgpu.dot(q, keys.T) * (scale * LOG2_E)  # [Gp, block] f32
+        keys, values = load(k_ref, ks_ref, phys), load(v_ref, vs_ref, phys)
+        s = sum(plgpu.dot(qp, kp.T) for qp, kp in zip(q, keys))  # [Gp, block] f32
+        s = s * (scale * LOG2_E * (k_scale if static else 1.0))
         if masked and pages_per_block == 1:
             pos = logical * n_p + jax.lax.broadcasted_iota(jnp.int32, (n_p,), 0)
             used = jnp.broadcast_to(base < count, (block,))
@@ -170,17 +191,19 @@ def _decode_kernel(
             window = (pos < sink) | (pos >= t - local)
             visible = used & (pos <= t) & (window | ~streaming)
             s = jnp.where(visible[None, :], s, NEG_INF)
-            values = jnp.where(visible[:, None], values, jnp.zeros_like(values))
+            values = [jnp.where(visible[:, None], x, jnp.zeros_like(x)) for x in values]
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
         if masked:
             p = jnp.where(visible[None, :], p, 0.0)
-        o = alpha[:, None] * o + plgpu.dot(p.astype(values.dtype), values)
+        o = tuple(alpha[:, None] * acc + plgpu.dot(p.astype(x.dtype), x)
+                  for acc, x in zip(o, values))
         return o, m_new, alpha * l + jnp.sum(p, axis=1)
 
-    carry = (jnp.zeros((gp, h), jnp.float32), jnp.full((gp,), NEG_INF, jnp.float32),
-             jnp.zeros((gp,), jnp.float32))
+    width = h // len(parts)
+    carry = (tuple(jnp.zeros((gp, width), jnp.float32) for _ in parts),
+             jnp.full((gp,), NEG_INF, jnp.float32), jnp.zeros((gp,), jnp.float32))
     carry = jax.lax.fori_loop(0, clean, functools.partial(step, masked=False), carry)
     o, m, l = jax.lax.fori_loop(clean, steps, functools.partial(step, masked=True), carry)
     # query head r reads list r // heads_per_list where selections differ, list 0 elsewhere
@@ -189,19 +212,23 @@ def _decode_kernel(
     owned = ~sparse | (head // heads_per_list == g)
     # only the G real rows of o are stored (the merge reads no others): at ~2048 programs the
     # padding rows would be most of the partials' bytes
-    real = jnp.broadcast_to((head < heads_per_list * sel_ref.shape[3])[:, None], (gp, h))
-    plgpu.store(o_ref, jnp.where(owned[:, None], o, 0.0), mask=real)
+    real = jnp.broadcast_to((head < heads_per_list * sel_ref.shape[3])[:, None], (gp, width))
+    for part, acc in zip(parts, o):
+        acc = acc * v_scale if static else acc
+        plgpu.store(o_ref.at[:, part], jnp.where(owned[:, None], acc, 0.0), mask=real)
     m_ref[...] = jnp.where(owned, m, NEG_INF)
     l_ref[...] = jnp.where(owned, l, 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "sink", "local", "budget_pages",
-                                             "heads_per_list", "splits", "blocks",
+                                             "heads_per_list", "splits", "blocks", "kind",
                                              "interpret"))
-def decode_partials(q, k_pool, v_pool, table, selected, lengths, modes, layer, *,
-                    scale: float, sink: int, local: int, budget_pages: int, heads_per_list: int,
-                    splits: int, blocks: DecodeBlocks, interpret: bool = False):
-    """Runs the kernel. q: [B, K, Gp, H]; table: [B, L, K, M]; selected: [L, B, K, Gs, W];
+def decode_partials(q, k_pool, v_pool, k_scale, v_scale, table, selected, lengths, modes, layer,
+                    *, scale: float, sink: int, local: int, budget_pages: int,
+                    heads_per_list: int, splits: int, blocks: DecodeBlocks, kind: str = "auto",
+                    interpret: bool = False):
+    """Runs the kernel. q: [B, K, Gp, H]; pools: values, or codes of `kind` with their scales
+    (`kv_quant`; unused when `kind` is 'auto'); table: [B, L, K, M]; selected: [L, B, K, Gs, W];
     lengths: [B]; modes: [L, K] int32; layer: [1] int32; heads_per_list = G / Gs. Returns o
     [B, K, Gs, splits, Gp, H] f32 (rows >= G unwritten) and m, l [B, K, Gs, splits, Gp] f32:
     weight zero (m NEG_INF, l 0, o 0) where a query head does not read the list."""
@@ -210,15 +237,15 @@ def decode_partials(q, k_pool, v_pool, table, selected, lengths, modes, layer, *
     kernel = functools.partial(
         _decode_kernel, scale=scale, sink=sink, local=local, budget_pages=budget_pages,
         heads_per_list=heads_per_list, pages_per_block=blocks.pages_per_block,
-        pages_per_split=blocks.pages_per_split)
+        pages_per_split=blocks.pages_per_split, kind=kind)
 
     return pl.pallas_call(
         kernel,
         grid=(b, kh, gs, splits),
         in_specs=[
             pl.BlockSpec((None, None, gp, h), lambda i, j, g, _: (i, j, 0, 0)),
-            whole(k_pool), whole(v_pool), whole(table), whole(selected), whole(lengths),
-            whole(modes), whole(layer),
+            whole(k_pool), whole(v_pool), whole(k_scale), whole(v_scale), whole(table),
+            whole(selected), whole(lengths), whole(modes), whole(layer),
         ],
         out_specs=[
             pl.BlockSpec((None, None, None, None, gp, h), lambda i, j, g, x: (i, j, g, x, 0, 0)),
@@ -234,4 +261,4 @@ def decode_partials(q, k_pool, v_pool, table, selected, lengths, modes, layer, *
                                              num_stages=blocks.num_stages),
         interpret=interpret,
         name="sparse_paged_decode",
-    )(q, k_pool, v_pool, table, selected, lengths, modes, layer)
+    )(q, k_pool, v_pool, k_scale, v_scale, table, selected, lengths, modes, layer)

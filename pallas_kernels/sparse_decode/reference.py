@@ -6,8 +6,9 @@ Which pages a head attends to is decided by its mode (data, [L, K] int):
 - SELECT: every page while the row holds at most `budget_pages` pages; otherwise the pages of
   its selection (`selected`, -1 padded) plus the current page.
 Masks are token-exact: a streaming head sees positions p < sink or p >= t - local; every head
-sees only p <= t (t = the current token's position, the last one held). Computed in f32 at
-highest precision; rounds once, to q's dtype.
+sees only p <= t (t = the current token's position, the last one held). Quantized pools
+(`kv_quant`) are dequantized to f32 first. Computed in f32 at highest precision; rounds once, to
+q's dtype.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import layout
+from pallas_kernels import kv_quant, layout
 from pallas_kernels.layout import SELECT, STREAM
 
 
@@ -58,8 +59,8 @@ def decode_visible(pos: jax.Array, lengths: jax.Array, streaming: jax.Array, *, 
 
 def sparse_decode_reference(
     q: jax.Array,  # [B, K, G, H]
-    k_pool: jax.Array,  # [P, Np, H]
-    v_pool: jax.Array,  # [P, Np, H]
+    k_pool,  # [P, Np, H] array or kv_quant.QuantizedPool
+    v_pool,  # [P, Np, H] array or kv_quant.QuantizedPool
     table: jax.Array,  # [B, L, K, M] int32 logical -> physical page
     selected: jax.Array,  # [L, B, K, Gs, W] int32 selected logical pages (-1 padded)
     lengths: jax.Array,  # [B] int32 tokens held, the current one included
@@ -87,8 +88,8 @@ def sparse_decode_reference(
     used = jnp.arange(m) < counts[..., None]  # [B, K, Gs, M]
     logical = jnp.where(used, jnp.clip(pages, 0, m - 1), 0)
     phys = jnp.take_along_axis(table[:, :, None, :], logical, axis=-1)
-    keys = k_pool[phys].reshape(b, kh, gs, m * n_p, h).astype(jnp.float32)
-    values = v_pool[phys].reshape(b, kh, gs, m * n_p, h).astype(jnp.float32)
+    keys = kv_quant.read_pages(k_pool, phys, layer).reshape(b, kh, gs, m * n_p, h)
+    values = kv_quant.read_pages(v_pool, phys, layer).reshape(b, kh, gs, m * n_p, h)
     pos = (logical[..., None] * n_p + jnp.arange(n_p)).reshape(b, kh, gs, m * n_p)
     visible = jnp.repeat(used, n_p, axis=-1) & decode_visible(
         pos, lengths, modes == STREAM, sink=sink, local=local)
