@@ -17,10 +17,13 @@ from typing import Literal
 
 from lserve_jax.sampling import SamplingParams
 from pallas_kernels import layout
+from pallas_kernels.kv_quant import KV_FORMATS
 
 DType = Literal["float32", "bfloat16"]
 Policy = Literal["dense", "streaming", "duo", "quest", "lserve"]
 Granularity = Literal["query_head", "kv_head"]
+KVDtype = Literal["auto", "int8", "fp8", "int8_token", "int4"]
+WeightDtype = Literal["auto", "fp8"]
 
 POLICIES: tuple[str, ...] = ("dense", "streaming", "duo", "quest", "lserve")
 
@@ -113,6 +116,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     dtype: DType = "float32"
+    # "fp8": every linear layer's weight in float8 e4m3 with a scale per output channel, its
+    # input quantized per token (lserve_jax.model.quant; `quantize_params` converts weights)
+    weight_dtype: WeightDtype = "auto"
 
     def __post_init__(self):
         _positive(self, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
@@ -123,6 +129,7 @@ class ModelConfig:
                  "must be even (RoPE rotates pairs of channels)")
         _require(self.rope_theta > 0, "ModelConfig.rope_theta", self.rope_theta, "must be > 0")
         _one_of(self, "dtype", ("float32", "bfloat16"))
+        _one_of(self, "weight_dtype", ("auto", "fp8"))
 
     @property
     def group_size(self) -> int:
@@ -359,9 +366,15 @@ class CacheConfig:
     max_seq_len: int = 2048  # prompt + generated tokens of one sequence
     max_batch: int = 4
     num_pages: int = 0
+    # "auto": the model's dtype. "int8": symmetric, one scale per (sequence, layer) for K and
+    # one for V, calibrated from the prompt (LServe's KV8); "fp8": e4m3, a scale per (sequence,
+    # layer, KV head), likewise; "int8_token" / "int4": a scale and zero point per (token, KV
+    # head) (LServe's fine-grained KV8 / KV4).
+    kv_dtype: KVDtype = "auto"
 
     def __post_init__(self):
         _positive(self, "max_seq_len", "max_batch")
+        _one_of(self, "kv_dtype", KV_FORMATS)
         _require(isinstance(self.num_pages, int) and self.num_pages >= 0, "CacheConfig.num_pages",
                  self.num_pages, "must be >= 0 (0 sizes the pool automatically)")
 

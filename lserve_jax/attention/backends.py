@@ -176,7 +176,7 @@ class Pallas(Kernels):
             cache.k, cache.v, cache.kmin, cache.kmax, cache.page_table[:, layer], cache.lengths,
             qkv[:, 0], rope[0][:, 0], rope[1][:, 0], new_lens, streaming, q_rows=q_rows,
             sink_pages=sparsity.sink_pages, ring_pages=sparsity.ring_pages,
-            stats=sparsity.dynamic, interpret=self.interpret)
+            stats=sparsity.dynamic, layer=layer, interpret=self.interpret)
         return q, dataclasses.replace(cache, k=k_pool, v=v_pool, kmin=kmin, kmax=kmax)
 
 
@@ -198,7 +198,7 @@ def _write(write, cache, layer, k, v, new_lens, streaming, sparsity) -> KVCache:
     k_pool, v_pool, kmin, kmax = write(
         cache.k, cache.v, cache.kmin, cache.kmax, cache.page_table[:, layer], cache.lengths,
         k, v, new_lens, streaming, sink_pages=sparsity.sink_pages,
-        ring_pages=sparsity.ring_pages, stats=sparsity.dynamic)
+        ring_pages=sparsity.ring_pages, stats=sparsity.dynamic, layer=layer)
     return dataclasses.replace(cache, k=k_pool, v=v_pool, kmin=kmin, kmax=kmax)
 
 

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from lserve_jax.config import ModelConfig, SparsityConfig
+from pallas_kernels.kv_quant import token_bytes
 from pallas_kernels.layout import TRASH_PAGE, ring_slots
 
 
@@ -25,17 +26,26 @@ def pages_per_head(n_tokens: int, streaming: np.ndarray, sparsity: SparsityConfi
     return np.where(streaming, min(dense, sparsity.stream_pages), dense).astype(np.int64)
 
 
-def page_bytes(model: ModelConfig, sparsity: SparsityConfig) -> int:
-    """Bytes of one physical page: its K and V and (for policies that select pages) its
-    statistics."""
+def page_bytes(model: ModelConfig, sparsity: SparsityConfig, kv_dtype: str = "auto") -> int:
+    """Bytes of one physical page: its K and V in `kv_dtype` (with per-token scales where the
+    format has them) and (for policies that select pages) its statistics."""
     stat_rows = sparsity.page_size // sparsity.logical_page_size if sparsity.dynamic else 0
-    return 2 * (sparsity.page_size + stat_rows) * model.head_dim * model.itemsize
+    token = token_bytes(kv_dtype, model.head_dim, model.itemsize)
+    return 2 * (sparsity.page_size * token + stat_rows * model.head_dim * model.itemsize)
+
+
+def kv_bytes_per_token(model: ModelConfig, kv_dtype: str = "auto") -> int:
+    """Dense K+V bytes per token of one sequence, all layers, in `kv_dtype` (statistics not
+    counted)."""
+    return 2 * model.n_layers * model.n_kv_heads * token_bytes(kv_dtype, model.head_dim,
+                                                               model.itemsize)
 
 
 def kv_bytes_per_sequence(n_tokens: int, streaming: np.ndarray, model: ModelConfig,
-                          sparsity: SparsityConfig) -> int:
+                          sparsity: SparsityConfig, kv_dtype: str = "auto") -> int:
     """Bytes one sequence of `n_tokens` occupies in the pool."""
-    return int(pages_per_head(n_tokens, streaming, sparsity).sum()) * page_bytes(model, sparsity)
+    pages = int(pages_per_head(n_tokens, streaming, sparsity).sum())
+    return pages * page_bytes(model, sparsity, kv_dtype)
 
 
 class PageAllocator:

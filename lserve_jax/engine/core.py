@@ -80,7 +80,7 @@ class Engine:
                                    self.max_pages)
         self.cache = empty_cache(model, self.sparsity, num_pages=num_pages,
                                  batch=self.cache_cfg.max_batch, max_pages=self.max_pages,
-                                 fill=pool_fill)
+                                 fill=pool_fill, kv_dtype=self.cache_cfg.kv_dtype)
         self._finished: list[Request] = []  # refused on arrival, reported at the next step
         self.reschedule(scheduler)
         self._modes = jnp.asarray(self.modes)
@@ -102,7 +102,7 @@ class Engine:
 
     def kv_bytes_per_sequence(self, n_tokens: int) -> int:
         return kv_bytes_per_sequence(n_tokens, self.modes == STREAM, self.model_cfg,
-                                     self.sparsity)
+                                     self.sparsity, self.cache_cfg.kv_dtype)
 
     def reschedule(self, config: SchedulerConfig) -> None:
         """Another schedule for the next requests (the compiled steps are kept); counters

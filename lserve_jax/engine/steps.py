@@ -20,7 +20,6 @@ from lserve_jax.attention import AttentionMetadata, PagedAttention, Phase
 from lserve_jax.cache.paged import KVCache
 from lserve_jax.model.llama import Llama
 from lserve_jax.sampling import sample
-from pallas_kernels.layout import TRASH_PAGE
 
 
 @jax.tree_util.register_dataclass
@@ -53,7 +52,7 @@ class SlotState:
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def install(cache: KVCache, slot: jax.Array, table: jax.Array) -> KVCache:
-    """Cache row `slot` holds nothing and maps through `table` ([L, K, M] int32; all TRASH_PAGE
+    """Cache row `slot` holds nothing and maps through `table` ([L, K, M] int32; all trash page
     frees the row). Its previous selection is forgotten."""
     return dataclasses.replace(
         cache, page_table=cache.page_table.at[slot].set(table),
@@ -69,18 +68,13 @@ def prefill(model_cfg, attention: PagedAttention, stream_heads, phase: Phase, pa
     PREFILL when every row starts its prompt, CHUNK otherwise; `stream_heads`: each layer's
     streaming KV heads (static)."""
     model = Llama(model_cfg, attention)
-    view = dataclasses.replace(
-        cache, page_table=cache.page_table.at[slots].get(mode="fill", fill_value=TRASH_PAGE),
-        lengths=cache.lengths.at[slots].get(mode="fill", fill_value=0),
-        selected=cache.selected.at[:, slots].get(mode="fill", fill_value=-1))
+    view = cache.rows(slots)
     positions = view.lengths[:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)
     meta = AttentionMetadata(new_lens=new_lens, modes=modes, step=jnp.zeros((), jnp.int32),
                              logits_at=jnp.maximum(new_lens - 1, 0), phase=phase,
                              stream_heads=stream_heads)
     logits, view = model.apply({"params": params}, tokens, positions, view, meta)
-    cache = dataclasses.replace(cache, k=view.k, v=view.v, kmin=view.kmin, kmax=view.kmax,
-                                lengths=cache.lengths.at[slots].set(view.lengths, mode="drop"))
-    return logits[:, 0], cache
+    return logits[:, 0], cache.merge_rows(slots, view)
 
 
 @jax.jit
