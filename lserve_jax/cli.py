@@ -1,7 +1,7 @@
 """The `lserve` command.
 
     lserve generate [--model tiny|testbed|DIR] (--prompt TEXT | --tokens ID ...) [--sparsity.* ...]
-    lserve serve MODEL [--port 8000] [--sparsity.* ...] [--cache.* ...] [--scheduler.* ...]
+    lserve serve MODEL [--port 8000] [--weight-dtype fp8] [--cache.kv-dtype int8] [--sparsity.* ...]
     lserve run CONFIG.toml [--FIELD VALUE ...]   (any ExperimentConfig field, e.g. --run.seed 3)
 
 Typed parsing and `--help` come from tyro; every field of the config dataclasses is a flag.
@@ -19,7 +19,7 @@ from typing import Annotated
 import tyro
 
 from lserve_jax.config import Backend, CacheConfig, PrefillPath, RunConfig, SchedulerConfig
-from lserve_jax.config import SparsityConfig
+from lserve_jax.config import SparsityConfig, WeightDtype
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -32,6 +32,7 @@ class GenerateArgs:
     prompt: str | None = None  # text; needs a tokenizer in the model directory
     tokens: tuple[int, ...] = ()  # token ids, when there is no tokenizer
     ignore_eos: bool = False  # keep generating past the tokenizer's end-of-sequence token
+    weight_dtype: WeightDtype = "auto"  # "fp8": linear layers quantized at load
     sparsity: SparsityConfig = SparsityConfig(policy="dense")
     cache: CacheConfig = CacheConfig(max_batch=1)
     run: RunConfig = RunConfig()
@@ -41,7 +42,8 @@ def generate(args: GenerateArgs) -> list[int]:
     from lserve_jax.llm import LLM
 
     llm = LLM(args.model, args.sparsity, args.cache, backend=args.run.backend,
-              prefill_path=args.run.prefill_kernel, seed=args.run.seed)
+              prefill_path=args.run.prefill_kernel, seed=args.run.seed,
+              weight_dtype=args.weight_dtype)
     if args.prompt is not None:
         if llm.tokenizer is None:
             raise SystemExit(f"--prompt needs a tokenizer, and {args.model!r} has none: pass "
@@ -73,6 +75,7 @@ class ServeArgs:
     backend: Backend = Backend.reference  # `pallas` on a GPU
     prefill_kernel: PrefillPath = PrefillPath.windowed
     seed: int = 0  # weights of a preset (a request without a seed samples with a random one)
+    weight_dtype: WeightDtype = "auto"  # "fp8": linear layers quantized at load
     sparsity: SparsityConfig = SparsityConfig(policy="dense")
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
@@ -87,7 +90,8 @@ def serve(args: ServeArgs) -> None:
     from lserve_jax.llm import LLM
 
     llm = LLM(args.model, args.sparsity, args.cache, backend=args.backend,
-              scheduler=args.scheduler, prefill_path=args.prefill_kernel, seed=args.seed)
+              scheduler=args.scheduler, prefill_path=args.prefill_kernel, seed=args.seed,
+              weight_dtype=args.weight_dtype)
     run_server(llm, args.host, args.port, args.served_model_name or args.model)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from lserve_jax.attention import KernelTuning
-from lserve_jax.config import Backend, CacheConfig, PrefillPath, SchedulerConfig, SparsityConfig
+from lserve_jax.config import (Backend, CacheConfig, PrefillPath, SchedulerConfig,
+                               SparsityConfig, WeightDtype)
 from lserve_jax.engine import Engine, RequestOutput
 from lserve_jax.model import LoadedModel, load_model
 from lserve_jax.sampling import SamplingParams
@@ -23,7 +24,8 @@ class LLM:
     """A model under one sparsity policy, ready to generate. `model`: a preset (random
     weights), `testbed`, a checkpoint directory, a local HF directory, or a `LoadedModel`.
     The policy defaults to dense; static policies (duo, lserve) take the model's own head
-    pattern or `sparsity.head_pattern`."""
+    pattern or `sparsity.head_pattern`. `weight_dtype="fp8"` quantizes the linear layers at
+    load; `cache.kv_dtype` quantizes the KV cache."""
 
     def __init__(self, model: str | LoadedModel = "tiny",
                  sparsity: SparsityConfig = SparsityConfig(policy="dense"),
@@ -31,8 +33,14 @@ class LLM:
                  backend: Backend | str = Backend.reference,
                  scheduler: SchedulerConfig = SchedulerConfig(),
                  prefill_path: PrefillPath | str = PrefillPath.windowed,
-                 tuning: KernelTuning = KernelTuning(), seed: int = 0):
-        self.model = load_model(model, seed) if isinstance(model, str) else model
+                 tuning: KernelTuning = KernelTuning(), seed: int = 0,
+                 weight_dtype: WeightDtype = "auto"):
+        if isinstance(model, str):
+            model = load_model(model, seed, weight_dtype)
+        elif weight_dtype != "auto":
+            raise ValueError("weight_dtype applies when LLM loads the model: pass a name or "
+                             "directory, or load it with load_model(..., weight_dtype)")
+        self.model = model
         self.name = model if isinstance(model, str) else "model"
         self.engine = Engine.for_model(self.model, sparsity, cache, scheduler=scheduler,
                                        backend=Backend(backend),

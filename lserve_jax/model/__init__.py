@@ -8,7 +8,7 @@ import pathlib
 
 import jax
 
-from lserve_jax.config import MODEL_PRESETS, ModelConfig
+from lserve_jax.config import MODEL_PRESETS, ModelConfig, WeightDtype
 
 ASSETS = pathlib.Path(__file__).parent.parent / "assets"
 # project-trained models, loaded by name (orbax checkpoint + DuoAttention pattern)
@@ -23,11 +23,25 @@ class LoadedModel:
     pattern: pathlib.Path | None = None  # the model's own DuoAttention head pattern, if any
 
 
-def load_model(name: str, seed: int = 0) -> LoadedModel:
+def load_model(name: str, seed: int = 0, weight_dtype: WeightDtype = "auto") -> LoadedModel:
     """A project checkpoint name (`testbed`), a preset name (random weights from `seed`), a
     checkpoint directory (model.json + params/, as `save_checkpoint` writes) or a local HF
     directory (config.json + safetensors). A `pattern/` directory beside a checkpoint is its
-    DuoAttention head pattern."""
+    DuoAttention head pattern. `weight_dtype="fp8"` quantizes the linear layers at load
+    (`lserve_jax.model.quant`)."""
+    model = _load(name, seed)
+    if weight_dtype == "auto":
+        return model
+    if weight_dtype != "fp8":
+        raise ValueError(f"weight_dtype={weight_dtype!r} is invalid: choose 'auto' (the "
+                         "checkpoint's dtype) or 'fp8'")
+    from lserve_jax.model.quant import quantize_params
+
+    return dataclasses.replace(model, **dict(zip(("config", "params"), quantize_params(
+        model.config, model.params))))
+
+
+def _load(name: str, seed: int) -> LoadedModel:
     from lserve_jax.model.checkpoint import load_checkpoint
     from lserve_jax.model.hf import load_hf_params, load_tokenizer
     from lserve_jax.model.llama import init_params

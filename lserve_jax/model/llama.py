@@ -11,6 +11,7 @@ legend in the README.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -20,8 +21,23 @@ import numpy as np
 
 from lserve_jax.attention import AttentionImpl, PagedAttention, example_inputs, rope_tables
 from lserve_jax.config import ModelConfig
+from lserve_jax.model.quant import FP8, LINEAR, fp8_dot, quantize_params
 
 _init = nn.initializers.normal(0.02)
+
+
+def linear(module: nn.Module, name: str, x: jax.Array, equation: str, shape: tuple[int, ...],
+           cfg: ModelConfig, out_dtype=None) -> jax.Array:
+    """x times the module's weight `name` of `shape` (contracted axes first, as `equation`
+    says); FP8 weights (`cfg.weight_dtype`) run through `quant.fp8_dot`."""
+    if cfg.weight_dtype != "fp8":
+        w = module.param(name, _init, shape, cfg.dtype)
+        return jnp.einsum(equation, x, w, preferred_element_type=out_dtype)
+    n_in = LINEAR[name]
+    out, contracted = shape[n_in:], shape[:n_in]
+    codes = module.param(name, nn.initializers.zeros, out + contracted, FP8)
+    scale = module.param(f"{name}_scale", nn.initializers.ones, out, jnp.float32)
+    return fp8_dot(x, codes, scale, n_in, out_dtype or cfg.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -68,11 +84,9 @@ class Attention(nn.Module):
         # q, k and v heads side by side: one projection. Apart, a single jitted decode step ran
         # the narrow k/v projections as XLA reduce fusions (0.69 ms on the H200); the serving
         # loop was already free of them and kept its speed (4.95 vs 4.98 ms, README).
-        wqkv = self.param("qkv", _init, (c.dim, n + 2 * kh, c.head_dim), c.dtype)
-        wo = self.param("o", _init, (n, c.head_dim, c.dim), c.dtype)
-        qkv = jnp.einsum("BTD,DMH->BTMH", x, wqkv)
+        qkv = linear(self, "qkv", x, "BTD,DMH->BTMH", (c.dim, n + 2 * kh, c.head_dim), c)
         out, cache = self.attention.attend(self, qkv, rope, cache, meta, self.layer)
-        return jnp.einsum("BTNH,NHD->BTD", out, wo), cache
+        return linear(self, "o", out, "BTNH,NHD->BTD", (n, c.head_dim, c.dim), c), cache
 
 
 class MLP(nn.Module):
@@ -83,10 +97,9 @@ class MLP(nn.Module):
         c = self.cfg
         # gate and up side by side: one GEMM reads both (in a decode step it is a single
         # weight-streaming launch, like the q/k/v projection)
-        gate_up = self.param("gate_up", _init, (c.dim, 2, c.ffn_dim), c.dtype)
-        down = self.param("down", _init, (c.ffn_dim, c.dim), c.dtype)
-        h = jnp.einsum("BTD,DSF->BTSF", x, gate_up)
-        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(h[:, :, 0]) * h[:, :, 1], down)
+        h = linear(self, "gate_up", x, "BTD,DSF->BTSF", (c.dim, 2, c.ffn_dim), c)
+        return linear(self, "down", jax.nn.silu(h[:, :, 0]) * h[:, :, 1], "BTF,FD->BTD",
+                      (c.ffn_dim, c.dim), c)
 
 
 class Block(nn.Module):
@@ -134,13 +147,18 @@ class Llama(nn.Module):
         if c.tie_embeddings:
             logits = jnp.einsum("BTD,VD->BTV", x, embed, preferred_element_type=jnp.float32)
         else:
-            head = self.param("lm_head", _init, (c.dim, c.vocab_size), c.dtype)
-            logits = jnp.einsum("BTD,DV->BTV", x, head, preferred_element_type=jnp.float32)
+            logits = linear(self, "lm_head", x, "BTD,DV->BTV", (c.dim, c.vocab_size), c,
+                            jnp.float32)
         return logits, self.attention.finish(cache, meta)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
-    """Random parameters (normal(0.02) weights, unit norms) without running the model."""
+    """Random parameters (normal(0.02) weights, unit norms) without running the model; with
+    FP8 weights, the same weights quantized."""
+    if cfg.weight_dtype == "fp8":
+        return quantize_params(dataclasses.replace(cfg, weight_dtype="auto"),
+                               init_params(dataclasses.replace(cfg, weight_dtype="auto"),
+                                           key))[1]
     model = Llama(cfg)
     shapes = jax.eval_shape(lambda: model.init(
         key, *example_inputs(cfg, model.attention.sparsity)))["params"]
