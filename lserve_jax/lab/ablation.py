@@ -19,7 +19,8 @@ from collections.abc import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from lserve_jax.config import CacheConfig, SchedulerConfig, SparsityConfig, page_shape
+from lserve_jax.config import (CacheConfig, SchedulerConfig, SparsityConfig, WeightDtype,
+                               page_shape)
 from lserve_jax.engine import Engine
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.lab.tasks import (END, VOCAB_SIZE, Sample, make_sample, probe_seed, score,
@@ -28,9 +29,24 @@ from lserve_jax.lab.experiment import ExperimentConfig
 from lserve_jax.lab.report import markdown_table, provenance
 from lserve_jax.model import LoadedModel, load_model
 from lserve_jax.sparsity.heads import policy_gates
+from pallas_kernels.kv_quant import KV_FORMATS
 from lserve_jax.sparsity.policy import attended_tokens
 
 NO_SWEEP = "-"  # the variant label of a run without a sweep
+PRECISION = "precision"  # the sweep over "WEIGHTS/KV" dtypes, e.g. "fp8/int8"
+
+
+def precision(exp: ExperimentConfig, label: str) -> tuple[str, str]:
+    """(weight dtype, KV dtype) of a variant: the sweep value "WEIGHTS/KV" when sweeping
+    precision, else the experiment's `weight_dtype` and `cache.kv_dtype`."""
+    if exp.sweep != PRECISION:
+        return exp.weight_dtype, exp.cache.kv_dtype
+    weights, _, kv = label.partition("/")
+    if weights not in typing.get_args(WeightDtype) or kv not in KV_FORMATS:
+        raise ValueError(f"ExperimentConfig.sweep_values: {label!r} is not a precision: write "
+                         f"WEIGHTS/KV, WEIGHTS one of {typing.get_args(WeightDtype)} and KV one "
+                         f"of {KV_FORMATS} (e.g. 'fp8/int8')")
+    return weights, kv
 
 
 def sweep_override(field: str, value: str) -> dict:
@@ -59,6 +75,9 @@ def variants(exp: ExperimentConfig) -> list[tuple[str, SparsityConfig]]:
     under every policy here, so that a bad value fails before any decoding."""
     if not exp.sweep:
         return [(NO_SWEEP, exp.sparsity)]
+    if exp.sweep == PRECISION:
+        return [(value, exp.sparsity) for value in exp.sweep_values
+                if precision(exp, value)]  # each value parsed: a bad one fails here
     out = []
     for value in exp.sweep_values:
         override = sweep_override(exp.sweep, value)
@@ -118,11 +137,12 @@ def text_probes(task: str, context: int, at: int, exp: ExperimentConfig,
 
 
 def policy_engine(exp: ExperimentConfig, model: LoadedModel, sparsity: SparsityConfig,
-                  longest: int, max_new: int, stops: tuple[int, ...]):
+                  longest: int, max_new: int, stops: tuple[int, ...], kv_dtype: str = "auto"):
     """(engine, sampling params) scoring prompts of up to `longest` tokens under `sparsity`
-    (one policy's): greedy, at most `max_new` new tokens, stopped early at a stop token (which
-    ends a wrong answer)."""
-    cache = CacheConfig(max_seq_len=longest + max(16, max_new), max_batch=exp.cache.max_batch)
+    (one policy's) with the KV cache in `kv_dtype`: greedy, at most `max_new` new tokens,
+    stopped early at a stop token (which ends a wrong answer)."""
+    cache = CacheConfig(max_seq_len=longest + max(16, max_new), max_batch=exp.cache.max_batch,
+                        kv_dtype=kv_dtype)
     run = dataclasses.replace(exp.run, max_new_tokens=max_new, temperature=0.0, stop_tokens=stops)
     engine = Engine.for_model(model, sparsity, cache, backend=run.backend,
                               prefill_path=run.prefill_kernel,
@@ -137,7 +157,9 @@ def run_accuracy(exp: ExperimentConfig,
     synthetic-vocabulary prompts of `lserve_jax.lab.tasks`. `on_cell(rows, done, total)` runs
     after every (policy, variant, context) cell with the rows so far."""
     cells = variants(exp)
-    model = load_model(exp.model, exp.run.seed)
+    models = {w: load_model(exp.model, exp.run.seed, w)
+              for w in dict.fromkeys(precision(exp, label)[0] for label, _ in cells)}
+    model = next(iter(models.values()))
     cfg, tokenizer = model.config, model.tokenizer
     for policy in exp.policies:  # a missing head pattern fails before any decoding
         policy_gates(exp.sparsity.for_policy(policy), cfg, model.pattern)
@@ -160,8 +182,9 @@ def run_accuracy(exp: ExperimentConfig,
         for label, base in cells:
             for context in exp.contexts:
                 bar.set_postfix_str(f"{policy} {label} {context}")
-                engine, params = policy_engine(exp, model, base.for_policy(policy),
-                                               *sizes[context], stops)
+                weights, kv = precision(exp, label)
+                engine, params = policy_engine(exp, models[weights], base.for_policy(policy),
+                                               *sizes[context], stops, kv)
                 rows += _score(engine, params, {"policy": policy, "variant": label},
                                probes[context], context)
                 bar.update()

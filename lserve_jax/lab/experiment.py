@@ -8,8 +8,8 @@ import pathlib
 import tomllib
 from typing import Literal
 
-from lserve_jax.config import (POLICIES, CacheConfig, Policy, RunConfig, SparsityConfig, _one_of,
-                               _positive, _require, from_dict)
+from lserve_jax.config import (POLICIES, CacheConfig, Policy, RunConfig, SparsityConfig,
+                               WeightDtype, _one_of, _positive, _require, from_dict)
 from lserve_jax.lab.tasks import TASKS
 
 
@@ -34,9 +34,11 @@ class ExperimentConfig:
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     samples: int = 4
     # accuracy: a SparsityConfig field to sweep ("" for none) and its values as text; page_size
-    # takes "N_P/N_L" (hierarchical pages) or "N" (flat: N_P = N_L = N)
+    # takes "N_P/N_L" (hierarchical pages) or "N" (flat: N_P = N_L = N); "precision" sweeps
+    # "WEIGHTS/KV" dtypes ("auto/int8", "fp8/int8": weight_dtype / cache.kv_dtype)
     sweep: str = ""
     sweep_values: tuple[str, ...] = ()
+    weight_dtype: WeightDtype = "auto"  # "fp8": the model's linear layers quantized at load
     sparsity: SparsityConfig = SparsityConfig()
     cache: CacheConfig = CacheConfig(max_seq_len=1024, max_batch=4)
     run: RunConfig = RunConfig()
@@ -60,9 +62,10 @@ class ExperimentConfig:
                        for v in self.sweep_values)  # TOML numbers and booleans become text
         object.__setattr__(self, "sweep_values", values)
         knobs = tuple(f.name for f in dataclasses.fields(SparsityConfig) if f.name != "policy")
-        _require(self.sweep in ("", *knobs), "ExperimentConfig.sweep", self.sweep,
-                 f"leave it empty or name a SparsityConfig field: one of {knobs} (policies are "
-                 "listed in ExperimentConfig.policies)")
+        _require(self.sweep in ("", "precision", *knobs), "ExperimentConfig.sweep", self.sweep,
+                 "leave it empty, say 'precision' or name a SparsityConfig field: one of "
+                 f"{knobs} (policies are listed in ExperimentConfig.policies)")
+        _one_of(self, "weight_dtype", ("auto", "fp8"))
         _require(bool(values) == bool(self.sweep), "ExperimentConfig.sweep_values", values,
                  "give one or more values when sweep is set, and none when it is not")
 

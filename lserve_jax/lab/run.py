@@ -22,7 +22,7 @@ from lserve_jax.sparsity.policy import STREAM, attended_tokens
 
 
 def run_generate(exp: ExperimentConfig) -> list[dict]:
-    model = load_model(exp.model, exp.run.seed)
+    model = load_model(exp.model, exp.run.seed, exp.weight_dtype)
     cfg = model.config
     rng = np.random.default_rng(exp.run.seed)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in exp.prompt_lengths]
