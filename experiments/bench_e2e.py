@@ -16,6 +16,10 @@ process, since reaching the first row takes minutes of compilation; `--rows` lis
 one by one instead (`lserve:1x262144:decode.min_pages_per_split=4` ...), in that order.
 `--profile [TOP]` adds each row's TOP (20) kernels from one more profiled run;
 `--prefill-kernel composite windowed` times the sparse policies' TTFT once per prefill path.
+`--precision auto/auto auto/int8 fp8/int8` repeats the rows per WEIGHTS/KV precision (FP8
+weights: the bf16 weights quantized in the process; a quantized KV cache: random codes and
+scales); FP8-weight decode rows also list the GEMM calls of the compiled decode loop
+(`gemms`) and any conversion of 8-bit weights to a wider type (`weight_upcasts`).
 
     python experiments/bench_e2e.py \
         --pattern ../shared/duo_patterns/Llama-3-8B-Instruct-Gradient-1048k
@@ -26,6 +30,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
+import re
 import time
 
 import jax
@@ -37,11 +43,14 @@ from experiments.benchlib import DeviceFacts, Setting
 from lserve_jax.attention import PagedAttention
 from lserve_jax.config import Backend, CacheConfig, ModelConfig, PrefillPath, RunConfig
 from lserve_jax.config import SparsityConfig
+from lserve_jax.cache.allocator import kv_bytes_per_token
 from lserve_jax.engine import Engine, steps
+from lserve_jax.model.quant import quantize_params
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.model import load_model
 from lserve_jax.sparsity.heads import load_gates
 from lserve_jax.sparsity.policy import SELECT, attended_tokens
+from pallas_kernels import kv_quant
 
 DECODE = [(1, t) for t in (16384, 32768, 65536, 131072, 262144)] + [
     (b, t) for b in (4, 8) for t in (32768, 65536, 131072)]
@@ -66,6 +75,15 @@ class Bench:
     backend: Backend
     steps: int  # decode tokens timed per row
     profile: int = 0  # kernels listed per row (0: no profile)
+    kv_dtype: str = "auto"  # CacheConfig.kv_dtype of every row
+    allocate: bool = False  # capacity rows allocate the pool they compute
+
+    @property
+    def precision(self) -> dict:
+        return {"weights": self.cfg.weight_dtype, "kv_dtype": self.kv_dtype}
+
+    def cache(self, **fields) -> CacheConfig:
+        return CacheConfig(kv_dtype=self.kv_dtype, **fields)
 
 
 def policies(names, chunk: int) -> dict[str, SparsityConfig]:
@@ -84,33 +102,53 @@ def fill(engine: Engine, batch: int, context: int, key) -> None:
         table[row] = engine.pages.reserve(engine.cache_cfg.max_seq_len)[0]
     cache = engine.cache
     k, v, kmin, kmax = _randomise(cache.k, cache.v, cache.kmin, cache.kmax, key,
-                                  engine.sparsity.dynamic)
+                                  engine.sparsity.dynamic, cache.k.scale.shape[0]
+                                  if cache.kv_dtype in kv_quant.STATIC else 0)
     engine.cache = dataclasses.replace(
         cache, k=k, v=v, kmin=kmin, kmax=kmax, page_table=jnp.asarray(table),
         lengths=jnp.full((cache.lengths.shape[0],), context, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=(5,), donate_argnums=(0, 1, 2, 3))
-def _randomise(k, v, kmin, kmax, key, stats: bool):
+@functools.partial(jax.jit, static_argnums=(5, 6), donate_argnums=(0, 1, 2, 3))
+def _randomise(k, v, kmin, kmax, key, stats: bool, static_layers: int):
     """Fills the pools in place, 8192 pages at a time (a whole-pool random draw would need
-    several pools of temporaries), with each page's exact min/max when `stats`."""
-    chunk = min(k.shape[0], 8192)
+    several pools of temporaries), with each page's exact min/max when `stats`. Quantized
+    pools get the codes of the random values (a static format: under a scale of 4 / qmax per
+    row, so the values' few-sigma range fits)."""
+    pages, chunk = k.shape[0], min(k.shape[0], 8192)
+    kind = kv_quant.pool_kind(k)
+    if kind in kv_quant.STATIC:
+        fixed = 4.0 / (127.0 if kind == "int8" else kv_quant.FP8_MAX)
+        k, v = (dataclasses.replace(x, scale=jnp.full(x.scale.shape, fixed)) for x in (k, v))
+
+    def put(pool, values, start):
+        if kind == "auto":
+            return jax.lax.dynamic_update_slice(pool, values.astype(pool.dtype), (start, 0, 0))
+        if kind in kv_quant.STATIC:
+            codes = kv_quant.quantize_static(values, pool.scale.reshape(-1)[0], kind)
+            return dataclasses.replace(pool, codes=jax.lax.dynamic_update_slice(
+                pool.codes, codes, (start, 0, 0)))
+        codes, scale, zero = kv_quant.quantize_token(values, kind)
+        return kv_quant.QuantizedPool(
+            jax.lax.dynamic_update_slice(pool.codes, codes, (start, 0, 0)),
+            jax.lax.dynamic_update_slice(pool.scale, jnp.stack([scale, zero], 1),
+                                         (start, 0, 0)), kind)
 
     def body(i, pools):
         k, v, kmin, kmax = pools
-        start = jnp.minimum(i * chunk, k.shape[0] - chunk)
+        start = jnp.minimum(i * chunk, pages - chunk)
         kk, kv = jax.random.split(jax.random.fold_in(key, i))
-        keys = jax.random.normal(kk, (chunk, *k.shape[1:]), k.dtype)
-        k = jax.lax.dynamic_update_slice(k, keys, (start, 0, 0))
-        v = jax.lax.dynamic_update_slice(
-            v, jax.random.normal(kv, (chunk, *v.shape[1:]), v.dtype), (start, 0, 0))
+        shape = (chunk, *k.shape[1:])
+        keys = jax.random.normal(kk, shape, kmin.dtype)
+        k, v = put(k, keys, start), put(v, jax.random.normal(kv, shape, kmin.dtype), start)
         if stats:
-            rows = keys.reshape(chunk, kmin.shape[1], -1, k.shape[2])
+            rows = keys.reshape(chunk, kmin.shape[1], -1, shape[2])
             kmin = jax.lax.dynamic_update_slice(kmin, rows.min(axis=2), (start, 0, 0))
             kmax = jax.lax.dynamic_update_slice(kmax, rows.max(axis=2), (start, 0, 0))
         return k, v, kmin, kmax
 
-    return jax.lax.fori_loop(0, -(-k.shape[0] // chunk), body, (k, v, kmin, kmax))
+    del static_layers
+    return jax.lax.fori_loop(0, -(-pages // chunk), body, (k, v, kmin, kmax))
 
 
 def decode_loop(engine: Engine, backend: Backend, n_steps: int):
@@ -130,16 +168,16 @@ def decode_row(bench: Bench, name: str, sparsity: SparsityConfig, batch: int, co
     cfg, reuse = bench.cfg, sparsity.reuse_steps
     n_steps = -(-bench.steps // reuse) * reuse  # a decode chunk runs whole reuse intervals
     max_seq = context + n_steps + 8
-    probe = Engine(cfg, bench.params, sparsity, CacheConfig(max_seq_len=max_seq, max_batch=1,
+    probe = Engine(cfg, bench.params, sparsity, bench.cache(max_seq_len=max_seq, max_batch=1,
                                                             num_pages=2), bench.gates)
     needed = bench.weights + batch * probe.kv_bytes_per_sequence(max_seq)
-    row = {"name": f"decode_{name}", "policy": name, "batch": batch, "context": context,
-           "kv_bytes_per_seq": probe.kv_bytes_per_sequence(context),
+    row = {"name": f"decode_{name}", "policy": name, **bench.precision, "batch": batch,
+           "context": context, "kv_bytes_per_seq": probe.kv_bytes_per_sequence(context),
            **({"tuning": setting.label} if setting.label else {})}
     if needed > bench.facts.memory_bytes:
         return {**row, "error": f"out of memory: needs {needed / 2**30:.1f} GiB of the "
                                 f"device's {bench.facts.memory_bytes / 2**30:.1f} GiB"}
-    engine = Engine(cfg, bench.params, sparsity, CacheConfig(max_seq_len=max_seq,
+    engine = Engine(cfg, bench.params, sparsity, bench.cache(max_seq_len=max_seq,
                                                              max_batch=batch),
                     bench.gates, tuning=setting.tuning)
     fill(engine, batch, context, jax.random.key(context + batch))
@@ -158,7 +196,12 @@ def decode_row(bench: Bench, name: str, sparsity: SparsityConfig, batch: int, co
     tokens, pages = read_tokens(engine, context, sparsity)
     if pages is not None:
         row["select_pages_read"] = pages
-    read = batch * tokens * cfg.kv_bytes_per_token
+    read = batch * tokens * kv_bytes_per_token(cfg, bench.kv_dtype)
+    if cfg.weight_dtype == "fp8":
+        hlo = steps.decode.lower(cfg, PagedAttention(sparsity, bench.backend,
+                                                     tuning=engine.attention.tuning), n_steps,
+                                 bench.params, engine.cache, *args).compile().as_text()
+        row.update(gemm_report(hlo))
     if bench.profile:  # one more loop of `steps` tokens under the profiler: its top kernels
         summary, (engine.cache,) = benchlib.kernel_summary(
             lambda cache: (once(cache)[2],), engine.cache, steps=1, top=bench.profile)
@@ -167,6 +210,18 @@ def decode_row(bench: Bench, name: str, sparsity: SparsityConfig, batch: int, co
             "compile_s": round((timings[0] - timings[-1]) * n_steps / 1e3, 1),
             "floor_ms": round(bench.facts.floor_ms(bench.weights + read), 3),
             "peak_gib": round(_peak() / 2**30, 1)}
+
+
+def gemm_report(hlo: str) -> dict:
+    """The GEMM custom calls of compiled HLO by target (cuBLASLt's FP8 GEMM is
+    `__cublas$lt$matmul$f8`) and every conversion of an 8-bit array of a million elements or
+    more (a weight) to a wider type: a bf16 copy of a weight made per step would show there."""
+    targets = re.findall(r'custom_call_target="([^"]+)"', hlo)
+    upcasts = re.findall(r"= (\w+)\[([\d,]+)\][^ ]* convert\(f8e4m3fn\[", hlo)
+    return {"gemms": {t: targets.count(t) for t in sorted(set(targets))
+                      if "matmul" in t or "gemm" in t},
+            "weight_upcasts": [f"{dtype}[{dims}]" for dtype, dims in upcasts
+                               if math.prod(int(d) for d in dims.split(",")) >= 2**20]}
 
 
 def read_tokens(engine: Engine, context: int, sparsity: SparsityConfig):
@@ -188,7 +243,7 @@ def read_tokens(engine: Engine, context: int, sparsity: SparsityConfig):
 def ttft_row(bench: Bench, name: str, sparsity: SparsityConfig, context: int,
              prefill_kernel: PrefillPath) -> dict:
     engine = Engine(bench.cfg, bench.params, sparsity,
-                    CacheConfig(max_seq_len=context + 128, max_batch=1), bench.gates,
+                    bench.cache(max_seq_len=context + 128, max_batch=1), bench.gates,
                     backend=bench.backend, prefill_path=prefill_kernel)
     prompt = np.random.default_rng(context).integers(0, bench.cfg.vocab_size, context).tolist()
     run = SamplingParams(max_tokens=1)
@@ -198,8 +253,8 @@ def ttft_row(bench: Bench, name: str, sparsity: SparsityConfig, context: int,
     start = time.perf_counter()
     engine.generate([prompt], run)
     ms = 1e3 * (time.perf_counter() - start)
-    row = {"name": f"ttft_{name}", "policy": name, "batch": 1, "context": context,
-           "ms": round(ms, 1), "compile_s": round(first - ms / 1e3, 1),
+    row = {"name": f"ttft_{name}", "policy": name, **bench.precision, "batch": 1,
+           "context": context, "ms": round(ms, 1), "compile_s": round(first - ms / 1e3, 1),
            "peak_gib": round(_peak() / 2**30, 1), "prefill_kernel": str(prefill_kernel)}
     if bench.profile:
         def once():
@@ -212,16 +267,24 @@ def ttft_row(bench: Bench, name: str, sparsity: SparsityConfig, context: int,
 
 def capacity_row(bench: Bench, name: str, sparsity: SparsityConfig, context: int,
                  headroom: int = 8 * 2**30) -> dict:
-    """The largest batch whose pool fits beside the weights in the device's memory (computed
-    from the allocator)."""
-    probe = Engine(bench.cfg, bench.params, sparsity, CacheConfig(max_seq_len=context,
+    """The largest batch whose pool fits beside the parameters in the device's memory with
+    `headroom` to spare (computed from the allocator); with `bench.allocate`, an engine of
+    that batch is then built (its pool allocated) to show that it does fit."""
+    probe = Engine(bench.cfg, bench.params, sparsity, bench.cache(max_seq_len=context,
                                                                   max_batch=1, num_pages=2),
                    bench.gates)
     per_seq = probe.kv_bytes_per_sequence(context)
-    return {"name": f"capacity_{name}", "policy": name, "context": context,
-            "kv_gib_per_seq": round(per_seq / 2**30, 2),
-            "max_batch_computed": max(0, int(
-                (bench.facts.memory_bytes - bench.weights - headroom) // per_seq))}
+    held = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(bench.params))
+    batch = max(0, int((bench.facts.memory_bytes - held - headroom) // per_seq))
+    row = {"name": f"capacity_{name}", "policy": name, **bench.precision, "context": context,
+           "kv_gib_per_seq": round(per_seq / 2**30, 2), "max_batch_computed": batch}
+    if bench.allocate and batch:
+        engine = Engine(bench.cfg, bench.params, sparsity,
+                        bench.cache(max_seq_len=context, max_batch=batch), bench.gates)
+        jax.block_until_ready(engine.cache)
+        row["allocated_bytes"] = sum(x.nbytes for x in jax.tree.leaves(engine.cache))
+        del engine
+    return row
 
 
 def parse_row(spec: str) -> tuple[str, int, int, Setting]:
@@ -248,6 +311,7 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--pattern", required=True, help="DuoAttention pattern of the model")
     parser.add_argument("--out", default=None,
                         help="results folder (default: experiments/results/<device>)")
+    parser.add_argument("--name", default="e2e", help="the results file: NAME.json")
     parser.add_argument("--model", default="llama3-8b", help="a preset; 'tiny' for a CPU smoke run")
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--chunk", type=int, default=0,
@@ -261,56 +325,81 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--ttft", type=int, nargs="*", default=list(TTFT))
     parser.add_argument("--capacity", type=int, nargs="*", default=[131072, 262144],
                         help="contexts of the computed largest-batch rows")
+    parser.add_argument("--allocate", action="store_true",
+                        help="capacity rows also allocate the pool of the batch they compute")
     parser.add_argument("--prefill-kernel", nargs="+", type=PrefillPath,
                         default=[RunConfig.prefill_kernel], choices=list(PrefillPath),
                         help="TTFT rows of the sparse policies once per prefill path")
     parser.add_argument("--vary", default=None, metavar="GROUP.KNOB=V1,V2",
                         help="decode rows once per value of a kernel tuning knob: "
                              + ", ".join(benchlib.KNOBS))
+    parser.add_argument("--precision", nargs="+", default=["auto/auto"], metavar="WEIGHTS/KV",
+                        help="rows per precision: weights auto|fp8, KV cache auto|"
+                             + "|".join(kv_quant.KV_FORMATS[1:]) + ", e.g. fp8/int8")
     parser.add_argument("--rows", nargs="+", default=None, metavar="POLICY:BxT[:KNOB=V ...]",
                         help="these decode rows in this order instead of the --decode x "
                              "--policies (x --vary) grid, e.g. lserve:1x262144:select.topk_warps=8")
     args = parser.parse_args(argv)
     listed = [parse_row(spec) for spec in args.rows or []]
     settings = benchlib.parse_sweep(args.vary, "--vary") if args.vary else [Setting()]
+    precisions = [parse_precision(p) for p in args.precision]
     facts = benchlib.measure_device()  # before the weights: the probe needs free memory
     model = load_model(args.model)
     cfg, params = model.config, model.params
-    bench = Bench(cfg, params, sum(x.nbytes for x in jax.tree.leaves(params))
-                  - params["embed"].nbytes,
-                  load_gates(args.pattern)[: cfg.n_layers, : cfg.n_kv_heads], facts,
-                  args.backend, args.steps, args.profile)
+    gates = load_gates(args.pattern)[: cfg.n_layers, : cfg.n_kv_heads]
     shapes = DECODE if args.decode is None else [tuple(map(int, s.split("x"))) for s in args.decode]
     configs = policies(dict.fromkeys(args.policies + [r[0] for r in listed]), args.chunk)
     if not listed:  # shape by shape, every policy next to each other (partial runs compare)
         listed = [(name, b, t, s) for s in settings for b, t in shapes for name in args.policies]
-    jobs = [(name, decode_row, (bench, name, configs[name], b, t, s))
-            for name, b, t, s in listed]
-    jobs += [(name, ttft_row, (bench, name, configs[name], t, kernel))
-             for t in args.ttft for name in args.policies
-             for kernel in (args.prefill_kernel[:1] if name == "dense" else args.prefill_kernel)]
-    jobs += [(name, capacity_row, (bench, name, configs[name], t))
-             for t in args.capacity for name in args.policies]
     rows = []
-    for name, fn, job in jobs:
-        print(f"{time.strftime('%H:%M:%S')} {fn.__name__} {name} ...", flush=True)
-        try:
-            row = fn(*job)
-        except Exception as err:  # noqa: BLE001 - report it as a row; keep measuring the rest
-            row = {"name": f"{fn.__name__}_{name}", "policy": name, "error": repr(err)[:300]}
-        rows.append(row)
-        print(row, flush=True)
-        path = benchlib.write_results("e2e", _with_baselines(rows), args.out, facts,
-                                      model=f"{args.model}, random {cfg.dtype} weights",
-                                      cache="random K/V + exact page statistics (decode rows)",
-                                      ttft_chunk=args.chunk)
+    # bf16 weights first: the FP8 rows quantize them and drop the bf16 copy
+    for weights in sorted(dict.fromkeys(w for w, _ in precisions), key=lambda w: w != "auto"):
+        if weights == "fp8":
+            cfg, params = quantize_params(cfg, params)
+        for kv in [kv for w, kv in precisions if w == weights]:
+            bench = Bench(cfg, params, sum(x.nbytes for x in jax.tree.leaves(params))
+                          - params["embed"].nbytes, gates, facts, args.backend, args.steps,
+                          args.profile, kv, args.allocate)
+            jobs = [(name, decode_row, (bench, name, configs[name], b, t, s))
+                    for name, b, t, s in listed]
+            jobs += [(name, ttft_row, (bench, name, configs[name], t, kernel))
+                     for t in args.ttft for name in args.policies
+                     for kernel in (args.prefill_kernel[:1] if name == "dense"
+                                    else args.prefill_kernel)]
+            jobs += [(name, capacity_row, (bench, name, configs[name], t))
+                     for t in args.capacity for name in args.policies]
+            for name, fn, job in jobs:
+                print(f"{time.strftime('%H:%M:%S')} {fn.__name__} {name} {weights}/{kv} ...",
+                      flush=True)
+                try:
+                    row = fn(*job)
+                except Exception as err:  # noqa: BLE001 - a row of its own; measure the rest
+                    row = {"name": f"{fn.__name__}_{name}", "policy": name, **bench.precision,
+                           "error": repr(err)[:300]}
+                rows.append(row)
+                print(row, flush=True)
+                path = benchlib.write_results(
+                    args.name, _with_baselines(rows), args.out, facts,
+                    model=f"{args.model}, random {model.config.dtype} weights",
+                    cache="random K/V + exact page statistics (decode rows)",
+                    ttft_chunk=args.chunk)
     print("wrote", path)
 
 
+def parse_precision(text: str) -> tuple[str, str]:
+    weights, _, kv = text.partition("/")
+    if weights not in ("auto", "fp8") or kv not in kv_quant.KV_FORMATS:
+        raise SystemExit(f"--precision {text!r}: write WEIGHTS/KV, WEIGHTS auto or fp8, KV one "
+                         f"of {kv_quant.KV_FORMATS}, e.g. fp8/int8")
+    return weights, kv
+
+
 def _with_baselines(rows: list[dict]) -> list[dict]:
-    """speedup against the dense row of the same kind, shape and tuning, where both exist."""
+    """speedup against the dense row of the same kind, shape, tuning and precision, where both
+    exist."""
     def key(r):
-        return (r["name"].split("_")[0], r.get("batch"), r.get("context"), r.get("tuning"))
+        return (r["name"].split("_")[0], r.get("batch"), r.get("context"), r.get("tuning"),
+                r.get("weights"), r.get("kv_dtype"))
 
     dense = {key(r): r.get("ms") for r in rows if r.get("policy") == "dense"}
     out = []

@@ -15,10 +15,17 @@
 #             pattern: copy ../shared/duo_patterns/<model> into .patterns/ (git ignores it)
 #   serving   continuous batching against the wave schedule per policy (bench_serving.py;
 #             SERVING_ARGS="--mix B", "--rates 0.05 0.1 --schedules continuous"; same pattern)
+#   quantized one layer of decode per KV format and the decode GEMMs bf16 / FP8
+#             (bench_quantized.py), then the computed and allocated capacity at 128K per policy
+#             x KV format (bench_e2e.py --allocate, e2e_capacity.json)
+#   precision the Llama-3-8B shape end to end at bf16, KV8 and FP8 weights + KV8
+#             (bench_e2e.py --precision, e2e_quantized.json; PRECISION_ARGS adds flags)
 #   fixture   rebuilds the HF parity fixture (needs torch + transformers)
 #   testbed   the testbed recipe (experiments/configs/testbed_recipe.toml, about an hour;
 #             RECIPE_ARGS="--from STEP --to STEP" runs a part)
 #   accuracy  the accuracy configs on the committed testbed (ACCURACY="policies_n20 ..." picks)
+#   grids     sweeping accuracy configs as concurrent processes (experiments/run_grid.py;
+#             GRIDS="precision_n20 precision_n20_seed1", GRID_ARGS="--minutes 8.5 ...")
 set -uo pipefail
 out=${1:-}; shift || true
 steps=${*:-tests prefill decode dense e2e}
@@ -41,6 +48,20 @@ for step in $steps; do
            ${E2E_ARGS:-} ;;
     serving) timeout ${SERVING_S:-560} python3 experiments/bench_serving.py $outdir \
                --pattern "$pattern" ${SERVING_ARGS:-} ;;
+    quantized) timeout ${QUANTIZED_S:-300} python3 experiments/bench_quantized.py $outdir \
+                 ${QUANTIZED_ARGS:-} \
+               && timeout 240 python3 experiments/bench_e2e.py $outdir --pattern "$pattern" \
+                 --name e2e_capacity --policies dense lserve --decode --ttft --capacity 131072 \
+                 --allocate --precision auto/auto auto/int8 auto/fp8 auto/int8_token auto/int4 \
+                   fp8/auto fp8/int8 ;;
+    precision) timeout ${PRECISION_S:-540} python3 experiments/bench_e2e.py $outdir \
+                 --pattern "$pattern" --name e2e_quantized --policies dense lserve \
+                 --decode 1x65536 1x131072 4x65536 --ttft --capacity \
+                 --precision auto/auto auto/int8 fp8/int8 ${PRECISION_ARGS:-} ;;
+    grids) for name in ${GRIDS:-precision_n20 precision_n20_seed1}; do
+             python3 experiments/run_grid.py experiments/configs/$name.toml \
+               --output-dir "${out:-runs}/accuracy" ${GRID_ARGS:-} &
+           done; wait ;;
     fixture) timeout 90 python3 experiments/make_hf_fixture.py /tmp/hf_tiny_llama \
                && tar -C /tmp -cf "$logs/hf_tiny_llama.tar" hf_tiny_llama ;;
     testbed) python3 experiments/train_testbed.py experiments/configs/testbed_recipe.toml \

@@ -13,6 +13,7 @@ import argparse
 import json
 import pathlib
 
+import numpy as np
 import matplotlib
 
 matplotlib.use("Agg")
@@ -76,13 +77,13 @@ def plot_e2e(data: dict, path: pathlib.Path) -> None:
     panels = len(batches) + ttft
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 4), squeeze=False)
     axes = axes[0]
-    lines = sorted({(r["policy"], r.get("tuning", "")) for r in rows
-                    if r["name"].startswith("decode")})  # one line per policy and tuning
+    lines = sorted({(r["policy"], r.get("tuning", ""), _precision(r)) for r in rows
+                    if r["name"].startswith("decode")})  # a line per policy, tuning, precision
     for ax, b in zip(axes, batches):
-        for i, (policy, tuning) in enumerate(lines):
+        for i, (policy, tuning, precision) in enumerate(lines):
             mine = [r for r in rows if r["name"] == f"decode_{policy}" and r["batch"] == b
-                    and r.get("tuning", "") == tuning]
-            label = f"{policy} {tuning}".strip()
+                    and r.get("tuning", "") == tuning and _precision(r) == precision]
+            label = f"{policy} {tuning} {precision}".strip()
             if mine:
                 ctx, ms, floor = zip(*sorted((r["context"], r["ms"], r["floor_ms"])
                                              for r in mine))
@@ -102,6 +103,51 @@ def plot_e2e(data: dict, path: pathlib.Path) -> None:
     fig.suptitle(f"Llama-3-8B shape, whole engine, {_device(data)}, "
                  f"jax {data['jax_version']}, {data['date']}", fontsize=9)
     _save(fig, path)
+
+
+def plot_quantized_layer(data: dict, path: pathlib.Path) -> None:
+    """One decode layer per KV format (bars: our dense kernel and LServe's lists; cuDNN bf16
+    dashed; floors as ticks), one panel per shape; then the decode GEMMs per variant."""
+    rows = [r for r in data["rows"] if "ms" in r]
+    shapes = sorted({(r["batch"], r["context"]) for r in rows if "batch" in r})
+    gemms = [r for r in rows if r["name"].startswith("gemm")]
+    panels = len(shapes) + bool(gemms)
+    fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 4), squeeze=False)
+    for ax, (b, t) in zip(axes[0], shapes):
+        mine = [r for r in rows if r.get("batch") == b and r.get("context") == t]
+        kinds = list(dict.fromkeys(r["kv_dtype"] for r in mine if r["name"] != "cudnn_dense"))
+        for i, policy in enumerate(("dense", "lserve")):
+            got = {r["kv_dtype"]: r for r in mine if r["name"] == f"{policy}_kernel"}
+            x = np.arange(len(kinds)) + (i - 0.5) * 0.38
+            ax.bar(x, [got[k]["ms"] for k in kinds], 0.38, color=f"C{i}", label=policy)
+            ax.scatter(x, [got[k]["floor_ms"] for k in kinds], marker="_", s=200, color="k",
+                       zorder=3, label="floor" if i == 0 else None)
+        cudnn = next(r for r in mine if r["name"] == "cudnn_dense")
+        ax.axhline(cudnn["ms"], color="C3", linestyle="--", label="cuDNN dense, bf16")
+        ax.set_xticks(range(len(kinds)), ["bf16" if k == "auto" else k for k in kinds])
+        ax.set(ylabel="ms per layer", title=f"decode layer, batch {b}, {t // 1024}K")
+        ax.legend(fontsize=7)
+    if gemms:
+        ax = axes[0][-1]
+        labels = list(dict.fromkeys(f"{r['name'][5:]} M={r['tokens']}" for r in gemms))
+        variants = list(dict.fromkeys(r["variant"] for r in gemms))
+        for i, variant in enumerate(variants):
+            got = {f"{r['name'][5:]} M={r['tokens']}": r["ms"] for r in gemms
+                   if r["variant"] == variant}
+            ax.bar(np.arange(len(labels)) + (i - 1) * 0.27, [got[x] for x in labels], 0.27,
+                   color=f"C{i + 2}", label=variant)
+        ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
+        ax.set(ylabel="ms", yscale="log", title="decode GEMMs")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"KV formats and FP8 weights, {_device(data)}, {data['date']}", fontsize=9)
+    _save(fig, path)
+
+
+def _precision(row: dict) -> str:
+    """'' for bf16 weights and cache, else 'weights W8' / 'KV int8' as the row ran."""
+    parts = (["W8"] if row.get("weights") == "fp8" else []) + (
+        [f"KV {row['kv_dtype']}"] if row.get("kv_dtype", "auto") != "auto" else [])
+    return " + ".join(parts)
 
 
 def _plot_ttft(ax, rows: list[dict]) -> None:
@@ -171,6 +217,7 @@ def _save(fig, path: pathlib.Path) -> None:
 
 
 PLOTS = {"decode_attention": plot_decode, "prefill_attention": plot_prefill, "e2e": plot_e2e,
+         "e2e_quantized": plot_e2e, "quantized_layer": plot_quantized_layer,
          **{f"serving_{mix}": plot_serving for mix in ("A", "B", "toy")}}
 
 

@@ -97,33 +97,64 @@ def test_speedups_compare_rows_of_the_same_tuning():
     assert [r["speedup"] for r in bench_e2e._with_baselines(rows)] == [1.0, 1.0, 2.0, 4.0]
 
 
-def _bench(memory_bytes: int) -> bench_e2e.Bench:
+def _bench(memory_bytes: int, **kw) -> bench_e2e.Bench:
     cfg, params = _tiny_shapes()
     facts = benchlib.DeviceFacts(1e11, 1e12, memory_bytes, "test")
     return bench_e2e.Bench(cfg, params, 10**6, np.ones((cfg.n_layers, cfg.n_kv_heads)), facts,
-                           "reference", steps=2)
+                           "reference", steps=2, **kw)
 
 
 def test_out_of_memory_is_decided_by_the_measured_device_memory():
     sparsity = SparsityConfig().for_policy("dense")
     row = bench_e2e.decode_row(_bench(2**20), "dense", sparsity, 4, 4096)
     assert row["error"].startswith("out of memory") and "ms" not in row
-    capacity = bench_e2e.capacity_row(_bench(2**30 + 8 * 2**30), "dense", sparsity, 4096)
+    _, params = _tiny_shapes()
+    held = sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(params))
     per_seq = 4096 * 2 * 2 * 2 * 16 * 4  # tokens, layers, K and V, KV heads, head dim, f32
-    assert capacity["max_batch_computed"] == (2**30 - 10**6) // per_seq
+    capacity = bench_e2e.capacity_row(_bench(2**30 + 8 * 2**30), "dense", sparsity, 4096)
+    assert capacity["max_batch_computed"] == (2**30 - held) // per_seq
+    for kv, per_token in (("int8", 16), ("int4", 16)):  # int4: 8 bytes of codes + 8 of scales
+        row = bench_e2e.capacity_row(_bench(2**30 + 8 * 2**30, kv_dtype=kv), "dense",
+                                     sparsity, 4096)
+        assert row["max_batch_computed"] == (2**30 - held) // (per_seq // 64 * per_token)
+    small = bench_e2e.capacity_row(_bench(3 * per_seq + held + 8 * 2**30, kv_dtype="int8",
+                                          allocate=True), "dense", sparsity, 4096)
+    assert small["max_batch_computed"] == 12  # int8 codes: a quarter of the f32 bytes
+    assert small["allocated_bytes"] >= 12 * per_seq // 4
 
 
 def test_a_toy_run_on_the_cpu_records_the_measured_device(tmp_path):
     (tmp_path / "gates.tsv").write_text("0.9\t0.1\n0.2\t0.8\n")
     bench_e2e.main(["--model", "tiny", "--backend", "reference", "--pattern",
                     str(tmp_path / "gates.tsv"), "--policies", "dense", "--decode", "1x256",
-                    "--ttft", "--capacity", "4096", "--steps", "2", "--out", str(tmp_path)])
+                    "--ttft", "--capacity", "4096", "--steps", "2", "--out", str(tmp_path),
+                    "--precision", "auto/auto", "fp8/int4"])
     result = json.loads((tmp_path / "e2e.json").read_text())
     assert result["device"] == "cpu" and "CPU smoke probe" in result["device_facts_method"]
     assert result["measured_bandwidth_gbps"] > 0 and result["device_memory_gib"] > 0
-    decode, capacity = result["rows"]
+    rows = {(r["name"], r["weights"], r["kv_dtype"]): r for r in result["rows"]}
+    assert len(rows) == 4 and not any("error" in r for r in rows.values())
+    decode, fp8 = rows[("decode_dense", "auto", "auto")], rows[("decode_dense", "fp8", "int4")]
     assert decode["ms"] > 0 and decode["floor_ms"] > 0 and "tuning" not in decode
-    assert capacity["max_batch_computed"] > 0
+    # the f32 toy model (head dim 16): 64 bytes a token and head; int4: 8 of codes + 8 of
+    # scale and zero point
+    assert fp8["kv_bytes_per_seq"] == decode["kv_bytes_per_seq"] // 4
+    assert fp8["floor_ms"] < decode["floor_ms"]
+    assert "gemms" in fp8 and fp8["weight_upcasts"] == []  # the toy's weights are small
+    capacity = [r for r in rows.values() if r["name"] == "capacity_dense"]
+    assert all(r["max_batch_computed"] > 0 for r in capacity)
+
+
+def test_the_gemm_report_finds_fp8_gemms_and_weight_upcasts():
+    hlo = """
+  %a = bf16[4096,14336]{1,0} convert(f8e4m3fn[4096,14336]{1,0} %w)
+  %b = f32[1,4096]{1,0} convert(f8e4m3fn[1,4096]{1,0} %x)
+  %c = (f32[1,6144]{1,0}, s8[0]) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul$f8"
+  %d = (bf16[1,6144]{1,0}, s8[0]) custom-call(%x, %w), custom_call_target="__cublas$gemm"
+"""
+    report = bench_e2e.gemm_report(hlo)
+    assert report == {"gemms": {"__cublas$gemm": 1, "__cublas$lt$matmul$f8": 1},
+                      "weight_upcasts": ["bf16[4096,14336]"]}
 
 
 def test_policy_variants_change_one_default():
