@@ -19,7 +19,8 @@ one by one instead (`lserve:1x262144:decode.min_pages_per_split=4` ...), in that
 `--precision auto/auto auto/int8 fp8/int8` repeats the rows per WEIGHTS/KV precision (FP8
 weights: the bf16 weights quantized in the process; a quantized KV cache: random codes and
 scales); FP8-weight decode rows also list the GEMM calls of the compiled decode loop
-(`gemms`) and any conversion of 8-bit weights to a wider type (`weight_upcasts`).
+(`gemms`) and its temporary bytes (`temp_bytes`: a bf16 copy of a weight made per step would
+show there).
 
     python experiments/bench_e2e.py \
         --pattern ../shared/duo_patterns/Llama-3-8B-Instruct-Gradient-1048k
@@ -198,10 +199,9 @@ def decode_row(bench: Bench, name: str, sparsity: SparsityConfig, batch: int, co
         row["select_pages_read"] = pages
     read = batch * tokens * kv_bytes_per_token(cfg, bench.kv_dtype)
     if cfg.weight_dtype == "fp8":
-        hlo = steps.decode.lower(cfg, PagedAttention(sparsity, bench.backend,
-                                                     tuning=engine.attention.tuning), n_steps,
-                                 bench.params, engine.cache, *args).compile().as_text()
-        row.update(gemm_report(hlo))
+        row.update(gemm_report(steps.decode.lower(
+            cfg, PagedAttention(sparsity, bench.backend, tuning=engine.attention.tuning),
+            n_steps, bench.params, engine.cache, *args).compile()))
     if bench.profile:  # one more loop of `steps` tokens under the profiler: its top kernels
         summary, (engine.cache,) = benchlib.kernel_summary(
             lambda cache: (once(cache)[2],), engine.cache, steps=1, top=bench.profile)
@@ -212,16 +212,15 @@ def decode_row(bench: Bench, name: str, sparsity: SparsityConfig, batch: int, co
             "peak_gib": round(_peak() / 2**30, 1)}
 
 
-def gemm_report(hlo: str) -> dict:
-    """The GEMM custom calls of compiled HLO by target (cuBLASLt's FP8 GEMM is
-    `__cublas$lt$matmul$f8`) and every conversion of an 8-bit array of a million elements or
-    more (a weight) to a wider type: a bf16 copy of a weight made per step would show there."""
-    targets = re.findall(r'custom_call_target="([^"]+)"', hlo)
-    upcasts = re.findall(r"= (\w+)\[([\d,]+)\][^ ]* convert\(f8e4m3fn\[", hlo)
+def gemm_report(compiled) -> dict:
+    """The GEMM custom calls of a compiled function by target (cuBLASLt's FP8 GEMM is
+    `__cublas$lt$matmul$f8`; XLA's own Triton GEMMs are fusions and not listed) and its
+    temporary bytes: an 8-bit weight converted to bf16 before its GEMM would need a temporary
+    of twice the weight's bytes."""
+    targets = re.findall(r'custom_call_target="([^"]+)"', compiled.as_text())
     return {"gemms": {t: targets.count(t) for t in sorted(set(targets))
                       if "matmul" in t or "gemm" in t},
-            "weight_upcasts": [f"{dtype}[{dims}]" for dtype, dims in upcasts
-                               if math.prod(int(d) for d in dims.split(",")) >= 2**20]}
+            "temp_bytes": compiled.memory_analysis().temp_size_in_bytes}
 
 
 def read_tokens(engine: Engine, context: int, sparsity: SparsityConfig):

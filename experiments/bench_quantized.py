@@ -8,8 +8,10 @@
    are the bytes each must read over the bandwidth measured at the start.
 2. The decode GEMMs of the 8B shape at M = 1 and 4 tokens: bf16; FP8 weights with the input
    quantized per token (`lserve_jax.model.quant.fp8_dot`, what the model runs); and FP8 weights
-   converted to bf16 inside the jit (weight-only dequantization). Each row lists the compiled
-   HLO's GEMM calls and any upcast of the 8-bit weight (`bench_e2e.gemm_report`).
+   converted to bf16 inside the jit (weight-only dequantization). Each call's output, resized,
+   is the next one's input (so XLA cannot merge the calls into one GEMM). Each row lists the
+   compiled HLO's GEMM calls and its temporary bytes: a bf16 copy of the weight made per call
+   would show there (`bench_e2e.gemm_report`).
 
     python experiments/bench_quantized.py [--out DIR] [--shapes 1x65536 ...]
 """
@@ -78,9 +80,10 @@ def layer_rows(b: int, t: int, reps: int, iters: int, facts) -> list[dict]:
     # LServe's lists: heads alternate streaming / selecting; 63 random earlier pages + current
     lserve_modes = jnp.asarray([[STREAM, SELECT] * (KV_HEADS // 2)], jnp.int8)
     rng = np.random.default_rng(b * t)
-    chosen = np.stack([rng.permutation(m - 1)[: LSERVE.budget_pages - 1]
-                       for _ in range(b * KV_HEADS * G)])
-    selected = jnp.asarray(chosen.reshape(1, b, KV_HEADS, G, -1), jnp.int32)
+    chosen = np.full((b * KV_HEADS * G, LSERVE.selection_width), -1, np.int32)
+    for row in chosen:
+        row[: LSERVE.budget_pages - 1] = rng.permutation(m - 1)[: LSERVE.budget_pages - 1]
+    selected = jnp.asarray(chosen.reshape(1, b, KV_HEADS, G, -1))
     dense_modes = jnp.full((1, KV_HEADS), DENSE, jnp.int8)
     per_head_stream = -(-LSERVE.decode_sink // n_p) + -(-LSERVE.decode_local // n_p) + 1
     for kind in FORMATS:
@@ -127,12 +130,14 @@ def gemm_rows(tokens: int, names, reps: int, iters: int, facts) -> list[dict]:
                 jnp.bfloat16), (x, upcast_w, scale), 1),
         }
         for variant, (fn, args, width) in variants.items():
-            ms = time_per_call(fn, reps, iters, *args, chain=False)
-            hlo = jax.jit(fn).lower(*args).compile().as_text()
+            def chained(x, *weights, fn=fn):  # the output, resized, is the next call's input:
+                return jnp.resize(fn(x, *weights), x.shape)  # no two GEMMs can merge
+            ms = time_per_call(chained, reps, iters, *args)
+            compiled = jax.jit(fn).lower(*args).compile()
             rows.append({"name": f"gemm_{name}", "variant": variant, "tokens": tokens,
                          "k": k_in, "n": n_out, "ms": round(ms, 4),
                          "floor_ms": round(facts.floor_ms(k_in * n_out * width), 4),
-                         **gemm_report(hlo)})
+                         **gemm_report(compiled)})
             print(rows[-1], flush=True)
     return rows
 
@@ -152,15 +157,19 @@ def main(argv: list[str] | None = None):
                                                  for s in args.shapes]
     facts = benchlib.measure_device()
     rows = []
+
+    def write():  # after every part: a run cut short keeps what it measured
+        return benchlib.write_results("quantized_layer", rows, args.out, facts,
+                                      kernel="one layer, Llama-3-8B heads, LServe pages 64/16")
+
     for tokens in args.tokens:
         rows += gemm_rows(tokens, args.gemms, args.reps, args.iters, facts)
-    path = None
+        write()
     for b, t in shapes:
         print(f"{time.strftime('%H:%M:%S')} layer {b}x{t}", flush=True)
         rows += layer_rows(b, t, args.reps, args.iters, facts)
-        path = benchlib.write_results("quantized_layer", rows, args.out, facts,
-                                      kernel="one layer, Llama-3-8B heads, LServe pages 64/16")
-    print("wrote", path or benchlib.write_results("quantized_layer", rows, args.out, facts))
+        write()
+    print("wrote", write())
 
 
 if __name__ == "__main__":

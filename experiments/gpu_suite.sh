@@ -16,10 +16,10 @@
 #   serving   continuous batching against the wave schedule per policy (bench_serving.py;
 #             SERVING_ARGS="--mix B", "--rates 0.05 0.1 --schedules continuous"; same pattern)
 #   quantized one layer of decode per KV format and the decode GEMMs bf16 / FP8
-#             (bench_quantized.py), then the computed and allocated capacity at 128K per policy
-#             x KV format (bench_e2e.py --allocate, e2e_capacity.json)
-#   precision the Llama-3-8B shape end to end at bf16, KV8 and FP8 weights + KV8
-#             (bench_e2e.py --precision, e2e_quantized.json; PRECISION_ARGS adds flags)
+#             (bench_quantized.py)
+#   precision the Llama-3-8B shape end to end at bf16, KV8 and FP8 weights + KV8, with the
+#             capacity at 128K computed and allocated (bench_e2e.py --precision --allocate,
+#             e2e_quantized.json; PRECISION_ARGS adds flags)
 #   fixture   rebuilds the HF parity fixture (needs torch + transformers)
 #   testbed   the testbed recipe (experiments/configs/testbed_recipe.toml, about an hour;
 #             RECIPE_ARGS="--from STEP --to STEP" runs a part)
@@ -49,14 +49,10 @@ for step in $steps; do
     serving) timeout ${SERVING_S:-560} python3 experiments/bench_serving.py $outdir \
                --pattern "$pattern" ${SERVING_ARGS:-} ;;
     quantized) timeout ${QUANTIZED_S:-300} python3 experiments/bench_quantized.py $outdir \
-                 ${QUANTIZED_ARGS:-} \
-               && timeout 240 python3 experiments/bench_e2e.py $outdir --pattern "$pattern" \
-                 --name e2e_capacity --policies dense lserve --decode --ttft --capacity 131072 \
-                 --allocate --precision auto/auto auto/int8 auto/fp8 auto/int8_token auto/int4 \
-                   fp8/auto fp8/int8 ;;
+                 ${QUANTIZED_ARGS:-} ;;
     precision) timeout ${PRECISION_S:-540} python3 experiments/bench_e2e.py $outdir \
                  --pattern "$pattern" --name e2e_quantized --policies dense lserve \
-                 --decode 1x65536 1x131072 4x65536 --ttft --capacity \
+                 --decode 1x65536 1x131072 4x65536 --ttft --capacity 131072 --allocate \
                  --precision auto/auto auto/int8 fp8/int8 ${PRECISION_ARGS:-} ;;
     grids) for name in ${GRIDS:-precision_n20 precision_n20_seed1}; do
              python3 experiments/run_grid.py experiments/configs/$name.toml \

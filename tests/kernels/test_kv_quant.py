@@ -174,8 +174,11 @@ def test_prefill_write_calibrates_and_matches_the_aligned_write(kind):
     ref = write_tokens_reference(*args, **kw)
     out = write_tokens(*args, **kw, aligned=True)
     for a, c in zip(jax.tree.leaves(ref), jax.tree.leaves(out)):
-        np.testing.assert_array_equal(np.asarray(a[1:], np.float32), np.asarray(c[1:],
-                                                                                np.float32))
+        # compiled for a GPU the two programs may round a code the other way (codes off by
+        # one); interpreted on the CPU they agree exactly
+        np.testing.assert_allclose(np.asarray(a[1:], np.float32), np.asarray(c[1:], np.float32),
+                                   atol=0 if INTERPRET or a.dtype != jnp.uint8 else 1,
+                                   rtol=0 if INTERPRET else 1e-6)
     if kind in kv_quant.STATIC:
         scale = np.asarray(ref[0].scale)
         assert (scale[0] == 5.0).all() and (scale[1, 1] == 5.0).all() and (scale[1, 2] == 5.0
