@@ -350,7 +350,9 @@ def main(argv: list[str] | None = None):
     configs = policies(dict.fromkeys(args.policies + [r[0] for r in listed]), args.chunk)
     if not listed:  # shape by shape, every policy next to each other (partial runs compare)
         listed = [(name, b, t, s) for s in settings for b, t in shapes for name in args.policies]
-    rows = []
+    rows: list[dict] = []
+    label = f"{args.model}, random {cfg.dtype} weights"
+    del model  # its bf16 parameters are `params` until the FP8 rows replace them
     # bf16 weights first: the FP8 rows quantize them and drop the bf16 copy
     for weights in sorted(dict.fromkeys(w for w, _ in precisions), key=lambda w: w != "auto"):
         if weights == "fp8":
@@ -359,30 +361,36 @@ def main(argv: list[str] | None = None):
             bench = Bench(cfg, params, sum(x.nbytes for x in jax.tree.leaves(params))
                           - params["embed"].nbytes, gates, facts, args.backend, args.steps,
                           args.profile, kv, args.allocate)
-            jobs = [(name, decode_row, (bench, name, configs[name], b, t, s))
-                    for name, b, t, s in listed]
-            jobs += [(name, ttft_row, (bench, name, configs[name], t, kernel))
-                     for t in args.ttft for name in args.policies
-                     for kernel in (args.prefill_kernel[:1] if name == "dense"
-                                    else args.prefill_kernel)]
-            jobs += [(name, capacity_row, (bench, name, configs[name], t))
-                     for t in args.capacity for name in args.policies]
-            for name, fn, job in jobs:
-                print(f"{time.strftime('%H:%M:%S')} {fn.__name__} {name} {weights}/{kv} ...",
-                      flush=True)
-                try:
-                    row = fn(*job)
-                except Exception as err:  # noqa: BLE001 - a row of its own; measure the rest
-                    row = {"name": f"{fn.__name__}_{name}", "policy": name, **bench.precision,
-                           "error": repr(err)[:300]}
-                rows.append(row)
-                print(row, flush=True)
-                path = benchlib.write_results(
-                    args.name, _with_baselines(rows), args.out, facts,
-                    model=f"{args.model}, random {model.config.dtype} weights",
-                    cache="random K/V + exact page statistics (decode rows)",
-                    ttft_chunk=args.chunk)
-    print("wrote", path)
+            run_jobs(bench, args, configs, listed, rows, label)
+            del bench  # nothing else may hold the parameters when FP8 replaces them
+    print("wrote", benchlib.results_dir(args.out) / f"{args.name}.json")
+
+
+def run_jobs(bench: Bench, args, configs: dict, listed: list, rows: list[dict],
+             label: str) -> None:
+    """Every row of one precision, in order (decode, TTFT, capacity), each appended to `rows`
+    and written at once; a row that raises is a row with its error."""
+    jobs = [(name, decode_row, (bench, name, configs[name], b, t, s))
+            for name, b, t, s in listed]
+    jobs += [(name, ttft_row, (bench, name, configs[name], t, kernel))
+             for t in args.ttft for name in args.policies
+             for kernel in (args.prefill_kernel[:1] if name == "dense" else args.prefill_kernel)]
+    jobs += [(name, capacity_row, (bench, name, configs[name], t))
+             for t in args.capacity for name in args.policies]
+    precision = f"{bench.cfg.weight_dtype}/{bench.kv_dtype}"
+    for name, fn, job in jobs:
+        print(f"{time.strftime('%H:%M:%S')} {fn.__name__} {name} {precision} ...", flush=True)
+        try:
+            row = fn(*job)
+        except Exception as err:  # noqa: BLE001 - a row of its own; measure the rest
+            row = {"name": f"{fn.__name__}_{name}", "policy": name, **bench.precision,
+                   "error": repr(err)[:300]}
+        rows.append(row)
+        print(row, flush=True)
+        benchlib.write_results(args.name, _with_baselines(rows), args.out, bench.facts,
+                               model=label,
+                               cache="random K/V + exact page statistics (decode rows)",
+                               ttft_chunk=args.chunk)
 
 
 def parse_precision(text: str) -> tuple[str, str]:

@@ -143,6 +143,36 @@ def plot_quantized_layer(data: dict, path: pathlib.Path) -> None:
     _save(fig, path)
 
 
+def plot_e2e_precision(data: dict, path: pathlib.Path) -> None:
+    """Per-token decode per shape (groups) for each policy x precision (bars), floors as
+    ticks; each bar labelled with its speedup over dense bf16 of the same shape."""
+    rows = [r for r in data["rows"] if r["name"].startswith("decode") and "ms" in r]
+    shapes = sorted({(r["batch"], r["context"]) for r in rows})
+    bars = list(dict.fromkeys((r["policy"], _precision(r) or "bf16") for r in rows))
+    width = 0.8 / len(bars)
+    fig, ax = plt.subplots(figsize=(2.2 * len(shapes) + 3, 4))
+    for i, (policy, precision) in enumerate(bars):
+        got = {(r["batch"], r["context"]): r for r in rows
+               if r["policy"] == policy and (_precision(r) or "bf16") == precision}
+        x = np.arange(len(shapes)) + (i - (len(bars) - 1) / 2) * width
+        ms = [got[s]["ms"] if s in got else np.nan for s in shapes]
+        ax.bar(x, ms, width, color=f"C{i}", label=f"{policy}, {precision}")
+        ax.scatter(x, [got[s]["floor_ms"] if s in got else np.nan for s in shapes],
+                   marker="_", s=120, color="k", zorder=3, label="floor" if i == 0 else None)
+        for xi, s, value in zip(x, shapes, ms):
+            base = next((r["ms"] for r in rows if (r["batch"], r["context"]) == s
+                         and r["policy"] == "dense" and not _precision(r)), None)
+            if base and value == value:
+                ax.annotate(f"{base / value:.2f}x", (xi, value), ha="center", fontsize=6,
+                            textcoords="offset points", xytext=(0, 2))
+    ax.set_xticks(range(len(shapes)), [f"B={b}, {t // 1024}K" for b, t in shapes])
+    ax.set(ylabel="ms per token", title="decode per token (labels: speedup over dense bf16)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"Llama-3-8B shape, whole engine, {_device(data)}, jax {data['jax_version']}, "
+                 f"{data['date']}", fontsize=9)
+    _save(fig, path)
+
+
 def _precision(row: dict) -> str:
     """'' for bf16 weights and cache, else 'weights W8' / 'KV int8' as the row ran."""
     parts = (["W8"] if row.get("weights") == "fp8" else []) + (
@@ -217,7 +247,7 @@ def _save(fig, path: pathlib.Path) -> None:
 
 
 PLOTS = {"decode_attention": plot_decode, "prefill_attention": plot_prefill, "e2e": plot_e2e,
-         "e2e_quantized": plot_e2e, "quantized_layer": plot_quantized_layer,
+         "e2e_quantized": plot_e2e_precision, "quantized_layer": plot_quantized_layer,
          **{f"serving_{mix}": plot_serving for mix in ("A", "B", "toy")}}
 
 
