@@ -278,11 +278,14 @@ def capacity_row(bench: Bench, name: str, sparsity: SparsityConfig, context: int
     row = {"name": f"capacity_{name}", "policy": name, **bench.precision, "context": context,
            "kv_gib_per_seq": round(per_seq / 2**30, 2), "max_batch_computed": batch}
     if bench.allocate and batch:
-        engine = Engine(bench.cfg, bench.params, sparsity,
-                        bench.cache(max_seq_len=context, max_batch=batch), bench.gates)
-        jax.block_until_ready(engine.cache)
-        row["allocated_bytes"] = sum(x.nbytes for x in jax.tree.leaves(engine.cache))
-        del engine
+        try:
+            engine = Engine(bench.cfg, bench.params, sparsity,
+                            bench.cache(max_seq_len=context, max_batch=batch), bench.gates)
+            jax.block_until_ready(engine.cache)
+            row["allocated_bytes"] = sum(x.nbytes for x in jax.tree.leaves(engine.cache))
+            del engine
+        except jax.errors.JaxRuntimeError as err:  # the computed batch did not allocate
+            row["allocation_error"] = str(err)[:200]
     return row
 
 
