@@ -1,4 +1,5 @@
 import dataclasses
+import typing
 import json
 import pathlib
 import tomllib
@@ -163,14 +164,24 @@ def test_every_experiment_config_loads(path):
         assert len(variants(exp)) == max(1, len(exp.sweep_values))  # valid under every policy
 
 
+def _sweep_kind(sweep: str) -> str:
+    """How a sweep's values are read: none, page shapes, precisions, head patterns, or a
+    SparsityConfig field's type (numbers, booleans and names each share one path)."""
+    if sweep in ("", "page_size", "precision", "head_pattern"):
+        return sweep
+    hint = typing.get_type_hints(SparsityConfig)[sweep]
+    return {int: "number", float: "number", bool: "bool"}.get(hint, "text")
+
+
 def _one_per_kind(paths):
-    """The accuracy configs, one per (swept field, last policy): configs that differ only in
-    windows, budgets or prompt counts run the same code path (the README's quickstart first)."""
+    """The accuracy configs, one per way of reading a sweep: configs that differ only in
+    which window, budget or interval they sweep, or in prompt counts, run the same code path
+    (the README's quickstart first)."""
     kinds = {}
     for path in sorted(paths, key=lambda p: p.stem != "quickstart"):
         exp = load_experiment(path)
         if exp.task == "accuracy":
-            kinds.setdefault((exp.sweep, exp.policies[-1]), path)
+            kinds.setdefault(_sweep_kind(exp.sweep), path)
     return sorted(kinds.values())
 
 
