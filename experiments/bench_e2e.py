@@ -42,7 +42,8 @@ import numpy as np
 from experiments import benchlib
 from experiments.benchlib import DeviceFacts, Setting
 from lserve_jax.attention import PagedAttention
-from lserve_jax.config import Backend, CacheConfig, ModelConfig, PrefillPath, RunConfig
+from lserve_jax.config import (WEIGHT_DTYPES, Backend, CacheConfig, ModelConfig, PrefillPath,
+                               RunConfig)
 from lserve_jax.config import SparsityConfig
 from lserve_jax.cache.allocator import kv_bytes_per_token
 from lserve_jax.engine import Engine, steps
@@ -398,9 +399,9 @@ def run_jobs(bench: Bench, args, configs: dict, listed: list, rows: list[dict],
 
 def parse_precision(text: str) -> tuple[str, str]:
     weights, _, kv = text.partition("/")
-    if weights not in ("auto", "fp8") or kv not in kv_quant.KV_FORMATS:
-        raise SystemExit(f"--precision {text!r}: write WEIGHTS/KV, WEIGHTS auto or fp8, KV one "
-                         f"of {kv_quant.KV_FORMATS}, e.g. fp8/int8")
+    if weights not in WEIGHT_DTYPES or kv not in kv_quant.KV_FORMATS:
+        raise SystemExit(f"--precision {text!r}: write WEIGHTS/KV, WEIGHTS one of "
+                         f"{WEIGHT_DTYPES}, KV one of {kv_quant.KV_FORMATS}, e.g. fp8/int8")
     return weights, kv
 
 

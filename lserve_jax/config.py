@@ -24,6 +24,7 @@ Policy = Literal["dense", "streaming", "duo", "quest", "lserve"]
 Granularity = Literal["query_head", "kv_head"]
 KVDtype = Literal["auto", "int8", "fp8", "int8_token", "int4"]
 WeightDtype = Literal["auto", "fp8"]
+WEIGHT_DTYPES: tuple[str, ...] = typing.get_args(WeightDtype)
 
 POLICIES: tuple[str, ...] = ("dense", "streaming", "duo", "quest", "lserve")
 
@@ -129,7 +130,7 @@ class ModelConfig:
                  "must be even (RoPE rotates pairs of channels)")
         _require(self.rope_theta > 0, "ModelConfig.rope_theta", self.rope_theta, "must be > 0")
         _one_of(self, "dtype", ("float32", "bfloat16"))
-        _one_of(self, "weight_dtype", ("auto", "fp8"))
+        _one_of(self, "weight_dtype", WEIGHT_DTYPES)
 
     @property
     def group_size(self) -> int:

@@ -35,12 +35,10 @@ class LLM:
                  prefill_path: PrefillPath | str = PrefillPath.windowed,
                  tuning: KernelTuning = KernelTuning(), seed: int = 0,
                  weight_dtype: WeightDtype = "auto"):
-        if isinstance(model, str):
-            model = load_model(model, seed, weight_dtype)
-        elif weight_dtype != "auto":
+        if not isinstance(model, str) and weight_dtype != "auto":
             raise ValueError("weight_dtype applies when LLM loads the model: pass a name or "
                              "directory, or load it with load_model(..., weight_dtype)")
-        self.model = model
+        self.model = load_model(model, seed, weight_dtype) if isinstance(model, str) else model
         self.name = model if isinstance(model, str) else "model"
         self.engine = Engine.for_model(self.model, sparsity, cache, scheduler=scheduler,
                                        backend=Backend(backend),

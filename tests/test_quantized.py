@@ -131,3 +131,18 @@ def test_static_scales_are_per_request(kv_dtype):
         assert (per_row == per_row[..., :1]).all()
     else:
         assert (per_row != per_row[..., :1]).any()
+
+
+def test_kv_dtype_names_agree_and_bad_ones_are_named():
+    from typing import get_args
+
+    from lserve_jax.config import KVDtype
+    from pallas_kernels.kv_quant import KV_FORMATS
+
+    assert get_args(KVDtype) == KV_FORMATS
+    with pytest.raises(ValueError, match="CacheConfig.kv_dtype"):
+        CacheConfig(kv_dtype="int3")
+    with pytest.raises(ValueError, match="ModelConfig.weight_dtype"):
+        ModelConfig(weight_dtype="int8")
+    with pytest.raises(ValueError, match="weight_dtype"):
+        load_model("tiny", weight_dtype="fp4")

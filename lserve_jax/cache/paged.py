@@ -23,7 +23,8 @@ from pallas_kernels.layout import TRASH_PAGE
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    """Paged KV cache plus the decode-time page-selection state (all arrays; no static fields)."""
+    """Paged KV cache plus the decode-time page-selection state: arrays, and a quantized pool's
+    format as static pytree metadata (`QuantizedPool.kind`)."""
 
     k: jax.Array | QuantizedPool  # [P, Np, H]: key pages of every (layer, KV head), in the
     #                                model's dtype or quantized (`kv_quant`); page 0 is trash

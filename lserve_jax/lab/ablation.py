@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from lserve_jax.config import (CacheConfig, SchedulerConfig, SparsityConfig, WeightDtype,
+from lserve_jax.config import (WEIGHT_DTYPES, CacheConfig, SchedulerConfig, SparsityConfig,
                                page_shape)
 from lserve_jax.engine import Engine
 from lserve_jax.sampling import SamplingParams
@@ -29,8 +29,8 @@ from lserve_jax.lab.experiment import ExperimentConfig
 from lserve_jax.lab.report import markdown_table, provenance
 from lserve_jax.model import LoadedModel, load_model
 from lserve_jax.sparsity.heads import policy_gates
-from pallas_kernels.kv_quant import KV_FORMATS
 from lserve_jax.sparsity.policy import attended_tokens
+from pallas_kernels.kv_quant import KV_FORMATS
 
 NO_SWEEP = "-"  # the variant label of a run without a sweep
 PRECISION = "precision"  # the sweep over "WEIGHTS/KV" dtypes, e.g. "fp8/int8"
@@ -42,10 +42,10 @@ def precision(exp: ExperimentConfig, label: str) -> tuple[str, str]:
     if exp.sweep != PRECISION:
         return exp.weight_dtype, exp.cache.kv_dtype
     weights, _, kv = label.partition("/")
-    if weights not in typing.get_args(WeightDtype) or kv not in KV_FORMATS:
+    if weights not in WEIGHT_DTYPES or kv not in KV_FORMATS:
         raise ValueError(f"ExperimentConfig.sweep_values: {label!r} is not a precision: write "
-                         f"WEIGHTS/KV, WEIGHTS one of {typing.get_args(WeightDtype)} and KV one "
-                         f"of {KV_FORMATS} (e.g. 'fp8/int8')")
+                         f"WEIGHTS/KV, WEIGHTS one of {WEIGHT_DTYPES} and KV one of "
+                         f"{KV_FORMATS} (e.g. 'fp8/int8')")
     return weights, kv
 
 
@@ -76,8 +76,9 @@ def variants(exp: ExperimentConfig) -> list[tuple[str, SparsityConfig]]:
     if not exp.sweep:
         return [(NO_SWEEP, exp.sparsity)]
     if exp.sweep == PRECISION:
-        return [(value, exp.sparsity) for value in exp.sweep_values
-                if precision(exp, value)]  # each value parsed: a bad one fails here
+        for value in exp.sweep_values:  # each value parsed: a bad one fails here
+            precision(exp, value)
+        return [(value, exp.sparsity) for value in exp.sweep_values]
     out = []
     for value in exp.sweep_values:
         override = sweep_override(exp.sweep, value)

@@ -8,8 +8,9 @@ import pathlib
 import tomllib
 from typing import Literal
 
-from lserve_jax.config import (POLICIES, CacheConfig, Policy, RunConfig, SparsityConfig,
-                               WeightDtype, _one_of, _positive, _require, from_dict)
+from lserve_jax.config import (POLICIES, WEIGHT_DTYPES, CacheConfig, Policy, RunConfig,
+                               SparsityConfig, WeightDtype, _one_of, _positive, _require,
+                               from_dict)
 from lserve_jax.lab.tasks import TASKS
 
 
@@ -65,7 +66,7 @@ class ExperimentConfig:
         _require(self.sweep in ("", "precision", *knobs), "ExperimentConfig.sweep", self.sweep,
                  "leave it empty, say 'precision' or name a SparsityConfig field: one of "
                  f"{knobs} (policies are listed in ExperimentConfig.policies)")
-        _one_of(self, "weight_dtype", ("auto", "fp8"))
+        _one_of(self, "weight_dtype", WEIGHT_DTYPES)
         _require(bool(values) == bool(self.sweep), "ExperimentConfig.sweep_values", values,
                  "give one or more values when sweep is set, and none when it is not")
 

@@ -8,7 +8,7 @@ import pathlib
 
 import jax
 
-from lserve_jax.config import MODEL_PRESETS, ModelConfig, WeightDtype
+from lserve_jax.config import MODEL_PRESETS, WEIGHT_DTYPES, ModelConfig, WeightDtype
 
 ASSETS = pathlib.Path(__file__).parent.parent / "assets"
 # project-trained models, loaded by name (orbax checkpoint + DuoAttention pattern)
@@ -32,9 +32,9 @@ def load_model(name: str, seed: int = 0, weight_dtype: WeightDtype = "auto") -> 
     model = _load(name, seed)
     if weight_dtype == "auto":
         return model
-    if weight_dtype != "fp8":
-        raise ValueError(f"weight_dtype={weight_dtype!r} is invalid: choose 'auto' (the "
-                         "checkpoint's dtype) or 'fp8'")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype={weight_dtype!r} is invalid: choose one of "
+                         f"{WEIGHT_DTYPES} ('auto': the checkpoint's dtype)")
     from lserve_jax.model.quant import quantize_params
 
     return dataclasses.replace(model, **dict(zip(("config", "params"), quantize_params(

@@ -156,9 +156,8 @@ def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
     """Random parameters (normal(0.02) weights, unit norms) without running the model; with
     FP8 weights, the same weights quantized."""
     if cfg.weight_dtype == "fp8":
-        return quantize_params(dataclasses.replace(cfg, weight_dtype="auto"),
-                               init_params(dataclasses.replace(cfg, weight_dtype="auto"),
-                                           key))[1]
+        plain = dataclasses.replace(cfg, weight_dtype="auto")
+        return quantize_params(plain, init_params(plain, key))[1]
     model = Llama(cfg)
     shapes = jax.eval_shape(lambda: model.init(
         key, *example_inputs(cfg, model.attention.sparsity)))["params"]

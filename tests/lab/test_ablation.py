@@ -259,3 +259,9 @@ def test_every_prompt_of_a_grid_has_its_own_world():
     again = ablation.token_probes("passkey", 300, 1, exp)
     want = make_sample("passkey", 300, 0.5, probe_seed(exp.run.seed, 3, 1, 2, 1))
     assert again[1].prompt == want.prompt.tolist()
+
+
+def test_a_bad_precision_value_is_named():
+    exp = dataclasses.replace(SMALL, sweep="precision", sweep_values=("fp8/int8", "fp8/int3"))
+    with pytest.raises(ValueError, match="'fp8/int3' is not a precision"):
+        variants(exp)
