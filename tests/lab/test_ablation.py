@@ -1,5 +1,4 @@
 import dataclasses
-import typing
 import json
 import pathlib
 import tomllib
@@ -165,18 +164,15 @@ def test_every_experiment_config_loads(path):
 
 
 def _sweep_kind(sweep: str) -> str:
-    """How a sweep's values are read: none, page shapes, precisions, head patterns, or a
-    SparsityConfig field's type (numbers, booleans and names each share one path)."""
-    if sweep in ("", "page_size", "precision", "head_pattern"):
-        return sweep
-    hint = typing.get_type_hints(SparsityConfig)[sweep]
-    return {int: "number", float: "number", bool: "bool"}.get(hint, "text")
+    """How a grid runs its variants: no sweep; a SparsityConfig field (every field's values are
+    parsed by test_every_experiment_config_loads, and run alike); head patterns (gates per
+    variant); precisions (a model and a KV format per variant)."""
+    return sweep if sweep in ("", "precision", "head_pattern") else "field"
 
 
 def _one_per_kind(paths):
-    """The accuracy configs, one per way of reading a sweep: configs that differ only in
-    which window, budget or interval they sweep, or in prompt counts, run the same code path
-    (the README's quickstart first)."""
+    """The accuracy configs, one per way a grid runs its variants (the README's quickstart
+    first)."""
     kinds = {}
     for path in sorted(paths, key=lambda p: p.stem != "quickstart"):
         exp = load_experiment(path)
