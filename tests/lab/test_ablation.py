@@ -42,6 +42,7 @@ def sweep_rows():
     return run_accuracy(SWEEP)
 
 
+@pytest.mark.xdist_group("accuracy_rows")  # one worker computes the grids once
 def test_one_row_per_cell(rows):
     cells = {(r["policy"], r["variant"], r["task"], r["context"], r["depth"]) for r in rows}
     assert len(rows) == len(cells) == 2 * 2 * 2 * 2
@@ -52,6 +53,7 @@ def test_one_row_per_cell(rows):
     assert at[("lserve", 320)]["kv_kib_per_seq"] < at[("dense", 320)]["kv_kib_per_seq"]
 
 
+@pytest.mark.xdist_group("accuracy_rows")  # one worker computes the grids once
 def test_sweep_gives_rows_per_value(sweep_rows):
     assert [r["variant"] for r in sweep_rows] == ["4", "4", "1", "1"]  # 2 depths each
 
@@ -111,6 +113,7 @@ def test_refused_prompt_is_an_error_not_a_miss(monkeypatch):
         run_accuracy(exp)
 
 
+@pytest.mark.xdist_group("accuracy_rows")  # one worker computes the grids once
 def test_write_accuracy(tmp_path, rows, sweep_rows, capsys):
     paths = write_accuracy(SMALL, rows, tmp_path / "plain")
     written = json.loads(paths[0].read_text())
@@ -163,21 +166,16 @@ def test_every_experiment_config_loads(path):
         assert len(variants(exp)) == max(1, len(exp.sweep_values))  # valid under every policy
 
 
-def _sweep_kind(sweep: str) -> str:
-    """How a grid runs its variants: no sweep; a SparsityConfig field (every field's values are
-    parsed by test_every_experiment_config_loads, and run alike); head patterns (gates per
-    variant); precisions (a model and a KV format per variant)."""
-    return sweep if sweep in ("", "precision", "head_pattern") else "field"
-
-
 def _one_per_kind(paths):
-    """The accuracy configs, one per way a grid runs its variants (the README's quickstart
-    first)."""
+    """The accuracy configs, one per way a grid runs its variants: no sweep (the README's
+    quickstart), head patterns (gates per variant), precisions (a model and a KV format per
+    variant). A SparsityConfig sweep runs end to end in test_sweep_gives_rows_per_value, and
+    every config's values are parsed by test_every_experiment_config_loads."""
     kinds = {}
     for path in sorted(paths, key=lambda p: p.stem != "quickstart"):
         exp = load_experiment(path)
-        if exp.task == "accuracy":
-            kinds.setdefault(_sweep_kind(exp.sweep), path)
+        if exp.task == "accuracy" and exp.sweep in ("", "precision", "head_pattern"):
+            kinds.setdefault(exp.sweep, path)
     return sorted(kinds.values())
 
 
