@@ -104,15 +104,14 @@ def fill(engine: Engine, batch: int, context: int, key) -> None:
         table[row] = engine.pages.reserve(engine.cache_cfg.max_seq_len)[0]
     cache = engine.cache
     k, v, kmin, kmax = _randomise(cache.k, cache.v, cache.kmin, cache.kmax, key,
-                                  engine.sparsity.dynamic, cache.k.scale.shape[0]
-                                  if cache.kv_dtype in kv_quant.STATIC else 0)
+                                  engine.sparsity.dynamic)
     engine.cache = dataclasses.replace(
         cache, k=k, v=v, kmin=kmin, kmax=kmax, page_table=jnp.asarray(table),
         lengths=jnp.full((cache.lengths.shape[0],), context, jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6), donate_argnums=(0, 1, 2, 3))
-def _randomise(k, v, kmin, kmax, key, stats: bool, static_layers: int):
+@functools.partial(jax.jit, static_argnums=(5,), donate_argnums=(0, 1, 2, 3))
+def _randomise(k, v, kmin, kmax, key, stats: bool):
     """Fills the pools in place, 8192 pages at a time (a whole-pool random draw would need
     several pools of temporaries), with each page's exact min/max when `stats`. Quantized
     pools get the codes of the random values (a static format: under a scale of 4 / qmax per
@@ -149,7 +148,6 @@ def _randomise(k, v, kmin, kmax, key, stats: bool, static_layers: int):
             kmax = jax.lax.dynamic_update_slice(kmax, rows.max(axis=2), (start, 0, 0))
         return k, v, kmin, kmax
 
-    del static_layers
     return jax.lax.fori_loop(0, -(-pages // chunk), body, (k, v, kmin, kmax))
 
 

@@ -40,10 +40,6 @@ class KVCache:
     def max_pages(self) -> int:
         return self.page_table.shape[-1]
 
-    @property
-    def kv_dtype(self) -> str:
-        return pool_kind(self.k)
-
     def rows(self, slots: jax.Array) -> KVCache:
         """The cache seen through rows `slots` [P] (a slot >= B reads as an empty row): the
         pools are shared, the per-row state gathered."""
