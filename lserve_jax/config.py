@@ -244,6 +244,10 @@ class SparsityConfig:
     logical_page_size: int = 16  # N_L: tokens per page-statistics slot; divides page_size
     token_budget: int = 4096  # B_tok: decode tokens a retrieval head attends to
     reuse_interval: int = 4  # R: decode steps between page re-selections
+    # between reruns a retrieval head also attends to the page that was current when it
+    # selected (its anchor page); False drops that page once decoding moves past it, until the
+    # next rerun (a blind spot of up to R - 1 steps on the most recent tokens)
+    reuse_anchor: bool = True
     prefill_sink: int = 128
     prefill_local: int = 8192
     decode_sink: int = 128
@@ -256,6 +260,12 @@ class SparsityConfig:
     selection_granularity: Granularity = "query_head"
     group_reduction: Literal["sum", "max"] = "sum"  # kv_head granularity: combine G heads' scores
     dense_layers: int = 0  # the first layers run dense whatever the policy (Quest: 2)
+    # adaptive budget (top-p over pages): a retrieval head keeps the fewest pages whose share of
+    # the estimated attention mass (a softmax over the page score bounds, the current page
+    # counted) reaches adaptive_p, at most the token budget's and at least adaptive_floor
+    # pages; 1.0 keeps the fixed top-k of token_budget
+    adaptive_p: float = 1.0
+    adaptive_floor: int = 1
     # prompts longer than this are prefilled chunk by chunk (0: never). Streaming heads then
     # keep prefill_local + prefill_chunk tokens of ring, so that every chunk sees exactly the
     # window an unchunked prefill sees.
@@ -280,6 +290,13 @@ class SparsityConfig:
         _require(self.token_budget % self.page_size == 0, "SparsityConfig.token_budget",
                  self.token_budget, f"must be a multiple of page_size={self.page_size}, e.g. "
                  f"{max(1, round(self.token_budget / self.page_size)) * self.page_size}")
+        _require(0.0 < self.adaptive_p <= 1.0, "SparsityConfig.adaptive_p", self.adaptive_p,
+                 "must lie in (0, 1] (1.0: a fixed budget of token_budget)")
+        _require(isinstance(self.adaptive_floor, int)
+                 and 1 <= self.adaptive_floor <= self.budget_pages - 1,
+                 "SparsityConfig.adaptive_floor", self.adaptive_floor,
+                 f"must lie in [1, {self.budget_pages - 1}] (pages selected besides the current "
+                 "one; the token budget allows that many)")
         _require(0.0 <= self.static_sparsity <= 1.0, "SparsityConfig.static_sparsity",
                  self.static_sparsity, "must lie in [0, 1]")
         _require(self.prefill_chunk % self.page_size == 0, "SparsityConfig.prefill_chunk",

@@ -78,10 +78,10 @@ class Kernels:
         scores = page_scores_reference(qg, cache.kmin, cache.kmax, cache.page_table, lengths,
                                        modes, layer=layer, page_size=sparsity.page_size,
                                        group_reduce=selector.group_reduce(sparsity))
-        return select_pages_reference(scores, lengths, modes[layer], k=sparsity.budget_pages - 1,
+        return select_pages_reference(scores, lengths, modes[layer],
                                       width=cache.selected.shape[-1],
                                       page_size=sparsity.page_size,
-                                      keep_sink_page=sparsity.keep_sink_page)
+                                      **selector.select_kwargs(sparsity, qg.shape[3], qg.shape[2]))
 
     def decode(self, qg, groups: int, cache: KVCache, lengths, modes, layer: int,
                sparsity: SparsityConfig):
@@ -153,11 +153,11 @@ class Pallas(Kernels):
 
     def select(self, qg, cache, lengths, modes, layer, sparsity):
         return select_pages(qg, cache.kmin, cache.kmax, cache.page_table, lengths, modes,
-                            layer=layer, k=sparsity.budget_pages - 1,
-                            width=cache.selected.shape[-1], page_size=sparsity.page_size,
+                            layer=layer, width=cache.selected.shape[-1],
+                            page_size=sparsity.page_size,
                             group_reduce=selector.group_reduce(sparsity),
-                            keep_sink_page=sparsity.keep_sink_page, tuning=self.tuning.select,
-                            interpret=self.interpret)
+                            tuning=self.tuning.select, interpret=self.interpret,
+                            **selector.select_kwargs(sparsity, qg.shape[3], qg.shape[2]))
 
     def decode(self, qg, groups, cache, lengths, modes, layer, sparsity):
         return sparse_decode(qg, *_decode_args(cache, lengths, modes),

@@ -59,14 +59,16 @@ def list_width(sparsity: SparsityConfig, max_pages: int) -> int:
     may_be_dense = sparsity.policy in ("dense", "duo") or sparsity.dense_layers > 0
     if may_be_dense:
         return max_pages
-    select = sparsity.budget_pages if sparsity.dynamic else 0
+    anchored = sparsity.reuse_anchor and sparsity.reuse_interval > 1
+    select = sparsity.budget_pages + anchored if sparsity.dynamic else 0
     stream = sparsity.window_pages if sparsity.policy in ("streaming", "lserve") else 0
     return min(max_pages, max(select, stream))
 
 
 def attended_tokens(modes: np.ndarray, n_tokens: int, sparsity: SparsityConfig) -> float:
     """Mean keys one decode query attends to per (layer, KV head) at context `n_tokens`
-    (the current token included), as the page lists of `pages.decode_lists` give them."""
+    (the current token included) at a step that selects, with the fixed budget (an anchored
+    selection adds a page on the steps after a page crossing; the adaptive budget fewer)."""
     n_p = sparsity.page_size
     n_pages = -(-n_tokens // n_p)
     stream = min(n_tokens, sparsity.decode_sink + sparsity.decode_local + 1)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from pallas_kernels._compat import check_power_of_two, layer_operand, next_power_of_two
 from pallas_kernels.page_select.kernel import ScoreBlocks, SelectTuning, score_pages, top_pages
+from pallas_kernels.page_select.reference import trim_to_mass, with_anchor
 
 
 def _scores(q, kmin, kmax, table, lengths, modes, layer, group_reduce, page_size, blocks,
@@ -50,8 +51,8 @@ def page_scores(q, kmin, kmax, table, lengths, modes, *, layer: int, page_size: 
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "k", "width", "page_size",
-                                             "group_reduce", "keep_sink_page", "blocks",
-                                             "tuning", "interpret"))
+                                             "group_reduce", "keep_sink_page", "anchor", "p",
+                                             "floor", "scale", "blocks", "tuning", "interpret"))
 def select_pages(
     q: jax.Array,  # [B, K, G, H]
     kmin: jax.Array,  # [P, Np/Nl, H]
@@ -66,6 +67,10 @@ def select_pages(
     page_size: int,
     group_reduce: str = "none",
     keep_sink_page: bool = False,
+    anchor: bool = False,
+    p: float = 1.0,
+    floor: int = 1,
+    scale: float = 1.0,
     blocks: ScoreBlocks | None = None,
     tuning: SelectTuning = SelectTuning(),
     interpret: bool = False,
@@ -75,16 +80,22 @@ def select_pages(
     for heads whose mode is not SELECT (nothing of theirs is read). Scores and top-k are two
     kernels; no sort runs. `blocks` tiles the score kernel (default: ScoreBlocks.for_shape
     at tuning.target_programs); the top-k finds the k-th best score tuning.radix_bits bits a
-    pass."""
-    if not 0 < k <= width:
-        raise ValueError(f"k={k} must lie in (0, width={width}]")
+    pass. p < 1 (the adaptive budget) and `anchor` post-process the k pages in jnp as the
+    reference does (`trim_to_mass`, `with_anchor`)."""
+    if not 0 < k + anchor <= width:
+        raise ValueError(f"k={k} (+1 with anchor={anchor}) must lie in (0, width={width}]")
     check_power_of_two("select_pages", width=width)
     scores = _scores(q, kmin, kmax, table, lengths, modes, layer, group_reduce, page_size,
                      blocks, width, tuning.target_programs, interpret)
-    return top_pages(scores, lengths.astype(jnp.int32), modes.astype(jnp.int32),
-                     layer_operand(layer),
-                     groups=q.shape[2] if group_reduce == "none" else 1, k=k, width=width,
-                     page_size=page_size, keep_sink_page=keep_sink_page,
-                     radix_bits=tuning.radix_bits,
-                     chunk=min(scores.shape[-1], tuning.topk_chunk >> tuning.radix_bits),
-                     num_warps=tuning.topk_warps, interpret=interpret)
+    chosen = top_pages(scores, lengths.astype(jnp.int32), modes.astype(jnp.int32),
+                       layer_operand(layer),
+                       groups=q.shape[2] if group_reduce == "none" else 1, k=k, width=width,
+                       page_size=page_size, keep_sink_page=keep_sink_page,
+                       radix_bits=tuning.radix_bits,
+                       chunk=min(scores.shape[-1], tuning.topk_chunk >> tuning.radix_bits),
+                       num_warps=tuning.topk_warps, interpret=interpret)
+    if p < 1.0:
+        gs = chosen.shape[2]
+        chosen = trim_to_mass(chosen, scores[:, :, :gs], lengths, page_size=page_size, p=p,
+                              floor=floor, scale=scale, keep_sink_page=keep_sink_page)
+    return with_anchor(chosen, lengths, modes[layer], page_size=page_size) if anchor else chosen

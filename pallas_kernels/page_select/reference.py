@@ -63,10 +63,16 @@ def select_pages_reference(
     width: int,
     page_size: int,
     keep_sink_page: bool,
+    anchor: bool = False,
+    p: float = 1.0,
+    floor: int = 1,
+    scale: float = 1.0,
 ) -> jax.Array:
     """[B, K, Gs, width] int32: the k best pages among 0 .. n_pages-2 (the current page is kept
     apart) in ascending page order, then -1; all -1 for heads whose mode is not SELECT. With
-    keep_sink_page page 0 is always chosen. Ties go to the lower page."""
+    keep_sink_page page 0 is always chosen. Ties go to the lower page. p < 1 keeps only the
+    fewest of them that reach mass p (`trim_to_mass`); `anchor` lists the current page after
+    them (`with_anchor`)."""
     n_pages = (lengths + page_size - 1) // page_size
     page = jnp.arange(scores.shape[-1])
     valid = ((page[None, :] < (n_pages - 1)[:, None])[:, None, None]
@@ -79,4 +85,50 @@ def select_pages_reference(
     chosen = jnp.sort(chosen, axis=-1)
     chosen = jnp.where(chosen < scores.shape[-1], chosen, -1)
     pad = width - chosen.shape[-1]
-    return jnp.pad(chosen, ((0, 0),) * 3 + ((0, pad),), constant_values=-1).astype(jnp.int32)
+    chosen = jnp.pad(chosen, ((0, 0),) * 3 + ((0, pad),), constant_values=-1).astype(jnp.int32)
+    if p < 1.0:
+        chosen = trim_to_mass(chosen, scores, lengths, page_size=page_size, p=p, floor=floor,
+                              scale=scale, keep_sink_page=keep_sink_page)
+    return with_anchor(chosen, lengths, modes, page_size=page_size) if anchor else chosen
+
+
+def trim_to_mass(chosen: jax.Array, scores: jax.Array, lengths: jax.Array, *, page_size: int,
+                 p: float, floor: int, scale: float, keep_sink_page: bool = False
+                 ) -> jax.Array:
+    """The adaptive budget (top-p over pages). chosen: [B, K, Gs, W] ascending pages, -1 padded;
+    scores: [B, K, Gs, M'] page score bounds. The estimated attention mass of a page is its share
+    of softmax(scale * scores) over the pages the row holds; the current page is always attended
+    and counts first. Keeps the fewest chosen pages, best first, whose mass with the current
+    page's reaches p, and at least `floor` of them (all when fewer are chosen); ascending, -1
+    padded. With keep_sink_page page 0, when chosen, ranks first."""
+    n_pages = (lengths + page_size - 1) // page_size
+    held = (jnp.arange(scores.shape[-1]) < n_pages[:, None])[:, None, None]
+    logits = jnp.where(held, scores.astype(jnp.float32) * scale, -jnp.inf)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    current = jnp.take_along_axis(logits, jnp.broadcast_to(
+        (n_pages - 1)[:, None, None, None], logits.shape[:-1] + (1,)), axis=-1)
+    listed = chosen >= 0
+    own = jnp.take_along_axis(logits, jnp.maximum(chosen, 0), axis=-1)
+    own = jnp.where(listed, own, -jnp.inf)
+    first = (chosen == 0) & keep_sink_page
+    order = jnp.argsort(-jnp.where(first, jnp.inf, own), axis=-1, stable=True)  # ties: lower page
+    mass = jnp.exp(jnp.take_along_axis(own, order, axis=-1) - lse)
+    before = jnp.exp(current - lse) + jnp.cumsum(mass, axis=-1) - mass
+    keep = jnp.maximum(jnp.sum((before < p) & jnp.isfinite(before), axis=-1), floor)
+    rank = jnp.argsort(order, axis=-1)  # each entry's place in the best-first order
+    kept = listed & (rank < keep[..., None])
+    big = jnp.iinfo(jnp.int32).max
+    kept = jnp.sort(jnp.where(kept, chosen, big), axis=-1)
+    return jnp.where(kept == big, -1, kept).astype(jnp.int32)
+
+
+def with_anchor(chosen: jax.Array, lengths: jax.Array, modes: jax.Array, *,
+                page_size: int) -> jax.Array:
+    """chosen [B, K, Gs, W] (ascending, -1 padded, fewer than W entries) with the current page
+    listed after the selected ones for SELECT heads: the page stays in the selection's list
+    when later steps reuse it (`sparse_decode` then attends to it and to the page current at
+    that step, once when they are the same)."""
+    n_pages = (lengths + page_size - 1) // page_size
+    n_sel = jnp.sum(chosen >= 0, axis=-1, keepdims=True)
+    slot = (jnp.arange(chosen.shape[-1]) == n_sel) & (modes == SELECT)[None, :, None, None]
+    return jnp.where(slot, (n_pages - 1)[:, None, None, None], chosen).astype(jnp.int32)

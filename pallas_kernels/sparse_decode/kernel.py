@@ -2,7 +2,8 @@
 
 One program per (row b, KV head k, selection list gs, key split). The program derives its page
 list itself from the head's mode (DENSE: pages 0..n-1; STREAM: sink pages + window pages;
-SELECT: its selected pages + the current page, or every page while the row fits the budget),
+SELECT: its selected pages + the current page (once), or every page while the row fits the
+budget),
 so no list is materialised between kernels. It walks its share of the list `pages_per_block`
 pages at a time, gathering whole pages of the shared pool by physical id, and keeps an f32
 online-softmax partial (o, m, l) for all G query heads of the KV head at once: a page loaded
@@ -130,6 +131,9 @@ def _decode_kernel(
     streaming = mode == STREAM
     sparse = (mode == SELECT) & (n_pages > budget_pages)
     n_sel = jnp.sum((sel_ref[layer, b, kh, g, pl.ds(0, width)] >= 0).astype(jnp.int32))
+    # an anchored selection ends with the page current when it was made: listed once
+    last = sel_ref[layer, b, kh, g, jnp.maximum(n_sel - 1, 0)]
+    n_sel = jnp.where((n_sel > 0) & (last == n_pages - 1), n_sel - 1, n_sel)
     n_sink = jnp.minimum(sinks, n_pages)
     first = jnp.minimum(jnp.maximum((t - local) // n_p, sinks), n_pages)
     count = jnp.where(sparse, n_sel + 1, jnp.where(streaming, n_sink + n_pages - first, n_pages))

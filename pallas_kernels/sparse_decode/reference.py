@@ -4,7 +4,9 @@ Which pages a head attends to is decided by its mode (data, [L, K] int):
 - DENSE: every page the row holds.
 - STREAM: the sink pages, then the pages overlapping the local window [t - local, t].
 - SELECT: every page while the row holds at most `budget_pages` pages; otherwise the pages of
-  its selection (`selected`, -1 padded) plus the current page.
+  its selection (`selected`, -1 padded) plus the current page, listed once: a selection that
+  ends with the current page (an anchored selection, `page_select.reference.with_anchor`, at
+  the step that made it) adds nothing.
 Masks are token-exact: a streaming head sees positions p < sink or p >= t - local; every head
 sees only p <= t (t = the current token's position, the last one held). Quantized pools
 (`kv_quant`) are dequantized to f32 first. Computed in f32 at highest precision; rounds once, to
@@ -33,8 +35,10 @@ def decode_page_lists(selected: jax.Array, lengths: jax.Array, modes: jax.Array,
     first = jnp.clip((lengths - 1 - local) // page_size, sink_pages, n_pages)
     s_pages = jnp.where(i < sink[:, None], i, first[:, None] + i - sink[:, None])  # [B, S]
     s_count = sink + n_pages - first
-    # SELECT beyond the budget: the selection, then the current page
+    # SELECT beyond the budget: the selection, then the current page unless it ends the list
     n_sel = jnp.sum(selected >= 0, axis=-1)  # [B, K, Gs]
+    last = jnp.take_along_axis(selected, jnp.maximum(n_sel - 1, 0)[..., None], axis=-1)[..., 0]
+    n_sel = jnp.where((n_sel > 0) & (last == (n_pages - 1)[:, None, None]), n_sel - 1, n_sel)
     picked = jnp.pad(selected, ((0, 0),) * 3 + ((0, max(0, width - selected.shape[-1])),))
     sel_pages = jnp.where(i < n_sel[..., None], picked[..., :width],
                           (n_pages - 1)[:, None, None, None])

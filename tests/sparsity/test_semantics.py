@@ -186,6 +186,24 @@ def test_selection_reruns_every_r_steps():
     assert np.abs(fourth[:, reused] - every[:, reused]).max() > 1e-4  # reuse is not a no-op
 
 
+def test_anchor_changes_only_the_steps_after_a_page_crossing():
+    """With R = 4, the anchored and the unanchored rule give the same logits except at the steps
+    whose page differs from the one current at their selection: there the unanchored rule has
+    dropped that page. One layer, so that both runs hold the same keys."""
+    cfg = dataclasses.replace(CFG, n_layers=1)
+    tokens = jax.random.randint(jax.random.key(3), (2, 90), 0, CFG.vocab_size)
+    anchored = teacher_forced(BASE, tokens, 42, cfg)
+    dropped = teacher_forced(dataclasses.replace(BASE, reuse_anchor=False), tokens, 42, cfg)
+    steps = np.arange(48)
+    pos = 42 + steps  # selections at 42, 46, ...: those at 6 mod 8 cross a page 2 steps later
+    crossed = pos // BASE.page_size != (pos - steps % 4) // BASE.page_size
+    assert crossed.sum() == 12
+    # logits at position t come from the step that decodes token t (the step's query is t)
+    same, moved = pos[~crossed], pos[crossed]
+    np.testing.assert_allclose(anchored[:, same], dropped[:, same], atol=1e-6, rtol=0)
+    assert (np.abs(anchored[:, moved] - dropped[:, moved]).max(axis=-1) > 1e-5).all()
+
+
 def test_policies_are_data_outside_sparsity():
     """No module outside sparsity/ (and the config that defines them) branches on a policy
     name: switching policy changes the mode table and page lists, not the code path."""
