@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from experiments import benchlib
 from experiments.benchlib import DeviceFacts
 from lserve_jax.config import SparsityConfig
-from lserve_jax.sparsity.pages import group_reduce
-from lserve_jax.sparsity.policy import DENSE, SELECT, STREAM
+from lserve_jax.sparsity.pages import group_reduce, select_kwargs
+from lserve_jax.sparsity.policy import DENSE, SELECT, STREAM, list_width
 from pallas_kernels.page_select.api import select_pages
 from pallas_kernels.page_select.kernel import ScoreBlocks, SelectTuning
 from pallas_kernels.sparse_decode.api import sparse_decode
@@ -97,7 +97,8 @@ def sparse_rows(name, sparsity, modes, b, t, reps, iters, key, dense_ms, facts: 
     interpret = not ON_GPU
     kw = dict(layer=0, sink=sparsity.decode_sink, local=sparsity.decode_local,
               budget_pages=sparsity.budget_pages, interpret=interpret,
-              max_listed=max(sparsity.budget_pages, sparsity.stream_pages))
+              max_listed=max(list_width(sparsity, t // sparsity.page_size),
+                             sparsity.stream_pages))
     select = selector(sparsity)
 
     def attend(q, k_pool, v_pool, table, selected, lengths, modes):
@@ -139,9 +140,9 @@ def selector(sparsity, blocks=None, tuning=SelectTuning()):
     """select_pages of one layer under `sparsity`: (q, kmin, kmax, table, lengths, modes)."""
     def select(q, kmin, kmax, table, lengths, modes):
         return select_pages(q, kmin, kmax, table, lengths, modes, layer=0,
-                            k=sparsity.budget_pages - 1, width=sparsity.selection_width,
-                            page_size=sparsity.page_size, group_reduce=group_reduce(sparsity),
-                            blocks=blocks, tuning=tuning, interpret=not ON_GPU)
+                            width=sparsity.selection_width, page_size=sparsity.page_size,
+                            group_reduce=group_reduce(sparsity), blocks=blocks, tuning=tuning,
+                            interpret=not ON_GPU, **select_kwargs(sparsity, HEAD_DIM, G))
     return select
 
 
