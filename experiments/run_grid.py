@@ -7,7 +7,9 @@ cells it finished (its partial JSON); the merged file says which parts were part
 
     python experiments/run_grid.py experiments/configs/precision_n20.toml \
         --output-dir experiments/results/h100/accuracy [--minutes 9] [--memory-fraction 0.12] \
-        [--run.backend pallas ...]   (other flags go to every part, as `lserve run` takes them)
+        [--only VALUE ...] [--run.backend pallas ...]
+    (other flags go to every part, as `lserve run` takes them; `--only` runs some of the
+    config's sweep values, e.g. to rerun parts that failed)
 """
 
 from __future__ import annotations
@@ -35,18 +37,25 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--minutes", type=float, default=60.0, help="stop the parts after this")
     parser.add_argument("--memory-fraction", type=float, default=0.12,
                         help="XLA_PYTHON_CLIENT_MEM_FRACTION of each part")
+    parser.add_argument("--only", nargs="+", default=None,
+                        help="run these of the config's sweep values (default: all)")
     args, overrides = parser.parse_known_args(argv)  # the rest: ExperimentConfig flags
     exp = tyro.cli(ExperimentConfig, default=load_experiment(args.config), args=overrides,
                    prog=f"run_grid.py {args.config}")  # as each part reads them
     if not exp.sweep_values:
         raise SystemExit(f"{args.config} sweeps nothing: run it with `lserve run`")
+    unknown = sorted(set(args.only or ()) - set(exp.sweep_values))
+    if unknown:
+        raise SystemExit(f"--only {unknown}: not among {args.config}'s sweep values "
+                         f"{list(exp.sweep_values)}")
+    values = [v for v in exp.sweep_values if args.only is None or v in args.only]
     out = pathlib.Path(args.output_dir)
     parts_dir = pathlib.Path(tempfile.mkdtemp(prefix=f"{exp.name}_parts_"))
     print("parts and their logs:", parts_dir, flush=True)
     env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": str(args.memory_fraction)}
     procs = []
-    for i, value in enumerate(exp.sweep_values):
-        name = f"{exp.name}_part{i}"
+    for value in values:
+        name = f"{exp.name}_part{exp.sweep_values.index(value)}"
         cmd = [sys.executable, "-m", "lserve_jax.cli", "run", args.config, "--name", name,
                "--output-dir", str(parts_dir), "--sweep-values", value, *overrides]
         with open(parts_dir / f"{name}.log", "w") as log:
