@@ -339,7 +339,8 @@ def write_accuracy(exp: ExperimentConfig, rows: list[dict], out_dir: str | pathl
     paths[1].write_text(
         f"# {exp.name}\n\nAccuracy (%) by context (tokens), mean over tasks {list(exp.tasks)} "
         f"and depths {list(exp.depths)}, {exp.samples} prompts per cell; attended keys per "
-        f"decode step and KV per sequence at the largest context.\n\n{summary}\n\n"
+        f"decode step (with the adaptive budget, the most a step can attend) and KV per "
+        f"sequence at the largest context.\n\n{summary}\n\n"
         f"## Per task (mean over depths)\n\n{per_task}\n")
     paths.append(out_dir / f"{exp.name}_heatmap.png")
     _plot_heatmaps(exp, rows, paths[-1], plt)

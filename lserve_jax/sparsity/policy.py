@@ -68,7 +68,8 @@ def list_width(sparsity: SparsityConfig, max_pages: int) -> int:
 def attended_tokens(modes: np.ndarray, n_tokens: int, sparsity: SparsityConfig) -> float:
     """Mean keys one decode query attends to per (layer, KV head) at context `n_tokens`
     (the current token included) at a step that selects, with the fixed budget (an anchored
-    selection adds a page on the steps after a page crossing; the adaptive budget fewer)."""
+    selection adds a page on the steps after a page crossing; with the adaptive budget this is
+    the most a step attends: what it keeps depends on the scores, see the recall task)."""
     n_p = sparsity.page_size
     n_pages = -(-n_tokens // n_p)
     stream = min(n_tokens, sparsity.decode_sink + sparsity.decode_local + 1)
