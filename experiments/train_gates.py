@@ -1,6 +1,7 @@
 """DuoAttention head identification on a project model (default: the testbed checkpoint):
 trains the gates (`lserve_jax.lab.gates`) on the testbed's retrieval tasks and writes the
-pattern (DuoAttention's TSV + config.json), the history and a heatmap of the gates.
+pattern (DuoAttention's TSV + config.json), the history and a heatmap of the gates. An HF
+Llama with a text tokenizer trains on needle prompts instead: `lserve identify-heads`.
 
     python experiments/train_gates.py [--model testbed] --out DIR [--results DIR] [--steps N ...]
 """
@@ -28,7 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results", default="runs/gates",
                         help="where gates.json (history) and gates.png go")
     for field in dataclasses.fields(GateConfig):
-        parser.add_argument(f"--{field.name}", type=type(field.default), default=field.default)
+        kind = ({"action": argparse.BooleanOptionalAction} if isinstance(field.default, bool)
+                else {"type": type(field.default)})
+        parser.add_argument(f"--{field.name}", default=field.default, **kind)
     args = parser.parse_args(argv)
     cfg = GateConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GateConfig)})
     model = load_model(args.model)

@@ -3,11 +3,14 @@
     lserve generate [--model tiny|testbed|DIR] (--prompt TEXT | --tokens ID ...) [--sparsity.* ...]
     lserve serve MODEL [--port 8000] [--weight-dtype fp8] [--cache.kv-dtype int8] [--sparsity.* ...]
     lserve run CONFIG.toml [--FIELD VALUE ...]   (any ExperimentConfig field, e.g. --run.seed 3)
+    lserve identify-heads MODEL_DIR --out PATTERN_DIR [--steps N --length T --batch B ...]
 
 Typed parsing and `--help` come from tyro; every field of the config dataclasses is a flag.
-`serve` starts the OpenAI-compatible server (`lserve_jax.server`, extra `serve`). `run` is the
-lab's (accuracy grids and policy comparisons: `pip install -e '.[lab]'`); each is imported only
-when asked for, so the serving library runs without their dependencies.
+`serve` starts the OpenAI-compatible server (`lserve_jax.server`, extra `serve`). `run` (accuracy
+grids and policy comparisons) and `identify-heads` (DuoAttention gate training on needle prompts:
+`lserve_jax.lab.identify`; every GateConfig field is a flag) are the lab's: `pip install -e
+'.[lab]'`; each is imported only when asked for, so the serving library runs without their
+dependencies.
 """
 
 from __future__ import annotations
@@ -107,9 +110,19 @@ def run(config: str, overrides: list[str]) -> None:
     run_experiment(exp)
 
 
+def identify_heads(argv: list[str]) -> None:
+    try:
+        from lserve_jax.lab.identify import IdentifyHeadsArgs, identify_heads as identify
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"`lserve identify-heads` needs the lab's dependencies ({err.name} is "
+                         "missing): pip install -e '.[lab]'") from None
+    identify(tyro.cli(IdentifyHeadsArgs, args=argv, prog="lserve identify-heads"))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in ("generate", "serve", "run") or argv == ["serve"] or (
+    commands = ("generate", "serve", "run", "identify-heads")
+    if not argv or argv[0] not in commands or argv in (["serve"], ["identify-heads"]) or (
             argv[0] == "run" and (len(argv) < 2 or argv[1].startswith("-"))):
         raise SystemExit(f"usage:\n{USAGE}")
     try:
@@ -117,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
             generate(tyro.cli(GenerateArgs, args=argv[1:], prog="lserve generate"))
         elif argv[0] == "serve":
             serve(tyro.cli(ServeArgs, args=argv[1:], prog="lserve serve"))
+        elif argv[0] == "identify-heads":
+            identify_heads(argv[1:])
         else:
             run(argv[1], argv[2:])
     except (ValueError, FileNotFoundError, KeyError) as err:

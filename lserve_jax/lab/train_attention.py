@@ -40,11 +40,16 @@ class TrainMetadata:
 @dataclasses.dataclass(frozen=True)
 class TrainAttention:
     """The model's attention over whole sequences, no cache: `Llama(cfg, TrainAttention())`
-    applied with cache None and a `TrainMetadata`."""
+    applied with cache None and a `TrainMetadata`. `remat`: each layer's attention is
+    recomputed in the backward pass instead of keeping its intermediates (the streaming
+    branch's f32 probabilities are the largest), trading time for memory."""
+
+    remat: bool = False
 
     def attend(self, module, qkv, rope, cache, meta: TrainMetadata, layer: int):
         q, k, v = split_heads(qkv, rope, module.cfg.n_kv_heads)
-        out = attend_train(q, k, v, layer, meta)
+        attend = jax.checkpoint(attend_train, static_argnums=3) if self.remat else attend_train
+        out = attend(q, k, v, layer, meta)
         if meta.concentrate:
             module.sow("intermediates", "kept_mass",
                        selected_mass(q, k, *meta.concentrate, at=meta.select_at))

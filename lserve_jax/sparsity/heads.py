@@ -104,9 +104,9 @@ def policy_gates(sparsity: SparsityConfig, model: ModelConfig,
             f"policy {sparsity.policy!r} streams the heads a DuoAttention pattern marks, but "
             "sparsity.head_pattern is unset and this model has no pattern of its own: set "
             "sparsity.head_pattern (--sparsity.head-pattern DIR) to a pattern directory "
-            f"({TSV} + config.json: DuoAttention's released patterns, or one trained for your "
-            "model with DuoAttention), or to 'random:SEED' for randomly "
-            "chosen heads (an ablation baseline, not for real use)")
+            f"({TSV} + config.json: DuoAttention's released patterns, or one identified for "
+            "your model by `lserve identify-heads MODEL_DIR --out DIR`), or to 'random:SEED' "
+            "for randomly chosen heads (an ablation baseline, not for real use)")
     seed = random_gates_seed(str(pattern), "sparsity.head_pattern")
     if seed is not None:
         return np.random.default_rng(seed).random((model.n_layers, model.n_kv_heads))
