@@ -21,22 +21,28 @@ class ExperimentConfig:
     task `generate`: decode random prompts under each policy and report agreement with dense,
     attended tokens and KV bytes per sequence. task `accuracy`: score each policy (x each sweep
     value) on the synthetic retrieval tasks of `lserve_jax.lab.tasks` over contexts x depths.
+    task `recall`: on the same prompts, teacher-forced, the share of each retrieval head's dense
+    attention at the answer steps that the pages its decode attends to keep (reuse included),
+    against the best as many pages, for each policy that selects pages (quest, lserve) x each
+    sweep value (`lserve_jax.lab.coverage`): why a setting loses accuracy.
     """
 
     name: str = "quickstart"
-    task: Literal["generate", "accuracy"] = "generate"
+    task: Literal["generate", "accuracy", "recall"] = "generate"
     model: str = "tiny"  # a preset, `testbed`, a checkpoint directory or a local HF directory
     policies: tuple[Policy, ...] = ("dense", "streaming", "quest", "lserve")
     prompt_lengths: tuple[int, ...] = (48, 200, 480)  # generate: random prompts of these lengths
     output_dir: str = "runs"
-    # accuracy: task names, prompt lengths (tokens), target depths in [0, 1], prompts per cell
+    # accuracy, recall: task names, prompt lengths (tokens), target depths in [0, 1], prompts
+    # per cell
     tasks: tuple[str, ...] = TASKS
     contexts: tuple[int, ...] = (1024, 2048)
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     samples: int = 4
-    # accuracy: a SparsityConfig field to sweep ("" for none) and its values as text; page_size
-    # takes "N_P/N_L" (hierarchical pages) or "N" (flat: N_P = N_L = N); "precision" sweeps
-    # "WEIGHTS/KV" dtypes ("auto/int8", "fp8/int8": weight_dtype / cache.kv_dtype)
+    # accuracy, recall: a SparsityConfig field to sweep ("" for none) and its values as text;
+    # page_size takes "N_P/N_L" (hierarchical pages) or "N" (flat: N_P = N_L = N); accuracy
+    # only: "precision" sweeps "WEIGHTS/KV" dtypes ("auto/int8", "fp8/int8": weight_dtype /
+    # cache.kv_dtype)
     sweep: str = ""
     sweep_values: tuple[str, ...] = ()
     weight_dtype: WeightDtype = "auto"  # "fp8": the model's linear layers quantized at load
@@ -45,7 +51,7 @@ class ExperimentConfig:
     run: RunConfig = RunConfig()
 
     def __post_init__(self):
-        _one_of(self, "task", ("generate", "accuracy"))
+        _one_of(self, "task", ("generate", "accuracy", "recall"))
         for policy in self.policies:
             _require(policy in POLICIES, "ExperimentConfig.policies", policy,
                      f"choose from {POLICIES}")
@@ -69,6 +75,13 @@ class ExperimentConfig:
         _one_of(self, "weight_dtype", WEIGHT_DTYPES)
         _require(bool(values) == bool(self.sweep), "ExperimentConfig.sweep_values", values,
                  "give one or more values when sweep is set, and none when it is not")
+        if self.task == "recall":
+            _require(any(self.sparsity.for_policy(p).dynamic for p in self.policies),
+                     "ExperimentConfig.policies", self.policies,
+                     "task 'recall' measures page selection: include 'quest' or 'lserve'")
+            _require(self.sweep != "precision", "ExperimentConfig.sweep", self.sweep,
+                     "task 'recall' sweeps SparsityConfig fields only (for other weights set "
+                     "weight_dtype)")
 
 
 

@@ -1,4 +1,5 @@
-"""Plots of the testbed recipe: a training run's curves and a head pattern's gates."""
+"""Plots of the testbed recipe (a training run's curves, a head pattern's gates) and of the
+`recall` task (kept vs oracle attention per retrieval head)."""
 
 from __future__ import annotations
 
@@ -65,4 +66,33 @@ def plot_gates(gates: np.ndarray, path: pathlib.Path) -> None:
     fig.colorbar(image, label="gate (1 = needs full attention)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_recall(rows: list[dict], titles: dict[tuple[str, str], str], path: pathlib.Path,
+                title: str) -> None:
+    """Bars per retrieval head: the dense attention kept on the pages the decode attends to and
+    on the best as many pages (`lserve_jax.lab.coverage`), one panel per (policy, variant)
+    (`titles` names them) with its mean pages attended."""
+    plt = _pyplot()
+    width = max(3.5, 0.35 * len(rows) / len(titles) + 1.5)  # inches per panel
+    fig, axes = plt.subplots(1, len(titles), figsize=(width * len(titles), 3.4), squeeze=False,
+                             sharey=True)
+    for ax, (cell, name) in zip(axes[0], titles.items()):
+        mine = [r for r in rows if (r["policy"], r["variant"]) == cell]
+        x = np.arange(len(mine))
+        ax.bar(x - 0.2, [100 * r["kept"] for r in mine], 0.4, color="C0",
+               label="pages the decode attends to")
+        ax.bar(x + 0.2, [100 * r["oracle"] for r in mine], 0.4, color="C0", alpha=0.45,
+               hatch="//", label="best as many pages")
+        ax.set_xticks(x, [f"L{r['layer']}K{r['kv_head']}" for r in mine], fontsize=7,
+                      rotation=90 if len(mine) > 12 else 0)
+        pages = np.mean([r["pages"] for r in mine])
+        ax.set(ylim=(0, 100), xlabel="retrieval head")
+        ax.set_title(f"{name} ({pages:.1f} pages)", fontsize=8)
+    axes[0, 0].set_ylabel("dense attention kept (%)")
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
     plt.close(fig)

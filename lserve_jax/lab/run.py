@@ -1,6 +1,8 @@
 """Runs an `ExperimentConfig` (`lserve run CONFIG`): task `generate` decodes the same random
 prompts under every policy and tabulates what each costs and how far it strays from dense;
-task `accuracy` scores the policies on the testbed's retrieval tasks (`lserve_jax.lab.ablation`).
+task `accuracy` scores the policies on the testbed's retrieval tasks (`lserve_jax.lab.ablation`);
+task `recall` measures how much dense attention their page selection keeps on the same prompts
+(`lserve_jax.lab.coverage`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 from lserve_jax.config import SchedulerConfig
 from lserve_jax.engine import Engine
 from lserve_jax.lab.ablation import run_accuracy, write_accuracy, write_partial
+from lserve_jax.lab.coverage import run_recall, write_recall
 from lserve_jax.lab.experiment import ExperimentConfig
 from lserve_jax.lab.report import markdown_table, provenance
 from lserve_jax.model import load_model
@@ -53,11 +56,14 @@ def run_generate(exp: ExperimentConfig) -> list[dict]:
 
 
 def run_experiment(exp: ExperimentConfig) -> tuple[list[dict], pathlib.Path]:
-    """Runs the job, prints its table and writes `<output_dir>/<name>.{json,md}` (accuracy: also
-    plots, see `lserve_jax.lab.ablation`)."""
+    """Runs the job, prints its table and writes `<output_dir>/<name>.{json,md}` (accuracy and
+    recall: also plots, see `lserve_jax.lab.ablation` and `lserve_jax.lab.coverage`)."""
     if exp.task == "accuracy":
         rows = run_accuracy(exp, on_cell=lambda *done: write_partial(exp, *done))
         return rows, write_accuracy(exp, rows, exp.output_dir)[0]
+    if exp.task == "recall":
+        rows = run_recall(exp)
+        return rows, write_recall(exp, rows, exp.output_dir)[0]
     rows = run_generate(exp)
     columns = list(rows[0])
     table = markdown_table(rows, columns)
