@@ -260,10 +260,10 @@ class SparsityConfig:
     selection_granularity: Granularity = "query_head"
     group_reduction: Literal["sum", "max"] = "sum"  # kv_head granularity: combine G heads' scores
     dense_layers: int = 0  # the first layers run dense whatever the policy (Quest: 2)
-    # adaptive budget (top-p over pages): a retrieval head keeps the fewest pages whose share of
-    # the estimated attention mass (a softmax over the page score bounds, the current page
-    # counted) reaches adaptive_p, at most the token budget's and at least adaptive_floor
-    # pages; 1.0 keeps the fixed top-k of token_budget
+    # adaptive budget (top-p over pages): a retrieval head keeps the fewest of its best earlier
+    # pages whose share of their estimated attention mass (a softmax over the page score
+    # bounds) reaches adaptive_p, at most the token budget's and at least adaptive_floor pages;
+    # the current page is attended anyway; 1.0 keeps the fixed top-k of token_budget
     adaptive_p: float = 1.0
     adaptive_floor: int = 1
     # prompts longer than this are prefilled chunk by chunk (0: never). Streaming heads then

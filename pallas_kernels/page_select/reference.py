@@ -97,23 +97,22 @@ def trim_to_mass(chosen: jax.Array, scores: jax.Array, lengths: jax.Array, *, pa
                  ) -> jax.Array:
     """The adaptive budget (top-p over pages). chosen: [B, K, Gs, W] ascending pages, -1 padded;
     scores: [B, K, Gs, M'] page score bounds. The estimated attention mass of a page is its share
-    of softmax(scale * scores) over the pages the row holds; the current page is always attended
-    and counts first. Keeps the fewest chosen pages, best first, whose mass with the current
-    page's reaches p, and at least `floor` of them (all when fewer are chosen); ascending, -1
-    padded. With keep_sink_page page 0, when chosen, ranks first."""
+    of softmax(scale * scores) over the pages it could have been chosen from (the row's pages
+    before the current one, which is attended anyway and whose bound also covers statistics
+    slots not written yet). Keeps the fewest chosen pages, best first, whose mass reaches p, and
+    at least `floor` of them (all when fewer are chosen); ascending, -1 padded. With
+    keep_sink_page page 0, when chosen, ranks first."""
     n_pages = (lengths + page_size - 1) // page_size
-    held = (jnp.arange(scores.shape[-1]) < n_pages[:, None])[:, None, None]
-    logits = jnp.where(held, scores.astype(jnp.float32) * scale, -jnp.inf)
+    earlier = (jnp.arange(scores.shape[-1]) < (n_pages - 1)[:, None])[:, None, None]
+    logits = jnp.where(earlier, scores.astype(jnp.float32) * scale, -jnp.inf)
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
-    current = jnp.take_along_axis(logits, jnp.broadcast_to(
-        (n_pages - 1)[:, None, None, None], logits.shape[:-1] + (1,)), axis=-1)
     listed = chosen >= 0
     own = jnp.take_along_axis(logits, jnp.maximum(chosen, 0), axis=-1)
     own = jnp.where(listed, own, -jnp.inf)
     first = (chosen == 0) & keep_sink_page
     order = jnp.argsort(-jnp.where(first, jnp.inf, own), axis=-1, stable=True)  # ties: lower page
     mass = jnp.exp(jnp.take_along_axis(own, order, axis=-1) - lse)
-    before = jnp.exp(current - lse) + jnp.cumsum(mass, axis=-1) - mass
+    before = jnp.cumsum(mass, axis=-1) - mass
     keep = jnp.maximum(jnp.sum((before < p) & jnp.isfinite(before), axis=-1), floor)
     rank = jnp.argsort(order, axis=-1)  # each entry's place in the best-first order
     kept = listed & (rank < keep[..., None])

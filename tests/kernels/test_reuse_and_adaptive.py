@@ -98,13 +98,15 @@ def test_decode_attends_to_the_anchored_lists(anchor):
 
 
 def _mass_brute_force(scores, n_pages, chosen, p, floor, scale):
-    """The pages trim_to_mass keeps, from sorted numpy: the current page's share first, then
-    the chosen pages best first until the shares reach p; at least `floor`."""
-    logits = scores[:n_pages] * scale
+    """The pages trim_to_mass keeps, from sorted numpy: the chosen pages best first until their
+    shares of the mass of the pages before the current one reach p; at least `floor`."""
+    if n_pages < 2:
+        return []
+    logits = scores[: n_pages - 1] * scale
     share = np.exp(logits - logits.max())
     share /= share.sum()
     order = sorted((int(c) for c in chosen if c >= 0), key=lambda c: (-scores[c], c))
-    total, keep = share[n_pages - 1], []
+    total, keep = 0.0, []
     for page in order:
         if total >= p and len(keep) >= floor:
             break
