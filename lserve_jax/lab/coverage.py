@@ -9,7 +9,8 @@ budget, anchor and adaptive budget; step i attends to the pages the decode op's 
 for it (`sparse_decode.reference.decode_page_lists`), keys up to itself. Per query head of every
 SELECT head: `kept`, the share of the query's dense attention on those keys; `oracle`, the most
 that as many pages (the current one and the heaviest earlier ones) could keep; `pages`, pages
-attended. A selector near the oracle with both low means the attention is spread: no choice of
+attended; `missed`, the share of (step, query head) pairs that keep under half (a mean near 1
+can hide the single steps that derail an answer). A selector near the oracle with both low means the attention is spread: no choice of
 pages reproduces it; kept well under the oracle means the selection (or its reuse) misses.
 """
 
@@ -42,6 +43,7 @@ from pallas_kernels.page_select.reference import page_scores_reference, select_p
 from pallas_kernels.sparse_decode.reference import decode_page_lists
 
 MEASURES = ("kept", "oracle", "pages")
+MISSED_BELOW = 0.5  # a step keeping less than this share of its attention counts as missed
 PAD_TO = 256  # teacher-forced sequences are padded to a multiple of this: one compile per context
 STEPS_TO = 16  # and the steps measured at once, for one compile per (sparsity, context)
 
@@ -205,6 +207,8 @@ def run_recall(exp: ExperimentConfig) -> list[dict]:
                 per_q = every[m][layer, :, kv_head].mean(0)  # [G]
                 row[m] = round(float(per_q.mean()), 4)
                 row[f"{m}_per_query_head"] = np.round(per_q, 4).tolist()
+            row["missed"] = round(float((every["kept"][layer, :, kv_head] < MISSED_BELOW).mean()),
+                                  4)
             for c, got in per_context.items():
                 row[f"kept@{c}"] = round(float(got["kept"][layer, :, kv_head].mean()), 4)
             row["steps"] = every["kept"].shape[1]
@@ -219,7 +223,7 @@ def run_recall(exp: ExperimentConfig) -> list[dict]:
 def summary(exp: ExperimentConfig, rows: list[dict]) -> list[dict]:
     """Per (policy, sweep value): the mean over its SELECT heads of every measure."""
     head = ["policy", exp.sweep] if exp.sweep else ["policy"]
-    keys = [*MEASURES, *(f"kept@{c}" for c in exp.contexts)]
+    keys = [*MEASURES, "missed", *(f"kept@{c}" for c in exp.contexts)]
     out = []
     for cell in dict.fromkeys((r["policy"], r["variant"]) for r in rows):
         mine = [r for r in rows if (r["policy"], r["variant"]) == cell]
@@ -241,7 +245,7 @@ def write_recall(exp: ExperimentConfig, rows: list[dict],
                                     "summary": means, "rows": rows}, indent=1, default=str)
                         + "\n")
     label = [exp.sweep] if exp.sweep else []
-    columns = ["policy", *label, "layer", "kv_head", "gate", *MEASURES,
+    columns = ["policy", *label, "layer", "kv_head", "gate", *MEASURES, "missed",
                *(f"kept@{c}" for c in exp.contexts)]
     per_head = markdown_table([{**r, **dict(zip(label, [r["variant"]]))} for r in rows], columns)
     table = markdown_table(means, list(means[0]))
@@ -250,8 +254,9 @@ def write_recall(exp: ExperimentConfig, rows: list[dict],
         f"({exp.samples} prompts per task x depth of tasks {list(exp.tasks)}, depths "
         f"{list(exp.depths)}, teacher-forced through the dense model): `kept` is the share of a "
         "retrieval head's dense attention on the keys its decode attends to (reuse included), "
-        "`oracle` the most that as many pages could keep, `pages` the pages attended per step; "
-        f"mean over query heads and steps (`kept@N`: at context N).\n\n{table}\n\n"
+        "`oracle` the most that as many pages could keep, `pages` the pages attended per step, "
+        f"`missed` the share of steps keeping under {MISSED_BELOW}; mean over query heads and "
+        f"steps (`kept@N`: at context N).\n\n{table}\n\n"
         f"## Per retrieval head\n\n{per_head}\n")
     titles = {(r["policy"], r["variant"]): r["policy"] + (
         f", {exp.sweep}={r['variant']}" if r["variant"] != NO_SWEEP else "") for r in rows}

@@ -181,6 +181,9 @@ def test_cli_runs_the_recall_task(tiny, tmp_path, capsys, monkeypatch):
     row = record["rows"][0]
     assert row["steps"] == 4 and len(row["kept_per_query_head"]) == CFG.group_size
     assert 0 <= row["kept@256"] == row["kept"] <= row["oracle"] <= 1 and row["pages"] == 3
+    # each missed step loses over half its mass, and a mean under half needs a missed step
+    assert row["missed"] <= 2 * (1 - row["kept"]) + 1e-6
+    assert row["missed"] > 0 or row["kept"] >= 0.5
     assert "| policy | reuse_interval | layer |" in (tmp_path / "rc.md").read_text()
     assert (tmp_path / "rc.png").stat().st_size > 0
 
