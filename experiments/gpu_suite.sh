@@ -20,12 +20,17 @@
 #   precision the Llama-3-8B shape end to end at bf16, KV8 and FP8 weights + KV8, with the
 #             capacity at 128K computed and allocated (bench_e2e.py --precision --allocate,
 #             e2e_quantized.json; PRECISION_ARGS adds flags)
+#   select    page selection of one 8B layer: fixed top-k, anchored, top-p (bench_select.py)
+#   identify  DuoAttention gate training on the Llama-3-8B shape, time and memory at 4K / 8K
+#             (bench_identify_heads.py; IDENTIFY_ARGS adds flags)
 #   fixture   rebuilds the HF parity fixture (needs torch + transformers)
 #   testbed   the testbed recipe (experiments/configs/testbed_recipe.toml, about an hour;
 #             RECIPE_ARGS="--from STEP --to STEP" runs a part)
 #   accuracy  the accuracy configs on the committed testbed (ACCURACY="policies_n20 ..." picks)
 #   grids     sweeping accuracy configs as concurrent processes (experiments/run_grid.py;
-#             GRIDS="precision_n20 precision_n20_seed1", GRID_ARGS="--minutes 8.5 ...")
+#             GRIDS="precision_n20 precision_n20_seed1", GRID_ARGS="--minutes 8.5 ..."; on an
+#             H100, 21 processes at --memory-fraction 0.04 left 11 parts without rows, 13 at
+#             0.065 and 7 at 0.1 all finished: rerun failed parts with --only VALUE ...)
 set -uo pipefail
 out=${1:-}; shift || true
 steps=${*:-tests prefill decode dense e2e}
@@ -58,6 +63,9 @@ for step in $steps; do
              python3 experiments/run_grid.py experiments/configs/$name.toml \
                --output-dir "${out:-runs}/accuracy" ${GRID_ARGS:-} &
            done; wait ;;
+    select) timeout ${SELECT_S:-200} python3 experiments/bench_select.py $outdir ;;
+    identify) timeout ${IDENTIFY_S:-300} python3 experiments/bench_identify_heads.py $outdir \
+                --length 4096 8192 ${IDENTIFY_ARGS:-} ;;
     fixture) timeout 90 python3 experiments/make_hf_fixture.py /tmp/hf_tiny_llama \
                && tar -C /tmp -cf "$logs/hf_tiny_llama.tar" hf_tiny_llama ;;
     testbed) python3 experiments/train_testbed.py experiments/configs/testbed_recipe.toml \
