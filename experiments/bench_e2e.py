@@ -225,15 +225,17 @@ def gemm_report(compiled) -> dict:
 def read_tokens(engine: Engine, context: int, sparsity: SparsityConfig):
     """(keys per (layer, KV head) one step must read, mean; pages a selecting head reads, mean,
     or None). As `attended_tokens`, except that a selecting head with a list per query head
-    reads the union of its lists, counted from the lists the decode loop left in the cache (on
-    random data they barely overlap, so the union is near G lists)."""
+    reads the union of its lists and the current page, counted from the lists the decode loop
+    left in the cache (on random data they barely overlap, so the union is near G lists)."""
     mean = attended_tokens(engine.modes, context, sparsity)
     select = np.asarray(engine.modes) == SELECT  # [L, K]
     lists = np.asarray(engine.cache.selected).transpose(0, 2, 1, 3, 4)[select]  # [n, B, Gs, W]
     if lists.size == 0 or -(-context // sparsity.page_size) <= sparsity.budget_pages:
         return mean, None
-    union = np.mean([np.unique(x[x >= 0]).size for x in lists.reshape(-1, np.prod(
-        lists.shape[2:]))]) + 1  # + the current page
+    current = (np.asarray(engine.cache.lengths) - 1) // sparsity.page_size  # [B]
+    # the union with the current page, which an anchored selection may already list
+    union = np.mean([np.union1d(row[row >= 0], current[b]).size
+                     for per_b in lists for b, row in enumerate(per_b.reshape(len(current), -1))])
     mean += float(select.mean()) * (union - sparsity.budget_pages) * sparsity.page_size
     return mean, round(float(union), 1)
 

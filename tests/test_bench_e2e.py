@@ -176,11 +176,17 @@ def test_the_floor_counts_the_union_of_a_groups_lists():
     second = np.concatenate([first[:10], 1000 + np.arange(budget - 11)])  # shares 10 pages
     lists = np.full((1, 1, 2, 2, budget), -1)  # [L, B, K, Gs, W]
     lists[0, 0, 0, 0, :budget - 1], lists[0, 0, 0, 1, :budget - 1] = first, second
-    engine = SimpleNamespace(modes=modes, cache=SimpleNamespace(selected=lists))
+    engine = SimpleNamespace(modes=modes, cache=SimpleNamespace(
+        selected=lists, lengths=np.array([context])))
     base = attended_tokens(modes, context, sparsity)
     tokens, pages = bench_e2e.read_tokens(engine, context, sparsity)
     assert pages == 2 * (budget - 1) - 10 + 1
     assert tokens == pytest.approx(base + 0.5 * (budget - 11) * n_p)
+    anchored = lists.copy()  # a list ending with the current page (its anchor) counts it once
+    anchored[0, 0, 0, 0, budget - 1] = (context - 1) // n_p
+    engine.cache.selected = anchored
+    assert bench_e2e.read_tokens(engine, context, sparsity)[1] == pages
+    engine.cache.selected = lists
     engine.cache.selected = lists[:, :, :, :1]
     assert bench_e2e.read_tokens(engine, context, sparsity) == (base, budget)
     assert bench_e2e.read_tokens(engine, budget * n_p, sparsity)[1] is None
