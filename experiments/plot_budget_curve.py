@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 CONTEXTS = (2048, 8192)  # where the recall task measured the pages
+TICKS = (2, 3, 4, 6, 8, 12, 16)
 
 
 def accuracy(path: pathlib.Path) -> dict[str, dict[int, float]]:
@@ -63,11 +64,13 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
             mine = sorted((r for r in rows if r["series"] == series), key=lambda r: r["pages"])
             ax.plot([r["pages"] for r in mine], [r[context] for r in mine], marker="o",
                     color=f"C{i}", label=series)
-            for r in mine:
+            for r in mine:  # labels below the points, the last series' above them
                 ax.annotate(r["label"], (r["pages"], r[context]), fontsize=7,
-                            textcoords="offset points", xytext=(4, -10))
+                            textcoords="offset points", xytext=(4, 6 if i == 2 else -10))
         ax.set(xlabel="pages attended per step by a retrieval head (16 tokens each)",
                title=f"context {context}", xscale="log")
+        ax.set_xticks(TICKS, [str(t) for t in TICKS])
+        ax.minorticks_off()
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
     axes[0].legend(fontsize=8, loc="lower right")
