@@ -118,23 +118,37 @@ def token_probes(task: str, context: int, at: int, exp: ExperimentConfig) -> lis
             for s in cell_samples(task, context, at, exp)]
 
 
-def text_probes(task: str, context: int, at: int, exp: ExperimentConfig,
-                tokenizer) -> list[Probe]:
-    """Text prompts for a model with a tokenizer (HF directories) at depth exp.depths[at]: the
-    decoded generation must start with the answer's number (whitespace ignored, as decoders
-    differ in spacing)."""
-    probes = []
+def text_samples(task: str, context: int, at: int, exp: ExperimentConfig,
+                 tokenizer) -> list[tuple[list[int], str, list[int]]]:
+    """The text prompts of one cell at depth exp.depths[at] for a model with a tokenizer: (prompt
+    ids, answer text, answer ids) per sample."""
+    out = []
     for i in range(exp.samples):
         seed = probe_seed(exp.run.seed, len(exp.depths), at, exp.samples, i)
         prompt, answer = text_sample(task, context, exp.depths[at], seed, tokenizer)
+        out.append((list(tokenizer.encode(prompt)), answer,
+                    list(tokenizer.encode(answer, add_special_tokens=False))))
+    return out
 
-        def judge(tokens, answer=answer):
-            return "".join(tokenizer.decode(tokens).split()).startswith("".join(answer.split()))
 
-        ids = list(tokenizer.encode(prompt))
-        probes.append(Probe(ids, len(tokenizer.encode(answer, add_special_tokens=False)) + 2,
-                            judge))
-    return probes
+def text_probes(task: str, context: int, at: int, exp: ExperimentConfig,
+                tokenizer) -> list[Probe]:
+    """Text prompts for a model with a tokenizer (HF directories, `text_samples`): the decoded
+    generation must start with the answer's number (whitespace ignored, as decoders differ in
+    spacing)."""
+    def judge(tokens, answer):
+        return "".join(tokenizer.decode(tokens).split()).startswith("".join(answer.split()))
+
+    return [Probe(ids, len(answer_ids) + 2, functools.partial(judge, answer=answer))
+            for ids, answer, answer_ids in text_samples(task, context, at, exp, tokenizer)]
+
+
+def check_vocabulary(exp: ExperimentConfig, model: LoadedModel) -> None:
+    """The synthetic tasks' token ids fit a model without a tokenizer (text prompts otherwise)."""
+    cfg = model.config
+    if model.tokenizer is None and cfg.vocab_size < VOCAB_SIZE:
+        raise ValueError(f"model={exp.model!r} has vocab_size={cfg.vocab_size}, but the tasks use "
+                         f"{VOCAB_SIZE} token ids: use the testbed or a larger vocabulary")
 
 
 def policy_engine(exp: ExperimentConfig, model: LoadedModel, sparsity: SparsityConfig,
@@ -164,9 +178,7 @@ def run_accuracy(exp: ExperimentConfig,
     cfg, tokenizer = model.config, model.tokenizer
     for policy in exp.policies:  # a missing head pattern fails before any decoding
         policy_gates(exp.sparsity.for_policy(policy), cfg, model.pattern)
-    if tokenizer is None and cfg.vocab_size < VOCAB_SIZE:
-        raise ValueError(f"model={exp.model!r} has vocab_size={cfg.vocab_size}, but the tasks use "
-                         f"{VOCAB_SIZE} token ids: use the testbed or a larger vocabulary")
+    check_vocabulary(exp, model)
     make = functools.partial(text_probes, tokenizer=tokenizer) if tokenizer else token_probes
     probes = {context: {(task, depth): make(task, context, at, exp)
                         for task in exp.tasks for at, depth in enumerate(exp.depths)}

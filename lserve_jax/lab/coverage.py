@@ -10,8 +10,9 @@ for it (`sparse_decode.reference.decode_page_lists`), keys up to itself. Per que
 SELECT head: `kept`, the share of the query's dense attention on those keys; `oracle`, the most
 that as many pages (the current one and the heaviest earlier ones) could keep; `pages`, pages
 attended; `missed`, the share of (step, query head) pairs that keep under half (a mean near 1
-can hide the single steps that derail an answer). A selector near the oracle with both low means the attention is spread: no choice of
-pages reproduces it; kept well under the oracle means the selection (or its reuse) misses.
+can hide the single steps that derail an answer). A selector near the oracle with both low
+means the attention is spread: no choice of pages reproduces it; kept well under the oracle
+means the selection (or its reuse) misses.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ from tqdm.auto import tqdm
 
 from lserve_jax.attention import split_heads
 from lserve_jax.config import ModelConfig, SparsityConfig
-from lserve_jax.lab.ablation import NO_SWEEP, cell_samples, variants
+from lserve_jax.lab.ablation import NO_SWEEP, cell_samples, check_vocabulary, text_samples, variants
 from lserve_jax.lab.experiment import ExperimentConfig
 from lserve_jax.lab.plots import plot_recall
 from lserve_jax.lab.report import markdown_table, provenance
-from lserve_jax.lab.tasks import VOCAB_SIZE, probe_seed, text_sample
 from lserve_jax.lab.train_attention import TrainAttention, TrainMetadata, attend_train, page_stats
 from lserve_jax.model import LoadedModel, load_model
 from lserve_jax.model.llama import Llama
@@ -142,24 +142,16 @@ def grid_prompts(exp: ExperimentConfig, model: LoadedModel,
                  context: int) -> list[tuple[np.ndarray, int]]:
     """(prompt + answer tokens, prompt length) of every (task, depth, sample) of a context: the
     prompts the `accuracy` task scores (text prompts for a model with a tokenizer)."""
-    tokenizer = model.tokenizer
-    if tokenizer is None and model.config.vocab_size < VOCAB_SIZE:
-        raise ValueError(f"model={exp.model!r} has vocab_size={model.config.vocab_size}, but the "
-                         f"tasks use {VOCAB_SIZE} token ids: use the testbed or a larger "
-                         "vocabulary")
+    check_vocabulary(exp, model)
     out = []
     for task in exp.tasks:
-        for at, depth in enumerate(exp.depths):
-            if tokenizer is None:
+        for at in range(len(exp.depths)):
+            if model.tokenizer is None:
                 out += [(np.concatenate([s.prompt, s.answer]), len(s.prompt))
                         for s in cell_samples(task, context, at, exp)]
-                continue
-            for j in range(exp.samples):
-                seed = probe_seed(exp.run.seed, len(exp.depths), at, exp.samples, j)
-                prompt, answer = text_sample(task, context, depth, seed, tokenizer)
-                ids = list(tokenizer.encode(prompt))
-                out.append((np.array(ids + list(tokenizer.encode(
-                    answer, add_special_tokens=False)), np.int32), len(ids)))
+            else:
+                out += [(np.array(ids + answer_ids, np.int32), len(ids)) for ids, _, answer_ids
+                        in text_samples(task, context, at, exp, model.tokenizer)]
     return out
 
 
