@@ -378,8 +378,9 @@ def page_shape(text: str) -> dict[str, int]:
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache. `num_pages` counts physical pages of one (layer, KV head); 0 sizes the pool
-    for `max_batch` sequences of `max_seq_len` tokens under the policy in force."""
+    """Paged KV cache. `num_pages` counts physical pages of one (layer, KV head), over all
+    devices of a mesh (`ParallelConfig`); 0 sizes the pool for `max_batch` sequences of
+    `max_seq_len` tokens under the policy in force."""
 
     max_seq_len: int = 2048  # prompt + generated tokens of one sequence
     max_batch: int = 4
@@ -395,6 +396,27 @@ class CacheConfig:
         _one_of(self, "kv_dtype", KV_FORMATS)
         _require(isinstance(self.num_pages, int) and self.num_pages >= 0, "CacheConfig.num_pages",
                  self.num_pages, "must be >= 0 (0 sizes the pool automatically)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """The device mesh ('dp', 'tp') the engine runs on (`lserve_jax.parallel`): `tp` devices
+    split each layer Megatron-style (attention and the KV cache by KV head, the MLP by its
+    hidden columns), `dp` replicas of that group each serve their own share of the slots
+    (`CacheConfig.max_batch`) from their own pages. 1 x 1: one device, no mesh."""
+
+    tp: int = 1
+    dp: int = 1
+    # the embedding and the LM head split by vocabulary rows over tp (else every tp device
+    # holds them whole: 2 x 1 GiB at Llama-3's 128K vocabulary and 4096 dims, bf16)
+    shard_vocab: bool = True
+
+    def __post_init__(self):
+        _positive(self, "tp", "dp")
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.dp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -448,6 +470,26 @@ def check_compatible(model: ModelConfig, sparsity: SparsityConfig) -> None:
     """Cross-config checks that no single dataclass can make."""
     _require(sparsity.dense_layers <= model.n_layers, "SparsityConfig.dense_layers",
              sparsity.dense_layers, f"must not exceed n_layers={model.n_layers}")
+
+
+def check_parallel(model: ModelConfig, cache: CacheConfig, parallel: ParallelConfig) -> None:
+    """What a mesh needs of the model and the cache: tp divides the KV heads (each device holds
+    whole heads, with their query groups) and the MLP's hidden width, dp divides the slots and
+    the pool splits evenly over the devices."""
+    tp, dp = parallel.tp, parallel.dp
+    for name in ("n_kv_heads", "ffn_dim"):
+        _require(getattr(model, name) % tp == 0, "ParallelConfig.tp", tp,
+                 f"must divide ModelConfig.{name}={getattr(model, name)}")
+    if parallel.shard_vocab:
+        _require(model.vocab_size % tp == 0, "ParallelConfig.shard_vocab", True,
+                 f"needs tp={tp} to divide vocab_size={model.vocab_size}: set it to false "
+                 "(the embedding and head replicated) or pick another tp")
+    _require(cache.max_batch % dp == 0, "ParallelConfig.dp", dp,
+             f"must divide CacheConfig.max_batch={cache.max_batch} (each replica serves "
+             "max_batch / dp slots)")
+    _require(cache.num_pages % parallel.devices == 0, "CacheConfig.num_pages", cache.num_pages,
+             f"must be a multiple of dp * tp = {parallel.devices} (each device holds "
+             "num_pages / (dp * tp) pages), or 0 to size the pool automatically")
 
 
 def from_dict(cls, data: dict, where: str = ""):

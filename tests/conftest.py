@@ -7,6 +7,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # set JAX_PLATFORMS=cuda to run o
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+# tests/multidevice needs 8 virtual devices, fixed when jax starts: test_multidevice.py runs it
+# in a process of its own
+collect_ignore = [] if os.environ.get("LSERVE_MULTIDEVICE") == "1" else ["multidevice"]
+
 # max |a - b| / max(1, |ref|) between two computations of the same function.
 TOLERANCE = {
     # f32 end to end: differences come from summation order only (XLA CPU dots, softmax).

@@ -26,7 +26,7 @@ def allocated_cache(cfg: ModelConfig, sparsity: SparsityConfig, capacities: list
     total = 1 + spare_pages + sum(int(pages_per_head(c, streaming, sparsity).sum())
                                   for c in capacities)
     allocator = PageAllocator(total)
-    np.random.default_rng(seed).shuffle(allocator._free)  # scatter pages across the pool
+    np.random.default_rng(seed).shuffle(allocator._free[0])  # scatter pages across the pool
     pages = SequencePages(allocator, streaming, sparsity, max_pages)
     table = np.zeros((len(capacities), cfg.n_layers, cfg.n_kv_heads, max_pages), np.int32)
     owned = []

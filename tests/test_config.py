@@ -1,10 +1,12 @@
 import dataclasses
+import functools
 import json
 
 import pytest
 
-from lserve_jax.config import (ModelConfig, RunConfig, SparsityConfig, check_compatible,
-                               from_dict)
+from lserve_jax.config import (CacheConfig, ModelConfig, ParallelConfig, RunConfig,
+                               SparsityConfig, check_compatible, check_parallel, from_dict)
+from lserve_jax.engine import Engine
 from lserve_jax.lab.experiment import ExperimentConfig, load_experiment
 
 
@@ -132,3 +134,28 @@ def test_experiment_files_are_strict(tmp_path):
 def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         SparsityConfig().token_budget = 8
+
+
+@pytest.mark.parametrize("parallel,cache,field", [
+    (dict(tp=4), {}, "ParallelConfig.tp"),  # the tiny model has 2 KV heads
+    (dict(tp=2, dp=3), {}, "ParallelConfig.dp"),  # 4 slots over 3 replicas
+    (dict(tp=2), dict(num_pages=101), "CacheConfig.num_pages"),
+    (dict(tp=2), {}, None),
+])
+def test_parallel_config_names_what_the_mesh_needs(parallel, cache, field):
+    check = functools.partial(check_parallel, ModelConfig(), CacheConfig(**cache),
+                              ParallelConfig(**parallel))
+    if field is None:
+        check()
+    else:
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+            check()
+    with pytest.raises(ValueError, match="shard_vocab"):
+        check_parallel(ModelConfig(vocab_size=511), CacheConfig(), ParallelConfig(tp=2))
+    with pytest.raises(ValueError, match="ParallelConfig.tp"):
+        ParallelConfig(tp=0)
+
+
+def test_a_mesh_larger_than_the_devices_is_refused():
+    with pytest.raises(ValueError, match="needs 2 devices and jax sees 1"):
+        Engine(ModelConfig(), None, parallel=ParallelConfig(tp=2))

@@ -15,10 +15,12 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 from lserve_jax.attention.backends import KernelTuning, Kernels, kernels
-from lserve_jax.cache.paged import KVCache, empty_cache, gather_layer
+from lserve_jax.cache.paged import KVCache, cache_specs, empty_cache, gather_layer
 from lserve_jax.config import Backend, ModelConfig, PrefillPath, SparsityConfig
+from lserve_jax.parallel import DP, TP
 from lserve_jax.sparsity import pages as selector
 from lserve_jax.sparsity.policy import head_modes
 from pallas_kernels.layout import STREAM, rotate
@@ -38,16 +40,24 @@ class Phase(enum.Enum):
 class AttentionMetadata:
     """Per-call metadata. Static fields: `phase`; `stream_heads`, each layer's streaming KV
     heads (the mode table as Python data, needed by the GPU prefill paths that hand the other
-    heads to cuDNN); `refresh`, whether this decode step reruns the page selector (None:
-    decided on the device from `step`; False: reuse the selection as it stands)."""
+    heads to cuDNN; on a mesh, the heads one device holds, None where devices differ:
+    `parallel.device_stream_heads`); `refresh`, whether this decode step reruns the page
+    selector (None: decided on the device from `step`; False: reuse the selection as it
+    stands)."""
 
     new_lens: jax.Array  # [B] int32: new tokens per row in this call (0: row inactive)
     modes: jax.Array  # [L, K] int8: DENSE / SELECT / STREAM per (layer, KV head)
     step: jax.Array  # [] int32: decode steps taken (the selector reruns when step % R == 0)
     logits_at: jax.Array | None = None  # [B] int32: the only row whose logits are wanted
     phase: Phase = Phase.PREFILL
-    stream_heads: tuple[tuple[int, ...], ...] = ()
+    stream_heads: tuple[tuple[int, ...] | None, ...] = ()
     refresh: bool | None = None
+
+    def specs(self) -> AttentionMetadata:
+        """Its PartitionSpecs over a ('dp', 'tp') mesh: rows by dp, the mode table by tp."""
+        rows = P(DP)
+        return dataclasses.replace(self, new_lens=rows, modes=P(None, TP), step=P(),
+                                   logits_at=None if self.logits_at is None else rows)
 
 
 def rope_tables(positions: jax.Array, inv_freq) -> tuple[jax.Array, jax.Array]:
@@ -79,12 +89,15 @@ class AttentionImpl(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class PagedAttention:
-    """Attention over the paged KV cache under one sparsity policy and backend."""
+    """Attention over the paged KV cache under one sparsity policy and backend. With a
+    ('dp', 'tp') `mesh` (`lserve_jax.parallel`), attention and the norms run per device under
+    `shard_map` on its own rows, KV heads and pages; None: one device."""
 
     sparsity: SparsityConfig = SparsityConfig(policy="dense")
     backend: Backend = Backend.reference
     prefill_path: PrefillPath = PrefillPath.windowed
     tuning: KernelTuning = KernelTuning()
+    mesh: Mesh | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "backend", Backend(self.backend))
@@ -100,10 +113,19 @@ class PagedAttention:
 
     def attend(self, module, qkv: jax.Array, rope, cache: KVCache, meta: AttentionMetadata,
                layer: int) -> tuple[jax.Array, KVCache]:
-        """qkv: [B, T, N + 2K, H] projections before RoPE; rope: (cos, sin) [B, T, H/2] f32.
-        Rotates q and k, writes k/v into the cache, then attends. Returns ([B, T, N, H],
-        cache). `module` (the calling Flax module) is unused here."""
+        """qkv: [B, T, N + 2K, H] projections before RoPE (on a mesh, each device's block its
+        own q, k and v heads: `parallel.qkv_order`); rope: (cos, sin) [B, T, H/2] f32. Rotates
+        q and k, writes k/v into the cache, then attends. Returns ([B, T, N, H], cache).
+        `module` (the calling Flax module) is unused here."""
         del module
+        if self.mesh is None:
+            return self._attend(qkv, rope, cache, meta, layer)
+        heads, specs = P(DP, None, TP), cache_specs(cache)
+        return jax.shard_map(functools.partial(self._attend, layer=layer), mesh=self.mesh,
+                             in_specs=(heads, P(DP), specs, meta.specs()),
+                             out_specs=(heads, specs), check_vma=False)(qkv, rope, cache, meta)
+
+    def _attend(self, qkv, rope, cache: KVCache, meta: AttentionMetadata, layer: int):
         ops, sparsity = self.kernels, self.sparsity
         streaming = meta.modes[layer] == STREAM  # [K]
         b, t, m, h = qkv.shape
@@ -122,8 +144,11 @@ class PagedAttention:
         if meta.phase is Phase.PREFILL:
             with jax.named_scope("prefill_attention"):
                 heads = meta.stream_heads[layer] if meta.stream_heads else None
+                path = self.prefill_path
+                if meta.stream_heads and heads is None:  # devices differ: modes read as data
+                    path = PrefillPath.fused
                 return ops.prefill(q, k, v, meta.new_lens, heads, streaming, sparsity,
-                                   self.prefill_path), cache
+                                   path), cache
         if meta.phase is Phase.CHUNK:
             with jax.named_scope("chunk_attention"):
                 keys, values = gather_layer(cache, layer)  # every cached token, this chunk's too
@@ -135,8 +160,16 @@ class PagedAttention:
 
     def norm(self, x, delta, weight, eps: float, meta) -> tuple[jax.Array, jax.Array]:
         """(x + delta, weight * rms_norm(x + delta)) over the last axis (delta None: x alone);
-        one kernel in a decode step on the Pallas backends."""
-        return self.kernels.norm(x, delta, weight, eps, meta.phase is Phase.DECODE)
+        one kernel in a decode step on the Pallas backends. On a mesh each device normalises
+        its own rows (delta, a row-parallel projection's output, all-reduced first)."""
+        def run(x, delta, weight):
+            return self.kernels.norm(x, delta, weight, eps, meta.phase is Phase.DECODE)
+
+        if self.mesh is None:
+            return run(x, delta, weight)
+        rows = P(DP)
+        return jax.shard_map(run, mesh=self.mesh, in_specs=(rows, rows, P()),
+                             out_specs=(rows, rows), check_vma=False)(x, delta, weight)
 
     def finish(self, cache: KVCache, meta: AttentionMetadata) -> KVCache:
         """The cache after the call: each row's length advanced by its new tokens."""

@@ -49,67 +49,106 @@ def kv_bytes_per_sequence(n_tokens: int, streaming: np.ndarray, model: ModelConf
 
 
 class PageAllocator:
-    """Free list over physical pages 1..num_pages-1 (page 0 is the trash page)."""
+    """Free lists over physical pages: one per shard of the pool (a device's block of pages on
+    a mesh, `lserve_jax.parallel`; one shard on one device). A shard's pages have local ids
+    1 .. num_pages / shards - 1; its page 0 is its trash page."""
 
-    def __init__(self, num_pages: int):
-        if num_pages < 2:
-            raise ValueError(f"num_pages={num_pages} is too small: the pool needs the trash page "
-                             "plus at least one page")
+    def __init__(self, num_pages: int, shards: int = 1):
+        per_shard = num_pages // shards
+        if num_pages % shards or per_shard < 2:
+            raise ValueError(f"num_pages={num_pages} over {shards} device(s) is too small or "
+                             "uneven: each device needs its trash page plus at least one page, "
+                             "and the same number of pages")
         self.num_pages = num_pages
-        self._free = list(range(num_pages - 1, TRASH_PAGE, -1))
+        self.shard_capacity = per_shard - 1  # pages a sequence can hold on one device
+        self._free = [list(range(per_shard - 1, TRASH_PAGE, -1)) for _ in range(shards)]
 
     @property
-    def free(self) -> int:
+    def shards(self) -> int:
         return len(self._free)
 
     @property
+    def free(self) -> int:
+        return sum(self.free_in(s) for s in range(self.shards))
+
+    def free_in(self, shard: int) -> int:
+        return len(self._free[shard])
+
+    @property
     def capacity(self) -> int:
-        """Pages a sequence can hold: all but the trash page."""
-        return self.num_pages - 1
+        """Pages sequences can hold: all but the trash pages."""
+        return self.shards * self.shard_capacity
 
     @property
     def held(self) -> int:
         return self.capacity - self.free
 
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise PoolExhausted(f"the page pool has {len(self._free)} free pages of "
-                                f"{self.capacity}, the request needs {n}: raise "
+    def allocate(self, n: int, shard: int = 0) -> list[int]:
+        free = self._free[shard]
+        if n > len(free):
+            where = f" on device {shard}" if self.shards > 1 else ""
+            raise PoolExhausted(f"the page pool has {len(free)} free pages{where} of "
+                                f"{self.shard_capacity}, the request needs {n}: raise "
                                 "CacheConfig.num_pages, or send fewer or shorter requests")
-        pages, self._free = self._free[-n:], self._free[:-n]
+        pages = free[len(free) - n:]
+        del free[len(free) - n:]
         return pages
 
-    def release(self, pages: list[int]) -> None:
-        self._free.extend(reversed(pages))
+    def release(self, pages: list[int], shard: int = 0) -> None:
+        self._free[shard].extend(reversed(pages))
 
 
 class SequencePages:
-    """Reserves and releases the pages of sequences, and builds their page-table rows."""
+    """Reserves and releases the pages of sequences, and builds their page-table rows. On a
+    mesh, (layer, KV head)'s pages come from the shard of the device holding that head in
+    the sequence's replica: shard r * tp + k // (K / tp)."""
 
     def __init__(self, allocator: PageAllocator, streaming: np.ndarray, sparsity: SparsityConfig,
-                 max_pages: int):
+                 max_pages: int, tp: int = 1):
         self.allocator = allocator
         self.streaming = np.asarray(streaming, bool)  # [L, K]
         self.sparsity = sparsity
         self.max_pages = max_pages
+        self.tp = tp
+        self.replicas = allocator.shards // tp
 
-    def reserve(self, n_tokens: int) -> tuple[np.ndarray, list[int]]:
-        """(page-table row [L, K, M] int32, pages to release later). Raises PoolExhausted."""
+    def per_device(self, n_tokens: int) -> np.ndarray:
+        """[tp] pages a sequence of `n_tokens` needs on each device of its replica."""
+        counts = pages_per_head(n_tokens, self.streaming, self.sparsity)
+        return counts.reshape(counts.shape[0], self.tp, -1).sum(axis=(0, 2))
+
+    def fits(self, n_tokens: int, replica: int = 0) -> bool:
+        """Whether `replica`'s free pages hold a sequence of `n_tokens` now."""
+        need = self.per_device(n_tokens)
+        return all(need[t] <= self.allocator.free_in(replica * self.tp + t)
+                   for t in range(self.tp))
+
+    def reserve(self, n_tokens: int, replica: int = 0) -> tuple[np.ndarray, dict[int, list]]:
+        """(page-table row [L, K, M] int32, the pages to release later by shard). Raises
+        PoolExhausted (and takes nothing) when the replica's devices cannot hold it."""
         needed = math.ceil(n_tokens / self.sparsity.page_size)
         if needed > self.max_pages:
             raise ValueError(f"a sequence of {n_tokens} tokens needs {needed} pages but the page "
                              f"table holds {self.max_pages}: raise CacheConfig.max_seq_len")
+        need = self.per_device(n_tokens)
+        shards = [replica * self.tp + t for t in range(self.tp)]
+        short = [t for t, s in enumerate(shards) if need[t] > self.allocator.free_in(s)]
+        if short:
+            self.allocator.allocate(int(need[short[0]]), shards[short[0]])  # raises
+        pages = {s: self.allocator.allocate(int(need[t]), s) for t, s in enumerate(shards)}
         counts = pages_per_head(n_tokens, self.streaming, self.sparsity)
-        pages = self.allocator.allocate(int(counts.sum()))
         row = np.full(self.streaming.shape + (self.max_pages,), TRASH_PAGE, np.int32)
-        cursor = 0
+        heads = self.streaming.shape[1] // self.tp
+        cursor = [0] * self.tp
         for (layer, head), count in np.ndenumerate(counts):
-            own = np.asarray(pages[cursor:cursor + count], np.int32)
-            cursor += count
+            t = head // heads
+            own = np.asarray(pages[shards[t]][cursor[t]:cursor[t] + count], np.int32)
+            cursor[t] += count
             slots = ring_slots(needed, bool(self.streaming[layer, head]),
                                self.sparsity.sink_pages, self.sparsity.ring_pages)
             row[layer, head, :needed] = own[slots]
         return row, pages
 
-    def release(self, pages: list[int]) -> None:
-        self.allocator.release(pages)
+    def release(self, pages: dict[int, list]) -> None:
+        for shard, ids in pages.items():
+            self.allocator.release(ids, shard)

@@ -14,8 +14,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from lserve_jax.config import ModelConfig, SparsityConfig
+from lserve_jax.parallel import DP, PAGES, TP
 from pallas_kernels.kv_quant import STATIC, QuantizedPool, empty_pool, pool_kind, read_pages
 from pallas_kernels.layout import TRASH_PAGE
 
@@ -80,9 +82,11 @@ def selection_shape(model: ModelConfig, sparsity: SparsityConfig, batch: int) ->
 
 
 def empty_cache(model: ModelConfig, sparsity: SparsityConfig, *, num_pages: int, batch: int,
-                max_pages: int, fill: float = 0.0, kv_dtype: str = "auto") -> KVCache:
+                max_pages: int, fill: float = 0.0, kv_dtype: str = "auto",
+                shards: int = 1) -> KVCache:
     """A cache of `num_pages` physical pages, every value `fill` (tests poison with NaN),
-    its pages in `kv_dtype` ('auto': the model's dtype; else a `kv_quant` format)."""
+    its pages in `kv_dtype` ('auto': the model's dtype; else a `kv_quant` format). `shards`:
+    the devices its pool is split over (`cache_specs`)."""
     dtype = jnp.dtype(model.dtype)
     n_p, n_l, h = sparsity.page_size, sparsity.logical_page_size, model.head_dim
 
@@ -90,12 +94,26 @@ def empty_cache(model: ModelConfig, sparsity: SparsityConfig, *, num_pages: int,
         return empty_pool(kv_dtype, num_pages, n_p, h, n_layers=model.n_layers, batch=batch,
                           n_kv=model.n_kv_heads, dtype=dtype, fill=fill)
 
-    stats = jnp.full((num_pages if sparsity.dynamic else 1, n_p // n_l, h), fill, dtype)
+    stats = jnp.full((num_pages if sparsity.dynamic else shards, n_p // n_l, h), fill, dtype)
     return KVCache(
         k=pool(), v=pool(), kmin=stats, kmax=stats.copy(),
         page_table=jnp.zeros((batch, model.n_layers, model.n_kv_heads, max_pages), jnp.int32),
         lengths=jnp.zeros((batch,), jnp.int32),
         selected=jnp.full(selection_shape(model, sparsity, batch), -1, jnp.int32))
+
+
+def cache_specs(cache: KVCache) -> KVCache:
+    """The cache's `PartitionSpec`s over a ('dp', 'tp') mesh (`lserve_jax.parallel`): pools
+    and statistics by device blocks of pages, per-row state by slot over dp and by KV head over
+    tp."""
+    def pool(x):
+        if not isinstance(x, QuantizedPool):
+            return PAGES
+        scale = P(None, DP, TP) if x.kind in STATIC else PAGES
+        return dataclasses.replace(x, codes=PAGES, scale=scale)
+
+    return KVCache(k=pool(cache.k), v=pool(cache.v), kmin=PAGES, kmax=PAGES,
+                   page_table=P(DP, None, TP), lengths=P(DP), selected=P(None, DP, TP))
 
 
 def gather_layer(cache: KVCache, layer: int) -> tuple[jax.Array, jax.Array]:

@@ -22,14 +22,15 @@ from tqdm.auto import tqdm
 from lserve_jax.attention import KernelTuning, PagedAttention, Phase
 from lserve_jax.cache.allocator import PageAllocator, SequencePages, kv_bytes_per_sequence
 from lserve_jax.cache.allocator import pages_per_head
-from lserve_jax.cache.paged import empty_cache
-from lserve_jax.config import Backend, CacheConfig, ModelConfig, PrefillPath, SchedulerConfig
-from lserve_jax.config import SparsityConfig, check_compatible
+from lserve_jax.cache.paged import cache_specs, empty_cache
+from lserve_jax.config import Backend, CacheConfig, ModelConfig, ParallelConfig, PrefillPath
+from lserve_jax.config import SchedulerConfig, SparsityConfig, check_compatible, check_parallel
 import lserve_jax.engine.steps as steps
 from lserve_jax.engine.outputs import CompletionOutput, Detokenizer, RequestMetrics
 from lserve_jax.engine.outputs import RequestOutput
 from lserve_jax.engine.scheduler import Request, Scheduler
 from lserve_jax.model import LoadedModel
+from lserve_jax.parallel import device_stream_heads, make_mesh, shard_params, shardings
 from lserve_jax.sampling import SamplingParams
 from lserve_jax.sparsity.heads import policy_gates
 from lserve_jax.sparsity.policy import STREAM, head_modes
@@ -59,32 +60,55 @@ class Engine:
                  backend: Backend = Backend.reference,
                  prefill_path: PrefillPath = PrefillPath.windowed,
                  tuning: KernelTuning = KernelTuning(), tokenizer=None, seed: int = 0,
-                 pool_fill: float = 0.0):
+                 pool_fill: float = 0.0, parallel: ParallelConfig = ParallelConfig()):
         self.model_cfg = model
         self.sparsity = sparsity or SparsityConfig(policy="dense")
         self.cache_cfg = cache or CacheConfig()
+        self.parallel = parallel
         check_compatible(model, self.sparsity)
+        check_parallel(model, self.cache_cfg, parallel)
+        self.mesh = make_mesh(parallel)
         # built first: a backend that cannot run the policy fails before anything is allocated
-        self.attention = PagedAttention(self.sparsity, backend, prefill_path, tuning)
-        self.params = params
+        self.attention = PagedAttention(self.sparsity, backend, prefill_path, tuning, self.mesh)
+        self.params = params if self.mesh is None else shard_params(params, model, self.mesh,
+                                                                    parallel)
         self.tokenizer = tokenizer
         self.seed = seed
         self.modes = head_modes(model, self.sparsity, gates)  # [L, K] int8
-        self.stream_heads = tuple(tuple(int(h) for h in np.nonzero(row == STREAM)[0])
-                                  for row in self.modes)  # the same, static, for prefill
+        self.stream_heads = device_stream_heads(self.modes, parallel.tp)  # static, for prefill
         self.max_pages = math.ceil(self.cache_cfg.max_seq_len / self.sparsity.page_size)
         streaming = self.modes == STREAM
-        num_pages = self.cache_cfg.num_pages or 1 + self.cache_cfg.max_batch * int(
-            pages_per_head(self.cache_cfg.max_seq_len, streaming, self.sparsity).sum())
-        self.pages = SequencePages(PageAllocator(num_pages), streaming, self.sparsity,
-                                   self.max_pages)
-        self.cache = empty_cache(model, self.sparsity, num_pages=num_pages,
-                                 batch=self.cache_cfg.max_batch, max_pages=self.max_pages,
-                                 fill=pool_fill, kv_dtype=self.cache_cfg.kv_dtype)
+        self.pages = SequencePages(PageAllocator(self._num_pages(streaming), parallel.devices),
+                                   streaming, self.sparsity, self.max_pages, parallel.tp)
+        self.cache = self._empty_cache(pool_fill)
         self._finished: list[Request] = []  # refused on arrival, reported at the next step
         self.reschedule(scheduler)
         self._modes = jnp.asarray(self.modes)
         self._ids = itertools.count()
+
+    def _num_pages(self, streaming: np.ndarray) -> int:
+        """CacheConfig.num_pages, or (0) a pool holding max_batch sequences of max_seq_len
+        tokens: on a mesh, each device's block sized for its replica's slots and the heads of
+        its device that need the most pages."""
+        if self.cache_cfg.num_pages:
+            return self.cache_cfg.num_pages
+        counts = pages_per_head(self.cache_cfg.max_seq_len, streaming, self.sparsity)
+        tp, dp = self.parallel.tp, self.parallel.dp
+        per_device = int(counts.reshape(counts.shape[0], tp, -1).sum(axis=(0, 2)).max())
+        return tp * dp * (1 + self.cache_cfg.max_batch // dp * per_device)
+
+    def _empty_cache(self, fill: float):
+        def make():
+            return empty_cache(self.model_cfg, self.sparsity,
+                               num_pages=self.pages.allocator.num_pages,
+                               batch=self.cache_cfg.max_batch, max_pages=self.max_pages,
+                               fill=fill, kv_dtype=self.cache_cfg.kv_dtype,
+                               shards=self.parallel.devices)
+
+        if self.mesh is None:
+            return make()
+        specs = cache_specs(jax.eval_shape(make))
+        return jax.jit(make, out_shardings=shardings(specs, self.mesh))()
 
     @classmethod
     def for_model(cls, model: LoadedModel, sparsity: SparsityConfig, cache: CacheConfig,
@@ -195,12 +219,19 @@ class Engine:
         return [self._output(r) for r in changed.values()]
 
     def _prefill(self, group: list[Request]) -> list[Request]:
-        rows = self.scheduler.config.prefill_rows
+        per_replica = self.scheduler.config.prefill_rows
+        rows = per_replica * self.pages.replicas  # replica r's requests in block r
+        placed: list[Request | None] = [None] * rows
+        for request in group:
+            block = self.scheduler.replica(request.slot) * per_replica
+            placed[placed.index(None, block)] = request
         width = self.sparsity.prefill_chunk or self.scheduler.bucket(len(group[0].prompt_ids))
         slots = np.full(rows, self.cache_cfg.max_batch, np.int32)  # padding: past the batch
         tokens = np.zeros((rows, width), np.int32)
         new = np.zeros(rows, np.int32)
-        for i, request in enumerate(group):
+        for i, request in enumerate(placed):
+            if request is None:
+                continue
             part = request.prompt_ids[request.prefilled:request.prefilled + width]
             slots[i], new[i] = request.slot, len(part)
             tokens[i, : len(part)] = part
@@ -208,17 +239,19 @@ class Engine:
         logits, self.cache = steps.prefill(
             self.model_cfg, self.attention, self.stream_heads, phase, self.params, self.cache,
             jnp.asarray(slots), jnp.asarray(tokens), jnp.asarray(new), self._modes)
-        for i, request in enumerate(group):
-            request.prefilled += int(new[i])
-        done = [i for i, r in enumerate(group) if r.prefilled == len(r.prompt_ids)]
+        for i, request in enumerate(placed):
+            if request is not None:
+                request.prefilled += int(new[i])
+        done = [i for i, r in enumerate(placed)
+                if r is not None and r.prefilled == len(r.prompt_ids)]
         if done:
-            first = np.asarray(steps.first_tokens(self._slot_state(group, rows), logits))
+            first = np.asarray(steps.first_tokens(self._slot_state(placed), logits))
             now = time.perf_counter()
             for i in done:
-                request = group[i]
+                request = placed[i]
                 request.metrics = dataclasses.replace(request.metrics, first_token=now)
                 self._extend(request, [int(first[i])])
-        return [group[i] for i in done]
+        return [placed[i] for i in done]
 
     def _decode(self, decoding: list[Request]) -> int:
         """Runs one decode chunk; returns how many steps it ran."""
@@ -236,10 +269,8 @@ class Engine:
             self._extend(request, row[row >= 0].tolist())
         return int((out >= 0).sum(axis=1).max())
 
-    def _slot_state(self, rows: list[Request | None], n: int | None = None) -> steps.SlotState:
-        """Each row's sampling and progress as device arrays (None rows, and rows past the
-        list up to n, inactive)."""
-        rows = list(rows) + [None] * ((n or len(rows)) - len(rows))
+    def _slot_state(self, rows: list[Request | None]) -> steps.SlotState:
+        """Each row's sampling and progress as device arrays (None rows inactive)."""
         width = max([len(r.stops) for r in rows if r is not None] + [1])
         stops = np.full((len(rows), width), -1, np.int32)
         fields = {k: np.zeros(len(rows), t) for k, t in (
@@ -335,12 +366,13 @@ class Engine:
                 "max_seq_len or shorten the prompt")
 
     def _enqueue(self, request: Request) -> None:
-        needed = int(pages_per_head(request.needed_tokens, self.pages.streaming,
-                                    self.sparsity).sum())
-        pool = self.pages.allocator.capacity
+        needed = int(self.pages.per_device(request.needed_tokens).max())
+        pool = self.pages.allocator.shard_capacity
         if needed > pool:
-            request.error = (f"the request needs {needed} pages and the whole pool has {pool}: "
-                             "raise CacheConfig.num_pages, or shorten the prompt or max_tokens")
+            where = " one device's share of" if self.mesh is not None else ""
+            request.error = (f"the request needs {needed} pages and{where} the whole pool has "
+                             f"{pool}: raise CacheConfig.num_pages, or shorten the prompt or "
+                             "max_tokens")
             self._finish(request, "refused")
         else:
             self.scheduler.add(request)

@@ -3,9 +3,10 @@ runs (plain Python, nano-vllm's shape).
 
 Each iteration `schedule()` admits waiting requests in arrival order while a slot and the pages
 for prompt + max_tokens are free (the request at the head waits for pages rather than being
-overtaken) and picks up to `prefill_rows` prompts to prefill one chunk of; after the prefill,
-`decoding()` lists the requests that decode. A request that finishes leaves its slot and pages
-at once (`retire`), so a waiting one takes them at the next iteration. The `wave` schedule
+overtaken; with data-parallel replicas it goes to the least busy replica that holds it) and
+picks up to `prefill_rows` prompts to prefill one chunk of; after the prefill, `decoding()`
+lists the requests that decode. A request that finishes leaves its slot and pages at once
+(`retire`), so a waiting one takes them at the next iteration. The `wave` schedule
 admits only into an empty batch and decodes only once the whole batch is prefilled: static
 batching, the baseline.
 """
@@ -17,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from lserve_jax.cache.allocator import PoolExhausted, SequencePages
+from lserve_jax.cache.allocator import SequencePages
 from lserve_jax.config import SchedulerConfig
 from lserve_jax.engine.outputs import Detokenizer, RequestMetrics
 from lserve_jax.sampling import SamplingParams
@@ -34,7 +35,7 @@ class Request:
     metrics: RequestMetrics
     prompt: str | None = None
     slot: int | None = None
-    pages: list[int] | None = None
+    pages: dict[int, list[int]] | None = None  # by pool shard, while admitted
     table: np.ndarray | None = None  # [L, K, M] int32 page-table row, while admitted
     prefilled: int = 0  # prompt tokens in the cache
     tokens: list[int] = dataclasses.field(default_factory=list)
@@ -104,17 +105,34 @@ class Scheduler:
         if self.config.schedule == "wave" and self.running:
             return []
         admitted = []
-        while self.waiting and None in self.slots:
+        while self.waiting:
             request = self.waiting[0]
-            try:
-                request.table, request.pages = self.pages.reserve(request.needed_tokens)
-            except PoolExhausted:
-                break  # waits for pages: requests that can never fit were refused on arrival
+            slot = self._free_slot(request.needed_tokens)
+            if slot is None:
+                break  # waits for a slot or pages: what can never fit was refused on arrival
+            request.table, request.pages = self.pages.reserve(request.needed_tokens,
+                                                              self.replica(slot))
             self.waiting.popleft()
-            request.slot = self.slots.index(None)
-            self.slots[request.slot] = request
+            request.slot = slot
+            self.slots[slot] = request
             admitted.append(request)
         return admitted
+
+    def replica(self, slot: int) -> int:
+        """The data-parallel replica serving `slot` (0 on one device or a tp-only mesh)."""
+        return slot // (len(self.slots) // self.pages.replicas)
+
+    def _free_slot(self, n_tokens: int) -> int | None:
+        """A free slot of the least busy replica whose devices hold `n_tokens` now."""
+        busy: dict[int, int] = {}
+        for slot, request in enumerate(self.slots):
+            busy[self.replica(slot)] = busy.get(self.replica(slot), 0) + (request is not None)
+        for replica in sorted(busy, key=busy.get):
+            free = [s for s, r in enumerate(self.slots) if r is None and
+                    self.replica(s) == replica]
+            if free and self.pages.fits(n_tokens, replica):
+                return free[0]
+        return None
 
     def retire(self, request: Request) -> None:
         """Frees the request's slot and pages (it finished, stopped or was cancelled)."""

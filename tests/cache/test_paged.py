@@ -105,7 +105,7 @@ def test_reserve_aliases_streaming_heads_and_counts_memory():
     modes = np.array([[STREAM, DENSE], [DENSE, STREAM]])
     pages = SequencePages(PageAllocator(200), modes == STREAM, SP, max_pages=12)
     row, owned = pages.reserve(90)  # 12 pages
-    assert len(owned) == 2 * 12 + 2 * SP.stream_pages
+    assert list(owned) == [0] and len(owned[0]) == 2 * 12 + 2 * SP.stream_pages
     slots = ring_slots(12, True, SP.sink_pages, SP.ring_pages)
     np.testing.assert_array_equal(row[0, 0], np.asarray(row[0, 0])[slots])
     assert len(set(row[0, 1].tolist())) == 12
@@ -114,3 +114,29 @@ def test_reserve_aliases_streaming_heads_and_counts_memory():
     assert half == dense_bytes * (24 + 2 * SP.stream_pages) // 48
     with pytest.raises(ValueError, match="max_seq_len"):
         pages.reserve(200)
+
+
+def test_sharded_pool_hands_each_device_its_own_heads_pages():
+    """tp = 2, dp = 2: a (layer, KV head)'s pages are local ids of the shard of the device
+    holding that head in the sequence's replica; a replica that cannot hold a sequence on one
+    of its devices takes nothing anywhere."""
+    modes = np.array([[STREAM, DENSE, DENSE, DENSE], [DENSE, DENSE, STREAM, STREAM]])
+    alloc = PageAllocator(4 * 40, shards=4)
+    pages = SequencePages(alloc, modes == STREAM, SP, max_pages=12, tp=2)
+    need = pages.per_device(90)  # 12 pages a dense head, stream_pages a streaming one
+    assert need.tolist() == [3 * 12 + SP.stream_pages, 2 * 12 + 2 * SP.stream_pages]
+    row, owned = pages.reserve(90, replica=1)
+    assert sorted(owned) == [2, 3] and [len(owned[s]) for s in (2, 3)] == need.tolist()
+    for head in range(4):
+        shard = 2 + head // 2
+        used = set(row[:, head].ravel().tolist()) - {0}
+        assert used <= set(owned[shard]) and max(used) < 40
+    assert alloc.free_in(0) == alloc.free_in(1) == 39
+    with pytest.raises(PoolExhausted, match="device 2"):
+        pages.reserve(90, replica=1)
+    assert [alloc.free_in(s) for s in (2, 3)] == [39 - need[0], 39 - need[1]]
+    assert not pages.fits(90, replica=1) and pages.fits(90, replica=0)
+    pages.release(owned)
+    assert alloc.free == alloc.capacity == 4 * 39
+    with pytest.raises(ValueError, match="uneven"):
+        PageAllocator(81, shards=4)

@@ -1,0 +1,91 @@
+"""The sharded program: the Pallas kernels per device, the compiled decode step's collectives
+(none moves the KV pools), where parameters and the cache live, and the vocabulary's split."""
+
+import re
+
+import jax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from lserve_jax.cache.paged import cache_specs
+from lserve_jax.config import Backend
+import lserve_jax.engine.steps as steps
+from tests.conftest import TOLERANCE
+from tests.multidevice.test_tensor_parallel import (CFG, PROMPTS, SamplingParams, _single, close,
+                                                    engine, outputs, split_as)
+
+# an HLO instruction's result type and opcode: `%name = f32[161,8,16]{2,1,0} copy(...`
+INSTRUCTION = re.compile(r"= (\w+)\[([\d,]*)\]\S* ([\w-]+)\(")
+MOVES = ("copy", "copy-start", "all-gather", "all-gather-start", "all-to-all",
+         "collective-permute", "collective-permute-start", "reduce-scatter")
+
+
+def instructions(hlo: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(opcode, result shape) of every instruction with an array result."""
+    return [(m.group(3), tuple(int(d) for d in m.group(2).split(",") if d))
+            for m in INSTRUCTION.finditer(hlo)]
+
+
+@pytest.mark.parametrize("tp,backend", [(8, Backend.reference), (2, Backend.pallas_interpret)])
+def test_decode_step_never_moves_the_kv_pools(tp, backend):
+    """The compiled decode chunk on each device holds only its block of the pools and
+    statistics (the whole pool's shape appears nowhere), never copies, gathers or permutes
+    them, and all-reduces after the row-parallel projections."""
+    eng = engine("lserve", tp, 1, backend)
+    state = steps.SlotState.greedy(eng.cache_cfg.max_batch)
+    hlo = steps.decode.lower(CFG, eng.attention, 8, eng.params, eng.cache, state,
+                             eng._modes).compile().as_text()
+    ops = instructions(hlo)
+    pool, stats = eng.cache.k.shape, eng.cache.kmin.shape
+    local = {(pool[0] // tp,) + pool[1:], (stats[0] // tp,) + stats[1:]}
+    assert {shape for _, shape in ops} & local == local
+    assert not [shape for _, shape in ops if shape in (pool, stats)]
+    moved = [(op, shape) for op, shape in ops if op in MOVES and shape[-2:] == pool[-2:]]
+    assert not moved
+    assert sum(op.startswith("all-reduce") for op, _ in ops) >= 2 * CFG.n_layers
+
+
+def test_pallas_kernels_per_device(monkeypatch):
+    """The Pallas kernels (interpreted) under shard_map at TP = 2 give the tokens and logits
+    of one device."""
+    one = outputs("lserve", 1, 1, monkeypatch, Backend.pallas_interpret)
+    two = outputs("lserve", 2, 1, monkeypatch, Backend.pallas_interpret)
+    assert two["tokens"] == one["tokens"]
+    assert close(two["decode"], one["decode"]) < TOLERANCE["float32"]
+    assert close(two["prefill"], one["prefill"]) < TOLERANCE["float32"]
+
+
+def test_replicated_vocabulary_gives_the_same_tokens_and_costs_its_bytes(monkeypatch):
+    """shard_vocab=False keeps the embedding and head whole on every device: the same tokens,
+    and device 0 holds (tp - 1) / tp of their bytes more."""
+    whole = outputs("lserve", 4, 1, monkeypatch, shard_vocab=False)
+    split = outputs("lserve", 4, 1, monkeypatch)
+    assert whole["tokens"] == split["tokens"] == _single("lserve")["tokens"]
+
+    def device0_bytes(eng):
+        return sum(s.data.nbytes for leaf in jax.tree.leaves(eng.params)
+                   for s in leaf.addressable_shards if s.device == jax.devices()[0])
+
+    vocab_bytes = 2 * CFG.vocab_size * CFG.dim * 4  # embed + lm_head, f32
+    extra = device0_bytes(whole["engine"]) - device0_bytes(split["engine"])
+    assert extra == vocab_bytes * 3 // 4
+
+
+def test_cache_and_parameters_keep_their_shardings():
+    """After install, prefill and decode the cache is still split as declared (donation kept
+    it in place), and each weight is split on the axis Megatron splits it."""
+    eng = engine("lserve", 4, 2)
+    eng.generate(PROMPTS[:2], SamplingParams(max_tokens=8))
+    specs = cache_specs(eng.cache)
+    for leaf, spec in zip(jax.tree.leaves(eng.cache),
+                          jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))):
+        assert split_as(leaf, eng.mesh, spec)
+    layer, mesh = eng.params["layers_0"], eng.mesh
+    assert split_as(layer["attn"]["qkv"], mesh, P(None, "tp"))
+    assert split_as(layer["attn"]["o"], mesh, P("tp"))
+    assert split_as(layer["mlp"]["gate_up"], mesh, P(None, None, "tp"))
+    assert split_as(layer["mlp"]["down"], mesh, P("tp"))
+    assert split_as(eng.params["lm_head"], mesh, P(None, "tp"))
+    assert split_as(eng.params["embed"], mesh, P("tp"))
+    assert split_as(layer["attn_norm"]["weight"], mesh, P())
+    assert not split_as(layer["attn"]["qkv"], mesh, P())

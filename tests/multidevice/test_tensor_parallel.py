@@ -1,0 +1,109 @@
+"""Tensor (TP = 2 / 4 / 8) and data (DP = 2) parallel engines give the single-device logits and
+tokens (f32) under every policy: prefill logits, teacher-forced decode logits, greedy tokens."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lserve_jax.attention import AttentionMetadata, Phase
+from lserve_jax.config import Backend, CacheConfig, ModelConfig, ParallelConfig
+from lserve_jax.config import SchedulerConfig, SparsityConfig
+from lserve_jax.engine import Engine
+import lserve_jax.engine.steps as steps
+from lserve_jax.model.llama import Llama, init_params
+from lserve_jax.sampling import SamplingParams
+from tests.conftest import TOLERANCE
+
+CFG = ModelConfig(n_heads=16, n_kv_heads=8, head_dim=16, dim=64, ffn_dim=128)
+PARAMS = init_params(CFG, jax.random.key(0))
+WINDOWS = dict(page_size=8, logical_page_size=4, decode_sink=8, decode_local=16,
+               prefill_sink=8, prefill_local=16, token_budget=32)
+POLICIES = ("dense", "streaming", "duo", "quest", "lserve")
+GATES = np.random.default_rng(1).random((CFG.n_layers, CFG.n_kv_heads))
+PROMPTS = [np.random.default_rng(n).integers(0, CFG.vocab_size, n).tolist() for n in (37, 70, 101)]
+FORCED = np.random.default_rng(7).integers(0, CFG.vocab_size, (3, 6))  # teacher-forced tokens
+MESHES = [(2, 1), (4, 1), (8, 1), (2, 2)]  # (tp, dp)
+
+
+def sparsity(policy: str) -> SparsityConfig:
+    flat = {"logical_page_size": WINDOWS["page_size"]} if policy == "quest" else {}
+    return SparsityConfig(policy=policy, **{**WINDOWS, **flat})
+
+
+def engine(policy, tp, dp, backend=Backend.reference, **parallel) -> Engine:
+    gates = GATES if sparsity(policy).static else None
+    return Engine(CFG, PARAMS, sparsity(policy), CacheConfig(max_seq_len=192, max_batch=4),
+                  gates, backend=backend, parallel=ParallelConfig(tp=tp, dp=dp, **parallel),
+                  scheduler=SchedulerConfig(prefill_rows=3, decode_steps=8))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def forced_logits(cfg, attention, params, cache, slots, tokens, modes):
+    """[S, 3, V] logits of decoding `tokens` [3, S] in cache rows `slots` (others idle), the
+    page selector rerun at every step."""
+    active = jnp.zeros(cache.lengths.shape, jnp.int32).at[slots].set(1)
+
+    def step(cache, tok):
+        meta = AttentionMetadata(new_lens=active, modes=modes, step=jnp.zeros((), jnp.int32),
+                                 phase=Phase.DECODE, refresh=True)
+        row = jnp.zeros(cache.lengths.shape, jnp.int32).at[slots].set(tok)
+        logits, cache = Llama(cfg, attention).apply(
+            {"params": params}, row[:, None], cache.lengths[:, None], cache, meta)
+        return cache, logits[slots, 0]
+
+    return jax.lax.scan(step, cache, tokens.T)[1]
+
+
+def outputs(policy, tp, dp, monkeypatch, backend=Backend.reference, **parallel) -> dict:
+    """Prefill logits by prompt, greedy tokens, and teacher-forced decode logits after the
+    first decode chunk."""
+    eng = engine(policy, tp, dp, backend, **parallel)
+    prefill, seen = steps.prefill, []
+
+    def record(*args):
+        logits, cache = prefill(*args)
+        seen.append((np.asarray(args[6]), np.asarray(logits)))
+        return logits, cache
+
+    monkeypatch.setattr(steps, "prefill", record)
+    tokens = [o.outputs[0].token_ids for o in eng.generate(PROMPTS, SamplingParams(max_tokens=20))]
+    by_slot = {int(s): row for slots, logits in seen for s, row in zip(slots, logits)}
+    ids = eng.add_requests(PROMPTS, SamplingParams(max_tokens=40))
+    eng.step()  # prefill and one decode chunk
+    slots = [r.slot for i in ids for r in eng.scheduler.running if r.request_id == i]
+    decode = forced_logits(CFG, eng.attention, eng.params, eng.cache, jnp.asarray(slots),
+                           jnp.asarray(FORCED), jnp.asarray(eng.modes))
+    first = [by_slot[s] for s in sorted(by_slot)]
+    return {"tokens": tokens, "prefill": np.stack(first), "decode": np.asarray(decode),
+            "engine": eng}
+
+
+@functools.cache
+def _single(policy):
+    with pytest.MonkeyPatch.context() as mp:
+        return outputs(policy, 1, 1, mp)
+
+
+def close(a, b) -> float:
+    return float(np.max(np.abs(a - b) / np.maximum(1.0, np.abs(b))))
+
+
+@pytest.mark.parametrize("tp,dp", MESHES, ids=[f"tp{t}dp{d}" for t, d in MESHES])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_parallel_engine_equals_one_device(policy, tp, dp, monkeypatch):
+    one, many = _single(policy), outputs(policy, tp, dp, monkeypatch)
+    assert many["tokens"] == one["tokens"]
+    assert one["decode"].shape == (6, 3, CFG.vocab_size) and np.isfinite(one["decode"]).all()
+    assert close(many["decode"], one["decode"]) < TOLERANCE["float32"]
+    if dp == 1:  # the same slots, in the same order, prefill in the same rows
+        assert close(many["prefill"], one["prefill"]) < TOLERANCE["float32"]
+    eng = many["engine"]
+    assert split_as(eng.cache.k, eng.mesh, P(("dp", "tp")))
+
+
+def split_as(x: jax.Array, mesh, spec: P) -> bool:
+    return x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim)
