@@ -21,8 +21,8 @@ from typing import Annotated
 
 import tyro
 
-from lserve_jax.config import Backend, CacheConfig, PrefillPath, RunConfig, SchedulerConfig
-from lserve_jax.config import SparsityConfig, WeightDtype
+from lserve_jax.config import Backend, CacheConfig, ParallelConfig, PrefillPath, RunConfig
+from lserve_jax.config import SchedulerConfig, SparsityConfig, WeightDtype
 
 USAGE = __doc__.split("\n\n")[1]
 
@@ -39,6 +39,7 @@ class GenerateArgs:
     sparsity: SparsityConfig = SparsityConfig(policy="dense")
     cache: CacheConfig = CacheConfig(max_batch=1)
     run: RunConfig = RunConfig()
+    parallel: ParallelConfig = ParallelConfig()  # --parallel.tp N: N GPUs split each layer
 
 
 def generate(args: GenerateArgs) -> list[int]:
@@ -46,7 +47,7 @@ def generate(args: GenerateArgs) -> list[int]:
 
     llm = LLM(args.model, args.sparsity, args.cache, backend=args.run.backend,
               prefill_path=args.run.prefill_kernel, seed=args.run.seed,
-              weight_dtype=args.weight_dtype)
+              weight_dtype=args.weight_dtype, parallel=args.parallel)
     if args.prompt is not None:
         if llm.tokenizer is None:
             raise SystemExit(f"--prompt needs a tokenizer, and {args.model!r} has none: pass "
@@ -82,6 +83,8 @@ class ServeArgs:
     sparsity: SparsityConfig = SparsityConfig(policy="dense")
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    # --parallel.tp N splits each layer over N GPUs; --parallel.dp M serves M replicas of that
+    parallel: ParallelConfig = ParallelConfig()
 
 
 def serve(args: ServeArgs) -> None:
@@ -94,7 +97,7 @@ def serve(args: ServeArgs) -> None:
 
     llm = LLM(args.model, args.sparsity, args.cache, backend=args.backend,
               scheduler=args.scheduler, prefill_path=args.prefill_kernel, seed=args.seed,
-              weight_dtype=args.weight_dtype)
+              weight_dtype=args.weight_dtype, parallel=args.parallel)
     run_server(llm, args.host, args.port, args.served_model_name or args.model)
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from lserve_jax.attention import KernelTuning
-from lserve_jax.config import (Backend, CacheConfig, PrefillPath, SchedulerConfig,
-                               SparsityConfig, WeightDtype)
+from lserve_jax.config import (Backend, CacheConfig, ParallelConfig, PrefillPath,
+                               SchedulerConfig, SparsityConfig, WeightDtype)
 from lserve_jax.engine import Engine, RequestOutput
 from lserve_jax.model import LoadedModel, load_model
 from lserve_jax.sampling import SamplingParams
@@ -25,7 +25,8 @@ class LLM:
     weights), `testbed`, a checkpoint directory, a local HF directory, or a `LoadedModel`.
     The policy defaults to dense; static policies (duo, lserve) take the model's own head
     pattern or `sparsity.head_pattern`. `weight_dtype="fp8"` quantizes the linear layers at
-    load; `cache.kv_dtype` quantizes the KV cache."""
+    load; `cache.kv_dtype` quantizes the KV cache. `parallel` spreads the model over a
+    ('dp', 'tp') mesh of devices (`lserve_jax.parallel`)."""
 
     def __init__(self, model: str | LoadedModel = "tiny",
                  sparsity: SparsityConfig = SparsityConfig(policy="dense"),
@@ -34,7 +35,8 @@ class LLM:
                  scheduler: SchedulerConfig = SchedulerConfig(),
                  prefill_path: PrefillPath | str = PrefillPath.windowed,
                  tuning: KernelTuning = KernelTuning(), seed: int = 0,
-                 weight_dtype: WeightDtype = "auto"):
+                 weight_dtype: WeightDtype = "auto",
+                 parallel: ParallelConfig = ParallelConfig()):
         if not isinstance(model, str) and weight_dtype != "auto":
             raise ValueError("weight_dtype applies when LLM loads the model: pass a name or "
                              "directory, or load it with load_model(..., weight_dtype)")
@@ -43,7 +45,7 @@ class LLM:
         self.engine = Engine.for_model(self.model, sparsity, cache, scheduler=scheduler,
                                        backend=Backend(backend),
                                        prefill_path=PrefillPath(prefill_path), tuning=tuning,
-                                       seed=seed)
+                                       seed=seed, parallel=parallel)
 
     @property
     def tokenizer(self):
