@@ -102,8 +102,8 @@ class RopeScaling:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Llama architecture. Presets: `ModelConfig.from_name(name)`, name one of 'tiny',
-    'llama3-8b', 'llama2-7b', 'testbed' (random weights; `load_model('testbed')` loads the
-    trained checkpoint)."""
+    'llama3-8b', 'llama3-70b', 'llama2-7b', 'testbed' (random weights; `load_model('testbed')`
+    loads the trained checkpoint)."""
 
     vocab_size: int = 512
     dim: int = 64
@@ -220,6 +220,9 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
     "llama3-8b": ModelConfig(
         vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128,
         ffn_dim=14336, rope_theta=500000.0, rope_scaling=RopeScaling(), dtype="bfloat16"),
+    "llama3-70b": ModelConfig(
+        vocab_size=128256, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, head_dim=128,
+        ffn_dim=28672, rope_theta=500000.0, rope_scaling=RopeScaling(), dtype="bfloat16"),
     "llama2-7b": ModelConfig(
         vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128,
         ffn_dim=11008, rope_theta=10000.0, dtype="bfloat16"),
