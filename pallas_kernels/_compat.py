@@ -51,13 +51,20 @@ def layer_operand(layer: int) -> jax.Array:
     return jnp.full((1,), layer, jnp.int32)
 
 
-@contextlib.contextmanager
-def abstract_gpu(device_kind: str = "NVIDIA H200", num_cores: int = 132):
-    """Lets `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` lower Pallas Triton
-    kernels on a machine without a GPU (CI), so lowering errors surface there."""
-    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=AbstractDevice(
+def abstract_gpu_mesh(shape: tuple[int, ...] = (1,), names: tuple[str, ...] = ("x",),
+                      device_kind: str = "NVIDIA H200", num_cores: int = 132,
+                      axis_type: AxisType = AxisType.Explicit) -> AbstractMesh:
+    """A mesh of GPUs that need not exist (for lowering on a machine without them)."""
+    return AbstractMesh(shape, names, (axis_type,) * len(shape), abstract_device=AbstractDevice(
         device_kind=device_kind, num_cores=num_cores, platform="gpu"))
-    with use_abstract_mesh(mesh):
+
+
+@contextlib.contextmanager
+def abstract_gpu(mesh: AbstractMesh | None = None):
+    """Lets `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` lower Pallas Triton
+    kernels on a machine without a GPU (CI), so lowering errors surface there; `mesh`: several
+    GPUs (`abstract_gpu_mesh`), for programs that shard over them."""
+    with use_abstract_mesh(mesh or abstract_gpu_mesh()):
         yield
 
 

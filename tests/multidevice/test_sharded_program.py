@@ -1,15 +1,18 @@
 """The sharded program: the Pallas kernels per device, the compiled decode step's collectives
 (none moves the KV pools), where parameters and the cache live, and the vocabulary's split."""
 
+import dataclasses
 import re
 
 import jax
+import jax.numpy as jnp
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from lserve_jax.cache.paged import cache_specs
 from lserve_jax.config import Backend
 import lserve_jax.engine.steps as steps
+from pallas_kernels._compat import abstract_gpu, abstract_gpu_mesh
 from tests.conftest import TOLERANCE
 from tests.multidevice.test_tensor_parallel import (CFG, PROMPTS, SamplingParams, _single, close,
                                                     engine, outputs, split_as)
@@ -89,3 +92,30 @@ def test_cache_and_parameters_keep_their_shardings():
     assert split_as(eng.params["embed"], mesh, P("tp"))
     assert split_as(layer["attn_norm"]["weight"], mesh, P())
     assert not split_as(layer["attn"]["qkv"], mesh, P())
+
+
+def test_tensor_parallel_decode_lowers_for_cuda():
+    """The TP = 2 decode loop with the Pallas Triton kernels lowers for CUDA over an abstract
+    1 x 2 GPU mesh, inside shard_maps (manual computations): every kernel sees one device's
+    block of the pools, never the whole pool."""
+    eng = engine("lserve", 2, 1, Backend.pallas)
+    mesh = abstract_gpu_mesh((1, 2), ("dp", "tp"), axis_type=AxisType.Auto)
+
+    def abstract(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, x.sharding.spec))
+
+    attention = dataclasses.replace(eng.attention, mesh=mesh)
+    params, cache = (jax.tree.map(abstract, t) for t in (eng.params, eng.cache))
+    with abstract_gpu(mesh):
+        hlo = jax.jit(steps.decode, static_argnums=(0, 1, 2)).trace(
+            CFG, attention, 4, params, cache, steps.SlotState.greedy(4),
+            jnp.asarray(eng.modes)).lower(lowering_platforms=("cuda",)).as_text()
+    pool = eng.cache.k.shape
+
+    def text(shape):
+        return "tensor<" + "x".join(map(str, shape))
+
+    kernels = [f for f in hlo.split("func.func")[1:] if "__gpu$xla.gpu.triton" in f]
+    assert len(kernels) >= 4 and "sdy.manual_computation" in hlo
+    assert not [f for f in kernels if text(pool) in f]
+    assert [f for f in kernels if text((pool[0] // 2,) + pool[1:]) in f]
