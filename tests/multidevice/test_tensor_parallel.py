@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lserve_jax.attention import AttentionMetadata, Phase
+from lserve_jax.cache.paged import cache_specs
 from lserve_jax.config import Backend, CacheConfig, ModelConfig, ParallelConfig
 from lserve_jax.config import SchedulerConfig, SparsityConfig
 from lserve_jax.engine import Engine
@@ -26,7 +27,7 @@ POLICIES = ("dense", "streaming", "duo", "quest", "lserve")
 GATES = np.random.default_rng(1).random((CFG.n_layers, CFG.n_kv_heads))
 PROMPTS = [np.random.default_rng(n).integers(0, CFG.vocab_size, n).tolist() for n in (37, 70, 101)]
 FORCED = np.random.default_rng(7).integers(0, CFG.vocab_size, (3, 6))  # teacher-forced tokens
-MESHES = [(2, 1), (4, 1), (8, 1), (2, 2)]  # (tp, dp)
+MESHES = [(2, 1), (4, 1), (8, 1), (4, 2)]  # (tp, dp)
 
 
 def sparsity(policy: str) -> SparsityConfig:
@@ -59,8 +60,8 @@ def forced_logits(cfg, attention, params, cache, slots, tokens, modes):
 
 
 def outputs(policy, tp, dp, monkeypatch, backend=Backend.reference, **parallel) -> dict:
-    """Prefill logits by prompt, greedy tokens, and teacher-forced decode logits after the
-    first decode chunk."""
+    """Prefill logits of each prompt's last token, teacher-forced decode logits after the first decode chunk,
+    and the greedy tokens."""
     eng = engine(policy, tp, dp, backend, **parallel)
     prefill, seen = steps.prefill, []
 
@@ -70,16 +71,17 @@ def outputs(policy, tp, dp, monkeypatch, backend=Backend.reference, **parallel) 
         return logits, cache
 
     monkeypatch.setattr(steps, "prefill", record)
-    tokens = [o.outputs[0].token_ids for o in eng.generate(PROMPTS, SamplingParams(max_tokens=20))]
-    by_slot = {int(s): row for slots, logits in seen for s, row in zip(slots, logits)}
-    ids = eng.add_requests(PROMPTS, SamplingParams(max_tokens=40))
-    eng.step()  # prefill and one decode chunk
+    ids = eng.add_requests(PROMPTS, SamplingParams(max_tokens=20))
+    done = {out.request_id: out for out in eng.step() if out.finished}  # prefill, decode chunk
     slots = [r.slot for i in ids for r in eng.scheduler.running if r.request_id == i]
     decode = forced_logits(CFG, eng.attention, eng.params, eng.cache, jnp.asarray(slots),
                            jnp.asarray(FORCED), jnp.asarray(eng.modes))
-    first = [by_slot[s] for s in sorted(by_slot)]
-    return {"tokens": tokens, "prefill": np.stack(first), "decode": np.asarray(decode),
-            "engine": eng}
+    while eng.has_unfinished():
+        done.update({out.request_id: out for out in eng.step() if out.finished})
+    by_slot = {int(s): row for slots, logits in seen for s, row in zip(slots, logits)}
+    return {"tokens": [done[i].outputs[0].token_ids for i in ids],
+            "prefill": np.stack([by_slot[s] for s in slots]),  # by request
+            "decode": np.asarray(decode), "engine": eng}
 
 
 @functools.cache
@@ -99,10 +101,27 @@ def test_parallel_engine_equals_one_device(policy, tp, dp, monkeypatch):
     assert many["tokens"] == one["tokens"]
     assert one["decode"].shape == (6, 3, CFG.vocab_size) and np.isfinite(one["decode"]).all()
     assert close(many["decode"], one["decode"]) < TOLERANCE["float32"]
-    if dp == 1:  # the same slots, in the same order, prefill in the same rows
-        assert close(many["prefill"], one["prefill"]) < TOLERANCE["float32"]
-    eng = many["engine"]
-    assert split_as(eng.cache.k, eng.mesh, P(("dp", "tp")))
+    assert close(many["prefill"], one["prefill"]) < TOLERANCE["float32"]
+    if dp > 1:
+        check_shardings(many["engine"])
+
+
+def check_shardings(eng: Engine) -> None:
+    """After install, prefill and decode the cache is still split as declared (donation kept
+    it in place), and each weight is split on the axis Megatron splits it."""
+    specs = cache_specs(eng.cache)
+    for leaf, spec in zip(jax.tree.leaves(eng.cache),
+                          jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))):
+        assert split_as(leaf, eng.mesh, spec)
+    layer, mesh = eng.params["layers_0"], eng.mesh
+    assert split_as(layer["attn"]["qkv"], mesh, P(None, "tp"))
+    assert split_as(layer["attn"]["o"], mesh, P("tp"))
+    assert split_as(layer["mlp"]["gate_up"], mesh, P(None, None, "tp"))
+    assert split_as(layer["mlp"]["down"], mesh, P("tp"))
+    assert split_as(eng.params["lm_head"], mesh, P(None, "tp"))
+    assert split_as(eng.params["embed"], mesh, P("tp"))
+    assert split_as(layer["attn_norm"]["weight"], mesh, P())
+    assert not split_as(layer["attn"]["qkv"], mesh, P())
 
 
 def split_as(x: jax.Array, mesh, spec: P) -> bool:
