@@ -5,7 +5,7 @@ r"""Tensor-parallel decode: per-token latency of the engine's jitted decode loop
 Each row builds an engine on a mesh of `tp` devices, fills its cache with random K/V for
 `context` tokens plus exact page statistics (each device its own pages), and times the decode
 loop (`engine.steps.decode`, cache donated): compile, warm-up, then `--steps` tokens. Rows
-report ms per token, the scaling against TP = 1 of the same policy and context (`vs_tp1`,
+report ms per token (`compile_s`: the first call's seconds, compilation and one loop), the scaling against TP = 1 of the same policy and context (`vs_tp1`,
 where one device holds the model) and LServe against dense at the same TP (`vs_dense`). The
 floor per device is (its weights + the KV its heads must read) / the bandwidth measured on
 device 0. `--tp 1 --one-device-mesh` runs TP = 1 through the mesh path (shard_map over a 1 x 1

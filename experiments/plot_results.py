@@ -1,5 +1,5 @@
-"""Plots of benchmark results: decode_attention.json, prefill_attention.json, e2e.json and
-serving_{A,B,toy}.json of a results folder, each drawn as the PNG of the same name beside it.
+"""Plots of benchmark results: decode_attention.json, prefill_attention.json, e2e.json,
+tensor_parallel.json and serving_{A,B,toy}.json of a results folder, each drawn as the PNG of the same name beside it.
 
     python experiments/plot_results.py [DIR ...]
 
@@ -240,6 +240,37 @@ def plot_serving(data: dict, path: pathlib.Path) -> None:
     _save(fig, path)
 
 
+def plot_tensor_parallel(data: dict, path: pathlib.Path) -> None:
+    """Per-token decode by tensor-parallel degree (and TP = 1 through the mesh path), dense and
+    LServe side by side, floors as ticks, one panel per context; bars name their speedup over
+    dense (LServe) or over TP = 1."""
+    rows = [r for r in data["rows"] if "ms" in r]
+    contexts = sorted({r["context"] for r in rows})
+    fig, axes = plt.subplots(1, len(contexts), figsize=(4.6 * len(contexts), 4), squeeze=False)
+    for ax, t in zip(axes[0], contexts):
+        mine = [r for r in rows if r["context"] == t]
+        groups = list(dict.fromkeys((r["tp"], r["mesh"]) for r in mine))
+        for i, policy in enumerate(("dense", "lserve")):
+            got = {(r["tp"], r["mesh"]): r for r in mine if r["policy"] == policy}
+            x = [j + (i - 0.5) * 0.38 for j, g in enumerate(groups) if g in got]
+            bars = [got[g] for g in groups if g in got]
+            ax.bar(x, [r["ms"] for r in bars], 0.38, color=f"C{i}", label=policy)
+            ax.scatter(x, [r["floor_ms"] for r in bars], marker="_", s=200, color="k",
+                       zorder=3, label="floor" if i == 0 else None)
+            for xi, r in zip(x, bars):
+                ratio = r.get("vs_dense") if policy == "lserve" else r.get("vs_tp1")
+                if ratio:
+                    ax.annotate(f"{ratio:.2f}x", (xi, r["ms"]), ha="center", fontsize=7,
+                                textcoords="offset points", xytext=(0, 3))
+        ax.set_xticks(range(len(groups)), [f"TP={tp}\n{mesh}" for tp, mesh in groups],
+                      fontsize=7)
+        ax.set(ylabel="ms per token", title=f"decode, batch 1, {t // 1024}K")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{data['model']}, {_device(data)} x {data['devices']}, "
+                 f"jax {data['jax_version']}, {data['date']}", fontsize=9)
+    _save(fig, path)
+
+
 def _save(fig, path: pathlib.Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -248,6 +279,7 @@ def _save(fig, path: pathlib.Path) -> None:
 
 PLOTS = {"decode_attention": plot_decode, "prefill_attention": plot_prefill, "e2e": plot_e2e,
          "e2e_quantized": plot_e2e_precision, "quantized_layer": plot_quantized_layer,
+         "tensor_parallel": plot_tensor_parallel,
          **{f"serving_{mix}": plot_serving for mix in ("A", "B", "toy")}}
 
 
