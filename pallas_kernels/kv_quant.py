@@ -77,14 +77,18 @@ def empty_pool(kind: str, num_pages: int, page_size: int, head_dim: int, *, n_la
 # ---- static scales (int8, fp8) ----
 
 def calibrate(scale: jax.Array, kind: str, x: jax.Array, lengths: jax.Array,
-              new_lens: jax.Array) -> jax.Array:
+              new_lens: jax.Array, head_axis: str | None = None) -> jax.Array:
     """One layer's scales [B, K] after a write of x [B, T, K, H]: rows whose first tokens
     these are (lengths 0, new_lens > 0) take absmax / qmax of their written tokens (int8: over
-    every KV head of the layer); the others keep theirs."""
+    every KV head of the layer, and across the devices of mesh axis `head_axis` when the heads
+    are split over it); the others keep theirs."""
     valid = (jnp.arange(x.shape[1]) < new_lens[:, None])[:, :, None, None]
     amax = jnp.max(jnp.where(valid, jnp.abs(x.astype(jnp.float32)), 0.0), axis=(1, 3))
     if kind == "int8":
-        amax = jnp.broadcast_to(jnp.max(amax, axis=1, keepdims=True), amax.shape)
+        layer_max = jnp.max(amax, axis=1, keepdims=True)
+        if head_axis is not None:
+            layer_max = jax.lax.pmax(layer_max, head_axis)
+        amax = jnp.broadcast_to(layer_max, amax.shape)
     fresh = (lengths == 0) & (new_lens > 0)
     return jnp.where(fresh[:, None], jnp.maximum(amax, _TINY) / _LEVELS[kind], scale)
 

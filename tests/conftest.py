@@ -11,6 +11,12 @@ import pytest  # noqa: E402
 # in a process of its own
 collect_ignore = [] if os.environ.get("LSERVE_MULTIDEVICE") == "1" else ["multidevice"]
 
+
+def pytest_collection_modifyitems(items):
+    """The multi-device suites (minutes each, in processes of their own) first, so that the
+    other tests fill the workers around them instead of waiting behind them at the end."""
+    items.sort(key=lambda item: not item.nodeid.startswith("tests/test_multidevice.py"))
+
 # max |a - b| / max(1, |ref|) between two computations of the same function.
 TOLERANCE = {
     # f32 end to end: differences come from summation order only (XLA CPU dots, softmax).

@@ -54,11 +54,13 @@ class Kernels:
         self.tuning = tuning
 
     def write(self, cache: KVCache, layer: int, k, v, new_lens, streaming,
-              sparsity: SparsityConfig, aligned: bool) -> KVCache:
+              sparsity: SparsityConfig, aligned: bool, head_axis: str | None = None) -> KVCache:
         """Writes k/v at each row's length; `aligned`: every writing row starts on a page
-        boundary (prefill, chunks), so statistics may be reduced per page."""
+        boundary (prefill, chunks), so statistics may be reduced per page; `head_axis`: the
+        mesh axis the KV heads are split over (int8 calibrates one scale across them)."""
         del aligned
-        return _write(write_tokens_reference, cache, layer, k, v, new_lens, streaming, sparsity)
+        return _write(functools.partial(write_tokens_reference, head_axis=head_axis), cache,
+                      layer, k, v, new_lens, streaming, sparsity)
 
     def prefill(self, q, k, v, lens, stream_heads: tuple[int, ...] | None, streaming,
                 sparsity: SparsityConfig, path: PrefillPath):
@@ -133,9 +135,9 @@ class Pallas(Kernels):
         super().__init__(tuning)
         self.interpret = interpret
 
-    def write(self, cache, layer, k, v, new_lens, streaming, sparsity, aligned):
-        return _write(functools.partial(write_tokens, aligned=aligned), cache, layer, k, v,
-                      new_lens, streaming, sparsity)
+    def write(self, cache, layer, k, v, new_lens, streaming, sparsity, aligned, head_axis=None):
+        return _write(functools.partial(write_tokens, aligned=aligned, head_axis=head_axis),
+                      cache, layer, k, v, new_lens, streaming, sparsity)
 
     def prefill(self, q, k, v, lens, stream_heads, streaming, sparsity, path):
         if self.interpret or path is PrefillPath.fused:

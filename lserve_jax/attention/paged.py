@@ -140,7 +140,8 @@ class PagedAttention:
         q, k, v = split_heads(qkv, rope, kh)
         with jax.named_scope("kv_write"):
             cache = ops.write(cache, layer, k, v, meta.new_lens, streaming, sparsity,
-                              aligned=meta.phase is not Phase.DECODE)
+                              aligned=meta.phase is not Phase.DECODE,
+                              head_axis=None if self.mesh is None else TP)
         if meta.phase is Phase.PREFILL:
             with jax.named_scope("prefill_attention"):
                 heads = meta.stream_heads[layer] if meta.stream_heads else None

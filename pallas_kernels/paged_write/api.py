@@ -39,10 +39,10 @@ def append_decode(k_pool, v_pool, kmin, kmax, table, lengths, qkv, cos, sin, new
 
 
 @functools.partial(jax.jit, static_argnames=("sink_pages", "ring_pages", "stats", "aligned",
-                                             "layer"))
+                                             "layer", "head_axis"))
 def write_tokens(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens, streaming, *,
                  sink_pages: int, ring_pages: int, stats: bool = True, aligned: bool = False,
-                 layer: int = 0):
+                 layer: int = 0, head_axis: str | None = None):
     """See `write_tokens_reference` (argument shapes there). `aligned`: the caller promises
     that every row that writes starts at a logical-page boundary (lengths % Nl == 0, as in a
     prefill or a page-aligned chunk); multi-token statistics are then reduced per logical page
@@ -51,18 +51,21 @@ def write_tokens(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens, str
     if not (stats and aligned):
         return write_tokens_reference(k_pool, v_pool, kmin, kmax, table, lengths, k, v,
                                       new_lens, streaming, sink_pages=sink_pages,
-                                      ring_pages=ring_pages, stats=stats, layer=layer)
+                                      ring_pages=ring_pages, stats=stats, layer=layer,
+                                      head_axis=head_axis)
     return _write_aligned(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens,
-                          streaming, sink_pages=sink_pages, ring_pages=ring_pages, layer=layer)
+                          streaming, sink_pages=sink_pages, ring_pages=ring_pages, layer=layer,
+                          head_axis=head_axis)
 
 
 def _write_aligned(k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens, streaming, *,
-                   sink_pages, ring_pages, layer):
+                   sink_pages, ring_pages, layer, head_axis):
     b, t, kh, h = k.shape
     n_l = k_pool.shape[1] // kmin.shape[1]
     k_pool, v_pool, _, _ = write_tokens_reference(
         k_pool, v_pool, kmin, kmax, table, lengths, k, v, new_lens, streaming,
-        sink_pages=sink_pages, ring_pages=ring_pages, stats=False, layer=layer)
+        sink_pages=sink_pages, ring_pages=ring_pages, stats=False, layer=layer,
+        head_axis=head_axis)
     pad = -t % n_l
     keys = jnp.pad(k.astype(kmin.dtype), ((0, 0), (0, pad), (0, 0), (0, 0)))
     valid = (jnp.arange(t + pad) < new_lens[:, None])[:, :, None, None]

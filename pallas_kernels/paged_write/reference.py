@@ -30,20 +30,22 @@ def write_tokens_reference(
     ring_pages: int,
     stats: bool = True,
     layer: int = 0,
+    head_axis: str | None = None,
 ) -> tuple:
     """Writes tokens at positions lengths[b] + t (see `destinations`); returns the updated
     (k_pool, v_pool, kmin, kmax). Statistics (when `stats`) are exact: a logical page restarts
     from +inf/-inf at its first token, then takes the min/max of every key written to it.
     Values are cast to the pool dtype (the only rounding); min/max of rounded keys are exact.
     A quantized pool quantizes on write (a static format first calibrates the rows that start
-    here; `layer` picks its scales); statistics come from the unquantized keys.
+    here; `layer` picks its scales; `head_axis`: the mesh axis the KV heads are split over,
+    for int8's one scale across them); statistics come from the unquantized keys.
     """
     phys, slot = destinations(table, lengths, new_lens, streaming, k.shape[1], k_pool.shape[1],
                               sink_pages=sink_pages, ring_pages=ring_pages)
     phys = dropped(phys, k_pool.shape[0])
     n_l = k_pool.shape[1] // kmin.shape[1]  # kmin keeps its [*, Np/Nl, H] shape without stats
     stat = slot // n_l
-    k_pool, v_pool = (_calibrated(pool, x, lengths, new_lens, layer)
+    k_pool, v_pool = (_calibrated(pool, x, lengths, new_lens, layer, head_axis)
                       for pool, x in ((k_pool, k), (v_pool, v)))
     k = k.astype(kmin.dtype if isinstance(k_pool, kv_quant.QuantizedPool) else k_pool.dtype)
     if stats:
@@ -54,11 +56,11 @@ def write_tokens_reference(
             kv_quant.store(v_pool, phys, slot, v, layer), kmin, kmax)
 
 
-def _calibrated(pool, x, lengths, new_lens, layer):
+def _calibrated(pool, x, lengths, new_lens, layer, head_axis):
     """A static format's pool with the starting rows' scales of `layer` set from x."""
     if kv_quant.pool_kind(pool) not in kv_quant.STATIC:
         return pool
-    scale = kv_quant.calibrate(pool.scale[layer], pool.kind, x, lengths, new_lens)
+    scale = kv_quant.calibrate(pool.scale[layer], pool.kind, x, lengths, new_lens, head_axis)
     return dataclasses.replace(pool, scale=pool.scale.at[layer].set(scale))
 
 

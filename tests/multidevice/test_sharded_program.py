@@ -57,6 +57,16 @@ def test_pallas_kernels_per_device(monkeypatch):
     assert close(two["prefill"], one["prefill"]) < TOLERANCE["float32"]
 
 
+def test_int8_cache_takes_one_scale_across_the_devices(monkeypatch):
+    """int8 KV keeps one scale per (row, layer) across all KV heads: at TP = 2 it is the max
+    over both devices' heads, and the tokens and logits are one device's."""
+    one = outputs("lserve", 1, 1, monkeypatch, kv_dtype="int8")
+    two = outputs("lserve", 2, 1, monkeypatch, kv_dtype="int8")
+    assert two["tokens"] == one["tokens"]
+    assert close(two["decode"], one["decode"]) < TOLERANCE["float32"]
+    assert close(two["prefill"], one["prefill"]) < TOLERANCE["float32"]
+
+
 def test_replicated_vocabulary_gives_the_same_tokens_and_costs_its_bytes(monkeypatch):
     """shard_vocab=False keeps the embedding and head whole on every device: the same tokens,
     and device 0 holds (tp - 1) / tp of their bytes more."""

@@ -11,11 +11,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lserve_jax.attention import AttentionMetadata, Phase
 from lserve_jax.cache.paged import cache_specs
-from lserve_jax.config import Backend, CacheConfig, ModelConfig, ParallelConfig
+from lserve_jax.config import POLICIES, Backend, CacheConfig, ModelConfig, ParallelConfig
 from lserve_jax.config import SchedulerConfig, SparsityConfig
 from lserve_jax.engine import Engine
 import lserve_jax.engine.steps as steps
 from lserve_jax.model.llama import Llama, init_params
+from lserve_jax.model.quant import quantize_params
 from lserve_jax.sampling import SamplingParams
 from tests.conftest import TOLERANCE
 
@@ -23,7 +24,6 @@ CFG = ModelConfig(n_heads=16, n_kv_heads=8, head_dim=16, dim=64, ffn_dim=128)
 PARAMS = init_params(CFG, jax.random.key(0))
 WINDOWS = dict(page_size=8, logical_page_size=4, decode_sink=8, decode_local=16,
                prefill_sink=8, prefill_local=16, token_budget=32)
-POLICIES = ("dense", "streaming", "duo", "quest", "lserve")
 GATES = np.random.default_rng(1).random((CFG.n_layers, CFG.n_kv_heads))
 PROMPTS = [np.random.default_rng(n).integers(0, CFG.vocab_size, n).tolist() for n in (37, 70, 101)]
 FORCED = np.random.default_rng(7).integers(0, CFG.vocab_size, (3, 6))  # teacher-forced tokens
@@ -35,10 +35,13 @@ def sparsity(policy: str) -> SparsityConfig:
     return SparsityConfig(policy=policy, **{**WINDOWS, **flat})
 
 
-def engine(policy, tp, dp, backend=Backend.reference, **parallel) -> Engine:
+def engine(policy, tp, dp, backend=Backend.reference, kv_dtype="auto", fp8=False,
+           **parallel) -> Engine:
     gates = GATES if sparsity(policy).static else None
-    return Engine(CFG, PARAMS, sparsity(policy), CacheConfig(max_seq_len=192, max_batch=4),
-                  gates, backend=backend, parallel=ParallelConfig(tp=tp, dp=dp, **parallel),
+    cfg, params = quantize_params(CFG, PARAMS) if fp8 else (CFG, PARAMS)
+    return Engine(cfg, params, sparsity(policy),
+                  CacheConfig(max_seq_len=192, max_batch=4, kv_dtype=kv_dtype), gates,
+                  backend=backend, parallel=ParallelConfig(tp=tp, dp=dp, **parallel),
                   scheduler=SchedulerConfig(prefill_rows=3, decode_steps=8))
 
 
@@ -59,10 +62,10 @@ def forced_logits(cfg, attention, params, cache, slots, tokens, modes):
     return jax.lax.scan(step, cache, tokens.T)[1]
 
 
-def outputs(policy, tp, dp, monkeypatch, backend=Backend.reference, **parallel) -> dict:
-    """Prefill logits of each prompt's last token, teacher-forced decode logits after the first decode chunk,
-    and the greedy tokens."""
-    eng = engine(policy, tp, dp, backend, **parallel)
+def outputs(policy, tp, dp, monkeypatch, backend=Backend.reference, **options) -> dict:
+    """Prefill logits of each prompt's last token, teacher-forced decode logits after the
+    first decode chunk, and the greedy tokens (options: `engine`'s)."""
+    eng = engine(policy, tp, dp, backend, **options)
     prefill, seen = steps.prefill, []
 
     def record(*args):
@@ -74,7 +77,7 @@ def outputs(policy, tp, dp, monkeypatch, backend=Backend.reference, **parallel) 
     ids = eng.add_requests(PROMPTS, SamplingParams(max_tokens=20))
     done = {out.request_id: out for out in eng.step() if out.finished}  # prefill, decode chunk
     slots = [r.slot for i in ids for r in eng.scheduler.running if r.request_id == i]
-    decode = forced_logits(CFG, eng.attention, eng.params, eng.cache, jnp.asarray(slots),
+    decode = forced_logits(eng.model_cfg, eng.attention, eng.params, eng.cache, jnp.asarray(slots),
                            jnp.asarray(FORCED), jnp.asarray(eng.modes))
     while eng.has_unfinished():
         done.update({out.request_id: out for out in eng.step() if out.finished})
