@@ -64,13 +64,12 @@ def param_spec(name: str, ndim: int, fp8: bool, parallel: ParallelConfig) -> P:
     axis = _SPLIT_AXIS[base]
     if fp8 and base in LINEAR:
         n_in = LINEAR[base]
-        bf16_ndim = ndim if name == base else ndim + n_in
-        if axis < n_in:  # a contracted axis: last in the FP8 layout, absent from the scale
-            if name != base:
-                return P()
-            axis += bf16_ndim - n_in
-        else:
+        if axis >= n_in:  # an output axis: first in the codes and in the scale
             axis -= n_in
+        elif name == base:  # a contracted axis: last in the codes ...
+            axis += ndim - n_in
+        else:  # ... and absent from the scale
+            return P()
     return P(*([None] * axis), TP)
 
 

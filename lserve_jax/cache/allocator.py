@@ -83,13 +83,17 @@ class PageAllocator:
     def held(self) -> int:
         return self.capacity - self.free
 
-    def allocate(self, n: int, shard: int = 0) -> list[int]:
-        free = self._free[shard]
-        if n > len(free):
+    def check(self, n: int, shard: int = 0) -> None:
+        """Raises PoolExhausted unless `shard` has `n` free pages."""
+        if n > self.free_in(shard):
             where = f" on device {shard}" if self.shards > 1 else ""
-            raise PoolExhausted(f"the page pool has {len(free)} free pages{where} of "
+            raise PoolExhausted(f"the page pool has {self.free_in(shard)} free pages{where} of "
                                 f"{self.shard_capacity}, the request needs {n}: raise "
                                 "CacheConfig.num_pages, or send fewer or shorter requests")
+
+    def allocate(self, n: int, shard: int = 0) -> list[int]:
+        self.check(n, shard)
+        free = self._free[shard]
         pages = free[len(free) - n:]
         del free[len(free) - n:]
         return pages
@@ -132,9 +136,8 @@ class SequencePages:
                              f"table holds {self.max_pages}: raise CacheConfig.max_seq_len")
         need = self.per_device(n_tokens)
         shards = [replica * self.tp + t for t in range(self.tp)]
-        short = [t for t, s in enumerate(shards) if need[t] > self.allocator.free_in(s)]
-        if short:
-            self.allocator.allocate(int(need[short[0]]), shards[short[0]])  # raises
+        for t, shard in enumerate(shards):
+            self.allocator.check(int(need[t]), shard)
         pages = {s: self.allocator.allocate(int(need[t]), s) for t, s in enumerate(shards)}
         counts = pages_per_head(n_tokens, self.streaming, self.sparsity)
         row = np.full(self.streaming.shape + (self.max_pages,), TRASH_PAGE, np.int32)
