@@ -1,20 +1,24 @@
 """The sharded program: the Pallas kernels per device, the compiled decode step's collectives
-(none moves the KV pools), where parameters and the cache live, and the vocabulary's split."""
+(none moves the KV pools), its CUDA lowering, int8's cross-device scale, and the vocabulary's
+split."""
 
 import dataclasses
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from lserve_jax.cache.paged import cache_specs
 from lserve_jax.config import Backend
 import lserve_jax.engine.steps as steps
+from pallas_kernels.layout import STREAM
+from pallas_kernels.paged_write.reference import write_tokens_reference
 from pallas_kernels._compat import abstract_gpu, abstract_gpu_mesh
 from tests.conftest import TOLERANCE
-from tests.multidevice.test_tensor_parallel import (CFG, _single, close,
-                                                    engine, outputs)
+from tests.multidevice.test_tensor_parallel import CFG, _single, close, engine, outputs
 
 # an HLO instruction's result type and opcode: `%name = f32[161,8,16]{2,1,0} copy(...`
 INSTRUCTION = re.compile(r"= (\w+)\[([\d,]*)\]\S* ([\w-]+)\(")
@@ -49,30 +53,64 @@ def test_decode_step_never_moves_the_kv_pools(tp, backend):
 
 def test_pallas_kernels_per_device(monkeypatch):
     """The Pallas kernels (interpreted) under shard_map at TP = 2 give the tokens and logits
-    of one device."""
-    one = outputs("lserve", 1, 1, monkeypatch, Backend.pallas_interpret)
+    of one device (its reference backend: the kernels equal their references)."""
+    one = _single("lserve")
     two = outputs("lserve", 2, 1, monkeypatch, Backend.pallas_interpret)
     assert two["tokens"] == one["tokens"]
     assert close(two["decode"], one["decode"]) < TOLERANCE["float32"]
     assert close(two["prefill"], one["prefill"]) < TOLERANCE["float32"]
 
 
-def test_int8_cache_takes_one_scale_across_the_devices(monkeypatch):
-    """int8 KV keeps one scale per (row, layer) across all KV heads: at TP = 2 it is the max
-    over both devices' heads, and the tokens and logits are one device's."""
-    one = outputs("lserve", 1, 1, monkeypatch, kv_dtype="int8")
-    two = outputs("lserve", 2, 1, monkeypatch, kv_dtype="int8")
-    assert two["tokens"] == one["tokens"]
-    assert close(two["decode"], one["decode"]) < TOLERANCE["float32"]
-    assert close(two["prefill"], one["prefill"]) < TOLERANCE["float32"]
+def test_int8_scale_is_taken_across_the_devices():
+    """int8 KV keeps one scale per (row, layer) across all KV heads: a prompt written by TP = 4
+    devices (each its own heads and pages) gets the scale one device computes over all heads,
+    and the same codes."""
+    cfg = CFG
+    modes = jnp.zeros((cfg.n_layers, cfg.n_kv_heads), jnp.int8)  # dense
+    one = engine("dense", 1, 1, kv_dtype="int8")
+    four = engine("dense", 4, 1, kv_dtype="int8")
+    prompt = jax.random.normal(jax.random.key(3), (2, 24, cfg.n_kv_heads, cfg.head_dim))
+    prompt = prompt * jnp.arange(1, cfg.n_kv_heads + 1)[:, None]  # heads of different ranges
+    new_lens = jnp.asarray([24, 17, 0, 0], jnp.int32)
+    k = jnp.zeros((4,) + prompt.shape[1:]).at[:2].set(prompt)
+
+    def write(eng, head_axis):
+        table = np.zeros(eng.cache.page_table.shape, np.int32)  # rows 2, 3: trash page
+        table[:2] = [eng.pages.reserve(24)[0] for _ in range(2)]
+        cache = dataclasses.replace(eng.cache, page_table=jax.device_put(
+            table, eng.cache.page_table.sharding))
+
+        def body(cache, k, new_lens, modes):
+            return write_tokens_reference(
+                cache.k, cache.v, cache.kmin, cache.kmax, cache.page_table[:, 0],
+                cache.lengths, k, k, new_lens, modes[0] == STREAM,
+                sink_pages=eng.sparsity.sink_pages, ring_pages=eng.sparsity.ring_pages,
+                stats=False, layer=0, head_axis=head_axis)[0]
+
+        if eng.mesh is None:
+            return body(cache, k, new_lens, modes), table
+        specs = cache_specs(cache)
+        run = jax.shard_map(body, mesh=eng.mesh, in_specs=(specs, P("dp", None, "tp"), P("dp"),
+                                                            P(None, "tp")),
+                            out_specs=specs.k, check_vma=False)
+        return run(cache, k, new_lens, modes), table
+
+    (pool1, table1), (pool4, table4) = write(one, None), write(four, "tp")
+    np.testing.assert_array_equal(np.asarray(pool4.scale), np.asarray(pool1.scale))
+    assert float(pool1.scale[0, 0, 0]) == float(pool1.scale[0, 0, -1]) > 0
+    per_device = four.cache.k.codes.shape[0] // 4
+    codes1, codes4 = np.asarray(pool1.codes), np.asarray(pool4.codes)
+    for head in range(cfg.n_kv_heads):
+        base = head // (cfg.n_kv_heads // 4) * per_device
+        for row in range(2):
+            np.testing.assert_array_equal(codes4[base + table4[row, 0, head, :3]],
+                                          codes1[table1[row, 0, head, :3]])
 
 
-def test_replicated_vocabulary_gives_the_same_tokens_and_costs_its_bytes(monkeypatch):
-    """shard_vocab=False keeps the embedding and head whole on every device: the same tokens,
-    and device 0 holds (tp - 1) / tp of their bytes more."""
-    whole = outputs("lserve", 2, 1, monkeypatch, shard_vocab=False)
-    assert whole["tokens"] == _single("lserve")["tokens"]
-
+def test_whole_vocabulary_costs_its_bytes_on_every_device():
+    """shard_vocab=False keeps the embedding and head whole on every device (its results:
+    test_tensor_parallel's whole_vocab case): device 0 holds (tp - 1) / tp of their bytes
+    more."""
     def device0_bytes(eng):
         return sum(s.data.nbytes for leaf in jax.tree.leaves(eng.params)
                    for s in leaf.addressable_shards if s.device == jax.devices()[0])

@@ -27,7 +27,12 @@ WINDOWS = dict(page_size=8, logical_page_size=4, decode_sink=8, decode_local=16,
 GATES = np.random.default_rng(1).random((CFG.n_layers, CFG.n_kv_heads))
 PROMPTS = [np.random.default_rng(n).integers(0, CFG.vocab_size, n).tolist() for n in (37, 70, 101)]
 FORCED = np.random.default_rng(7).integers(0, CFG.vocab_size, (3, 6))  # teacher-forced tokens
-MESHES = [(2, 1), (4, 1), (8, 1), (4, 2)]  # (tp, dp)
+# (policy, tp, dp, shard_vocab): every policy with several KV heads a device (TP = 2) and one
+# (TP = 8); the policies at both ends of the code paths (dense; lserve: static + dynamic) also at
+# TP = 4 and with data-parallel replicas; one case keeps the vocabulary whole on every device
+# (each case costs ~10 s of compilation on two CPU cores)
+CASES = [(p, tp, 1, tp != 8 or p != "duo") for p in POLICIES for tp in (2, 8)] + [
+    (p, tp, dp, True) for p in ("dense", "lserve") for tp, dp in ((4, 1), (4, 2))]
 
 
 def sparsity(policy: str) -> SparsityConfig:
@@ -97,10 +102,11 @@ def close(a, b) -> float:
     return float(np.max(np.abs(a - b) / np.maximum(1.0, np.abs(b))))
 
 
-@pytest.mark.parametrize("tp,dp", MESHES, ids=[f"tp{t}dp{d}" for t, d in MESHES])
-@pytest.mark.parametrize("policy", POLICIES)
-def test_parallel_engine_equals_one_device(policy, tp, dp, monkeypatch):
-    one, many = _single(policy), outputs(policy, tp, dp, monkeypatch)
+@pytest.mark.parametrize("policy,tp,dp,shard_vocab", CASES, ids=[
+    f"{p}-tp{t}dp{d}" + ("" if v else "-whole_vocab") for p, t, d, v in CASES])
+def test_parallel_engine_equals_one_device(policy, tp, dp, shard_vocab, monkeypatch):
+    one = _single(policy)
+    many = outputs(policy, tp, dp, monkeypatch, shard_vocab=shard_vocab)
     assert many["tokens"] == one["tokens"]
     assert one["decode"].shape == (6, 3, CFG.vocab_size) and np.isfinite(one["decode"]).all()
     assert close(many["decode"], one["decode"]) < TOLERANCE["float32"]
