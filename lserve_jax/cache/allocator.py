@@ -26,6 +26,14 @@ def pages_per_head(n_tokens: int, streaming: np.ndarray, sparsity: SparsityConfi
     return np.where(streaming, min(dense, sparsity.stream_pages), dense).astype(np.int64)
 
 
+def pages_per_device(n_tokens: int, streaming: np.ndarray, sparsity: SparsityConfig,
+                     tp: int = 1) -> np.ndarray:
+    """[tp] pages a sequence of `n_tokens` needs on each of the tp devices splitting its KV
+    heads (device t holds heads [t K/tp, (t + 1) K/tp))."""
+    counts = pages_per_head(n_tokens, streaming, sparsity)
+    return counts.reshape(counts.shape[0], tp, -1).sum(axis=(0, 2))
+
+
 def page_bytes(model: ModelConfig, sparsity: SparsityConfig, kv_dtype: str = "auto") -> int:
     """Bytes of one physical page: its K and V in `kv_dtype` (with per-token scales where the
     format has them) and (for policies that select pages) its statistics."""
@@ -118,8 +126,7 @@ class SequencePages:
 
     def per_device(self, n_tokens: int) -> np.ndarray:
         """[tp] pages a sequence of `n_tokens` needs on each device of its replica."""
-        counts = pages_per_head(n_tokens, self.streaming, self.sparsity)
-        return counts.reshape(counts.shape[0], self.tp, -1).sum(axis=(0, 2))
+        return pages_per_device(n_tokens, self.streaming, self.sparsity, self.tp)
 
     def fits(self, n_tokens: int, replica: int = 0) -> bool:
         """Whether `replica`'s free pages hold a sequence of `n_tokens` now."""

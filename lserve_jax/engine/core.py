@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from lserve_jax.attention import KernelTuning, PagedAttention, Phase
 from lserve_jax.cache.allocator import PageAllocator, SequencePages, kv_bytes_per_sequence
-from lserve_jax.cache.allocator import pages_per_head
+from lserve_jax.cache.allocator import pages_per_device
 from lserve_jax.cache.paged import cache_specs, empty_cache
 from lserve_jax.config import Backend, CacheConfig, ModelConfig, ParallelConfig, PrefillPath
 from lserve_jax.config import SchedulerConfig, SparsityConfig, check_compatible, check_parallel
@@ -92,9 +92,9 @@ class Engine:
         its device that need the most pages."""
         if self.cache_cfg.num_pages:
             return self.cache_cfg.num_pages
-        counts = pages_per_head(self.cache_cfg.max_seq_len, streaming, self.sparsity)
         tp, dp = self.parallel.tp, self.parallel.dp
-        per_device = int(counts.reshape(counts.shape[0], tp, -1).sum(axis=(0, 2)).max())
+        per_device = int(pages_per_device(self.cache_cfg.max_seq_len, streaming, self.sparsity,
+                                          tp).max())
         return tp * dp * (1 + self.cache_cfg.max_batch // dp * per_device)
 
     def _empty_cache(self, fill: float):
